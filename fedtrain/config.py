@@ -1,0 +1,321 @@
+"""The typed, frozen configuration tree: defaults, TOML loading, ``--set``
+overrides and validation.
+
+One flat dataclass per TOML table (nanoGPT-style): every key has a type and a
+default, and the fully resolved tree is written next to the results. Any error
+names the key, the value and what is allowed; an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+class Partition(str, enum.Enum):
+    """How the training records are split among clients (see :mod:`fedtrain.data.partition`)."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    SHARDS = "shards"
+    RANGE = "range"
+    HASH = "hash"
+
+
+class Sampling(str, enum.Enum):
+    """How the coordinator draws each round's cohort."""
+
+    UNIFORM = "uniform"
+
+
+class Optimizer(str, enum.Enum):
+    """The clients' local optimiser."""
+
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+def _rule(
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_min: bool = False,
+    exclusive_max: bool = False,
+    doc: str = "",
+) -> dict[str, Any]:
+    return {
+        "min": minimum,
+        "max": maximum,
+        "exclusive_min": exclusive_min,
+        "exclusive_max": exclusive_max,
+        "doc": doc,
+    }
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    rounds: int = field(default=30, metadata=_rule(1, doc="federated rounds"))
+    seed: int = field(default=0, metadata=_rule(0, doc="seed of every random stream"))
+    eval_every: int = field(default=1, metadata=_rule(1, doc="evaluate every N rounds (and the last)"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = field(
+        default="digits",
+        metadata=_rule(doc="digits | mnist | cifar10 | 'module:function'"),
+    )
+    root: str = field(default="", metadata=_rule(doc="local folder for mnist / cifar10"))
+    num_clients: int = field(default=20, metadata=_rule(1))
+    partition: Partition = Partition.DIRICHLET
+    alpha: float = field(default=0.5, metadata=_rule(0.0, exclusive_min=True, doc="Dirichlet concentration"))
+    shards_per_client: int = field(default=2, metadata=_rule(1))
+    key: str = field(default="index", metadata=_rule(doc="column for range / hash partitioning"))
+    test_fraction: float = field(default=0.2, metadata=_rule(0.0, 1.0, True, True))
+    allow_empty: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = field(default="mlp", metadata=_rule(doc="mlp | cnn | 'module:function'"))
+    hidden: int = field(default=64, metadata=_rule(1, doc="hidden width of the reference models"))
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = field(default="fedavg", metadata=_rule(doc="built-in name or 'module:Class' / 'file.py:Class'"))
+    clients_per_round: int = field(default=10, metadata=_rule(1))
+    sampling: Sampling = Sampling.UNIFORM
+    min_clients: int = field(default=1, metadata=_rule(1, doc="fewer valid updates skip the round"))
+    options: dict[str, Any] = field(default_factory=dict, metadata=_rule(doc="keyword arguments of the strategy class"))
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    epochs: int = field(default=2, metadata=_rule(1))
+    batch_size: int = field(default=16, metadata=_rule(1))
+    lr: float = field(default=0.05, metadata=_rule(0.0, exclusive_min=True))
+    momentum: float = field(default=0.0, metadata=_rule(0.0, 1.0, exclusive_max=True))
+    weight_decay: float = field(default=0.0, metadata=_rule(0.0))
+    optimizer: Optimizer = Optimizer.SGD
+    device: str = field(default="auto", metadata=_rule(doc="auto | cpu | cuda | cuda:N"))
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+
+
+BUILTIN_DATASETS = ("digits", "mnist", "cifar10")
+BUILTIN_MODELS = ("mlp", "cnn")
+
+
+def _describe(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        try:
+            return tp(str(value).lower())
+        except ValueError:
+            raise ConfigError(f"{key} = {value!r}: allowed values are {_describe(tp)}") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key} = {value!r}: expected a finite number")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: expected a string")
+    elif origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} = {value!r}: expected a table")
+        return dict(value)
+    if tp in (int, float):
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and (value < lo or (meta.get("exclusive_min") and value == lo)):
+            op = ">" if meta.get("exclusive_min") else ">="
+            hi_text = f" and {'<' if meta.get('exclusive_max') else '<='} {hi}" if hi is not None else ""
+            raise ConfigError(f"{key} = {value!r}: must be {op} {lo}{hi_text}")
+        if hi is not None and (value > hi or (meta.get("exclusive_max") and value == hi)):
+            op = "<" if meta.get("exclusive_max") else "<="
+            raise ConfigError(f"{key} = {value!r}: must be {op} {hi}")
+    return value
+
+
+def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        where = f"[{prefix}]" if prefix else "the top level"
+        raise ConfigError(
+            f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown key in {where}; "
+            f"allowed keys are {sorted(fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in table:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            sub = table[name]
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"{key} = {sub!r}: expected a table [{key}]")
+            kwargs[name] = _build(tp, sub, key)
+        else:
+            kwargs[name] = _coerce(key, table[name], tp, f.metadata)
+    return cls(**kwargs)
+
+
+def _check_device(device: str) -> None:
+    if device in ("auto", "cpu", "cuda"):
+        return
+    head, _, index = device.partition(":")
+    if head == "cuda" and index.isdigit():
+        return
+    raise ConfigError(f"client.device = {device!r}: allowed are 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def _check_spec(key: str, value: str, builtins: Sequence[str]) -> None:
+    if value in builtins:
+        return
+    module, sep, attr = value.partition(":")
+    if not sep or not module or not attr:
+        raise ConfigError(
+            f"{key} = {value!r}: allowed are {', '.join(repr(b) for b in builtins)} "
+            "or 'package.module:function' / 'path/to/file.py:function'"
+        )
+
+
+def validate(config: Config) -> Config:
+    """Cross-key checks that no single field can make; returns ``config``."""
+    _check_device(config.client.device)
+    _check_spec("data.dataset", config.data.dataset, BUILTIN_DATASETS)
+    _check_spec("model.name", config.model.name, BUILTIN_MODELS)
+    if config.data.dataset in ("mnist", "cifar10") and not config.data.root:
+        raise ConfigError(
+            f"data.root = '': data.dataset = {config.data.dataset!r} loads from a local folder; "
+            "set data.root to it (nothing is downloaded at run time)"
+        )
+    if config.strategy.clients_per_round > config.data.num_clients:
+        raise ConfigError(
+            f"strategy.clients_per_round = {config.strategy.clients_per_round}: must be <= "
+            f"data.num_clients = {config.data.num_clients}"
+        )
+    if config.strategy.min_clients > config.strategy.clients_per_round:
+        raise ConfigError(
+            f"strategy.min_clients = {config.strategy.min_clients}: must be <= "
+            f"strategy.clients_per_round = {config.strategy.clients_per_round}"
+        )
+    return config
+
+
+def from_dict(table: Mapping[str, Any]) -> Config:
+    """A validated :class:`Config` from nested tables (as TOML gives them)."""
+    return validate(_build(Config, table, ""))
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Nested plain tables, enums as their values: what ``config.toml`` holds."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {
+        f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(config, f.name)).items()}
+        for f in dataclasses.fields(config)
+    }
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(table: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to nested tables (a deep copy).
+
+    The value is read as a TOML value (``3``, ``0.1``, ``true``, ``"x"``,
+    ``[1, 2]``) and taken as a bare string when it is not one (``iid``).
+    """
+    result = _deep_copy(table)
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        path = path.strip()
+        if not sep or not path or any(not p for p in path.split(".")):
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        parts = path.split(".")
+        node = result
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is a value, not a table")
+            node = child
+        node[parts[-1]] = _parse_value(raw.strip())
+    return result
+
+
+def _deep_copy(table: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in table.items()}
+
+
+def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The config from a TOML file (or the embedded default when ``path`` is
+    None) with ``--set`` overrides applied, validated."""
+    table: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            table = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+    return from_dict(apply_overrides(table, overrides))
+
+
+def dumps(config: Config) -> str:
+    """The fully resolved config as TOML text."""
+    return tomli_w.dumps(to_dict(config))
+
+
+def replace(config: Config, overrides: Sequence[str]) -> Config:
+    """A copy of ``config`` with ``section.key=value`` overrides, validated."""
+    return from_dict(apply_overrides(to_dict(config), overrides))
+

@@ -1,0 +1,215 @@
+"""The strategy interface, the server optimiser wrapper, and loading by name.
+
+A strategy decides what the sampled clients do in a round (:meth:`configure`)
+and how their updates become the next global model (:meth:`aggregate`). It
+sees flat ``float32`` vectors (see :mod:`fedtrain.layout`) and never learns
+which backend carries the messages. Built-ins live in the top-level
+``strategies`` package, written only against this public API, so each one is
+also an example of a plug-in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedtrain.types import ClientUpdate, RoundPlan
+
+
+class Strategy:
+    """Base class of every aggregation strategy; subclass and override
+    :meth:`aggregate` (and :meth:`configure` to change what clients do).
+
+    ``needs_individual_updates`` is true for strategies that look at each
+    update on its own (median, Krum): they cannot run on a securely
+    aggregated sum.
+    """
+
+    needs_individual_updates: bool = False
+
+    def configure(
+        self, rnd: int, clients: Sequence[str], rng: np.random.Generator
+    ) -> RoundPlan:
+        """The plan for the sampled ``clients`` of round ``rnd``: by default all
+        of them train locally and send their model delta."""
+        return RoundPlan(clients=tuple(clients))
+
+    def aggregate(
+        self, rnd: int, params: torch.Tensor, updates: Sequence[ClientUpdate]
+    ) -> torch.Tensor:
+        """The new global parameters from the current ones and the round's
+        valid updates (never empty). Must not modify ``params`` in place."""
+        raise NotImplementedError(f"{type(self).__name__} must implement aggregate()")
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that a checkpoint must keep (e.g. server optimiser moments)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} keeps no state but was given keys {sorted(state)}"
+            )
+
+
+OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+class ServerOptimizer:
+    """A ``torch.optim`` optimiser applied to the global model on the server.
+
+    The round's aggregated delta ``Δ`` is turned into the pseudo-gradient
+    ``-Δ`` and handed to the optimiser (Reddi et al. 2021, "Adaptive
+    Federated Optimization"): SGD with lr 1 is FedAvg, SGD with momentum is
+    FedAvgM, Adam / Adagrad / Yogi are FedAdam / FedAdagrad / FedYogi.
+    """
+
+    def __init__(self, factory: OptimizerFactory) -> None:
+        self._factory = factory
+        self._param: torch.nn.Parameter | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._pending_state: Mapping[str, Any] | None = None
+
+    def _ensure(self, params: torch.Tensor) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
+        if self._param is None or self._optimizer is None or self._param.shape != params.shape:
+            self._param = torch.nn.Parameter(params.detach().clone())
+            self._optimizer = self._factory([self._param])
+            if self._pending_state is not None:
+                self._optimizer.load_state_dict(dict(self._pending_state))
+                self._pending_state = None
+        else:
+            with torch.no_grad():
+                self._param.copy_(params)
+        return self._param, self._optimizer
+
+    def step(self, params: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """New parameters after one optimiser step on pseudo-gradient ``-delta``."""
+        param, optimizer = self._ensure(params)
+        param.grad = -delta.detach().to(param.dtype)
+        optimizer.step()
+        param.grad = None
+        return param.detach().clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._optimizer is None:
+            return dict(self._pending_state or {})
+        return self._optimizer.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self._optimizer is None:
+            self._pending_state = state if state else None
+        else:
+            self._optimizer.load_state_dict(dict(state))
+
+
+BUILTIN_STRATEGIES: dict[str, str] = {
+    "fedavg": "strategies.fedavg:FedAvg",
+    "fedprox": "strategies.fedprox:FedProx",
+    "fedavgm": "strategies.fedavgm:FedAvgM",
+    "fedadam": "strategies.fedadam:FedAdam",
+    "fedyogi": "strategies.fedyogi:FedYogi",
+    "fedadagrad": "strategies.fedadagrad:FedAdagrad",
+    "fedmedian": "strategies.fedmedian:FedMedian",
+    "trimmed_mean": "strategies.trimmed_mean:TrimmedMean",
+    "krum": "strategies.krum:Krum",
+    "multi_krum": "strategies.krum:MultiKrum",
+    "fedsgd": "strategies.fedsgd:FedSGD",
+}
+
+
+class StrategyLoadError(ValueError):
+    """A strategy name or its options cannot be turned into a strategy."""
+
+
+def load_object(spec: str, what: str, key: str) -> Any:
+    """The object named by ``module.path:attr`` or ``path/to/file.py:attr``.
+
+    ``what`` and ``key`` name the thing and its config key in error messages.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise StrategyLoadError(
+            f"{key} = {spec!r}: expected 'package.module:Name' or 'path/to/file.py:Name'"
+        )
+    if module_name.endswith(".py"):
+        path = Path(module_name).expanduser().resolve()
+        if not path.is_file():
+            raise StrategyLoadError(f"{key} = {spec!r}: file {path} does not exist")
+        unique = f"_fedtrain_user_{abs(hash(str(path))):x}_{path.stem}"
+        module = sys.modules.get(unique)
+        if module is None:
+            file_spec = importlib.util.spec_from_file_location(unique, path)
+            if file_spec is None or file_spec.loader is None:
+                raise StrategyLoadError(f"{key} = {spec!r}: cannot load {path} as Python")
+            module = importlib.util.module_from_spec(file_spec)
+            sys.modules[unique] = module
+            file_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise StrategyLoadError(
+                f"{key} = {spec!r}: cannot import module {module_name!r} ({exc})"
+            ) from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError as exc:
+        public = sorted(n for n in vars(module) if not n.startswith("_"))
+        raise StrategyLoadError(
+            f"{key} = {spec!r}: module {module_name!r} has no {what} {attr!r}; "
+            f"it defines {public}"
+        ) from exc
+
+
+def check_options(target: Callable[..., Any], options: Mapping[str, Any], key: str) -> None:
+    """Raise if ``options`` names a keyword that ``target`` does not accept."""
+    signature = inspect.signature(target)
+    params = signature.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    for name, value in options.items():
+        if name not in allowed:
+            raise StrategyLoadError(
+                f"{key}.{name} = {value!r}: unknown option; "
+                f"{getattr(target, '__name__', target)} accepts {allowed or 'no options'}"
+            )
+
+
+def load_strategy(name: str, options: Mapping[str, Any] | None = None) -> Strategy:
+    """A strategy from a built-in name or a ``module:Class`` / ``file.py:Class``
+    spec, constructed with ``options`` as keyword arguments."""
+    options = dict(options or {})
+    spec = BUILTIN_STRATEGIES.get(name.lower(), name)
+    if ":" not in spec:
+        raise StrategyLoadError(
+            f"strategy.name = {name!r}: not a built-in; built-ins are "
+            f"{sorted(BUILTIN_STRATEGIES)}, or give 'package.module:Class' / 'file.py:Class'"
+        )
+    cls = load_object(spec, "strategy class", "strategy.name")
+    if not callable(cls):
+        raise StrategyLoadError(f"strategy.name = {name!r}: {spec} is not a class")
+    check_options(cls, options, "strategy.options")
+    try:
+        strategy = cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise StrategyLoadError(f"strategy {name!r} with options {options}: {exc}") from exc
+    missing = [m for m in ("configure", "aggregate", "state_dict", "load_state_dict")
+               if not callable(getattr(strategy, m, None))]
+    if missing:
+        raise StrategyLoadError(
+            f"strategy.name = {name!r}: {type(strategy).__name__} lacks {missing}; "
+            "subclass fedtrain.Strategy"
+        )
+    return strategy

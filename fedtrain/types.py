@@ -1,0 +1,98 @@
+"""Plain data that crosses the boundaries of one federated round.
+
+Everything here is a frozen dataclass or an enum: the engine, the backends and
+the strategies exchange these values and nothing else, so a strategy never
+learns whether it runs in a simulation or in a deployment.
+
+Model parameters travel as one flat ``float32`` vector (see
+:class:`fedtrain.layout.ParamLayout`): aggregation then is a single matrix-vector
+product over a stacked buffer, the fastest reduction on a CPU, and every
+strategy (median, Krum, server optimisers) is a few lines of vector algebra.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+Params = dict[str, torch.Tensor]
+"""A model's state by name, as ``torch.nn.Module.state_dict`` returns it."""
+
+
+class UpdateKind(str, enum.Enum):
+    """What a client sends back.
+
+    ``DELTA``: ``local − global`` after local training (model averaging, FedAvg).
+    ``GRADIENT``: the mean gradient of the loss over the client's data at the
+    global model, without a local step (gradient aggregation, FedSGD).
+    """
+
+    DELTA = "delta"
+    GRADIENT = "gradient"
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a strategy asks of the clients in one round.
+
+    ``clients`` is the subset of the sampled cohort that trains (usually all of
+    it). ``proximal_mu`` adds FedProx' term ``mu/2 ||w - w_global||^2`` to the
+    local loss (Li et al. 2020, "Federated Optimization in Heterogeneous
+    Networks").
+    """
+
+    clients: tuple[str, ...]
+    kind: UpdateKind = UpdateKind.DELTA
+    proximal_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's contribution to a round.
+
+    ``vector`` is a flat ``float32`` tensor in the global model's layout: the
+    model delta or the gradient, as ``kind`` says. ``num_examples`` is the
+    number of training records behind it (the FedAvg weight).
+    """
+
+    client_id: str
+    vector: torch.Tensor
+    num_examples: int
+    kind: UpdateKind = UpdateKind.DELTA
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Loss and accuracy of a model on a held-out split."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one round did, as written to ``metrics.jsonl``."""
+
+    round: int
+    accuracy: float
+    loss: float
+    num_clients: int
+    num_failed: int
+    train_loss: float
+    seconds: float
+
+    def as_json(self) -> dict[str, float | int]:
+        return {
+            "round": self.round,
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "num_clients": self.num_clients,
+            "num_failed": self.num_failed,
+            "train_loss": self.train_loss,
+            "seconds": self.seconds,
+        }
