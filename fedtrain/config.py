@@ -33,6 +33,14 @@ class Partition(str, enum.Enum):
     HASH = "hash"
 
 
+class KeyColumn(str, enum.Enum):
+    """What range / hash partitioning splits by: the record's position, or the
+    dataset's own key column (e.g. a user id)."""
+
+    INDEX = "index"
+    KEY = "key"
+
+
 class Sampling(str, enum.Enum):
     """How the coordinator draws each round's cohort."""
 
@@ -64,9 +72,12 @@ def _rule(
 
 @dataclass(frozen=True)
 class RunConfig:
-    rounds: int = field(default=30, metadata=_rule(1, doc="federated rounds"))
+    rounds: int = field(default=50, metadata=_rule(1, doc="federated rounds"))
     seed: int = field(default=0, metadata=_rule(0, doc="seed of every random stream"))
-    eval_every: int = field(default=1, metadata=_rule(1, doc="evaluate every N rounds (and the last)"))
+    threads: int = field(
+        default=0,
+        metadata=_rule(0, doc="torch CPU threads; 0 = auto (1 for models under 1M parameters, else all cores)"),
+    )
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,7 @@ class DataConfig:
     partition: Partition = Partition.DIRICHLET
     alpha: float = field(default=0.5, metadata=_rule(0.0, exclusive_min=True, doc="Dirichlet concentration"))
     shards_per_client: int = field(default=2, metadata=_rule(1))
-    key: str = field(default="index", metadata=_rule(doc="column for range / hash partitioning"))
+    key: KeyColumn = KeyColumn.INDEX
     test_fraction: float = field(default=0.2, metadata=_rule(0.0, 1.0, True, True))
     allow_empty: bool = False
 
@@ -88,7 +99,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = field(default="mlp", metadata=_rule(doc="mlp | cnn | 'module:function'"))
-    hidden: int = field(default=64, metadata=_rule(1, doc="hidden width of the reference models"))
+    hidden: int = field(default=128, metadata=_rule(1, doc="hidden width of the reference models"))
 
 
 @dataclass(frozen=True)
@@ -102,9 +113,9 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    epochs: int = field(default=2, metadata=_rule(1))
-    batch_size: int = field(default=16, metadata=_rule(1))
-    lr: float = field(default=0.05, metadata=_rule(0.0, exclusive_min=True))
+    epochs: int = field(default=5, metadata=_rule(1))
+    batch_size: int = field(default=32, metadata=_rule(1))
+    lr: float = field(default=0.3, metadata=_rule(0.0, exclusive_min=True))
     momentum: float = field(default=0.0, metadata=_rule(0.0, 1.0, exclusive_max=True))
     weight_decay: float = field(default=0.0, metadata=_rule(0.0))
     optimizer: Optimizer = Optimizer.SGD

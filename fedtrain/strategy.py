@@ -10,16 +10,14 @@ also an example of a plug-in.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import copy
 import inspect
-import sys
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from fedtrain.plugin import PluginError, load_object
 from fedtrain.types import ClientUpdate, RoundPlan
 
 
@@ -82,7 +80,7 @@ class ServerOptimizer:
             self._param = torch.nn.Parameter(params.detach().clone())
             self._optimizer = self._factory([self._param])
             if self._pending_state is not None:
-                self._optimizer.load_state_dict(dict(self._pending_state))
+                self._optimizer.load_state_dict(copy.deepcopy(dict(self._pending_state)))
                 self._pending_state = None
         else:
             with torch.no_grad():
@@ -98,15 +96,17 @@ class ServerOptimizer:
         return param.detach().clone()
 
     def state_dict(self) -> dict[str, Any]:
+        """A snapshot (deep copy) of the optimiser state: torch's own shares
+        the live moment tensors, which would keep changing after the call."""
         if self._optimizer is None:
-            return dict(self._pending_state or {})
-        return self._optimizer.state_dict()
+            return copy.deepcopy(dict(self._pending_state or {}))
+        return copy.deepcopy(self._optimizer.state_dict())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self._optimizer is None:
-            self._pending_state = state if state else None
+            self._pending_state = copy.deepcopy(dict(state)) if state else None
         else:
-            self._optimizer.load_state_dict(dict(state))
+            self._optimizer.load_state_dict(copy.deepcopy(dict(state)))
 
 
 BUILTIN_STRATEGIES: dict[str, str] = {
@@ -124,50 +124,6 @@ BUILTIN_STRATEGIES: dict[str, str] = {
 }
 
 
-class StrategyLoadError(ValueError):
-    """A strategy name or its options cannot be turned into a strategy."""
-
-
-def load_object(spec: str, what: str, key: str) -> Any:
-    """The object named by ``module.path:attr`` or ``path/to/file.py:attr``.
-
-    ``what`` and ``key`` name the thing and its config key in error messages.
-    """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise StrategyLoadError(
-            f"{key} = {spec!r}: expected 'package.module:Name' or 'path/to/file.py:Name'"
-        )
-    if module_name.endswith(".py"):
-        path = Path(module_name).expanduser().resolve()
-        if not path.is_file():
-            raise StrategyLoadError(f"{key} = {spec!r}: file {path} does not exist")
-        unique = f"_fedtrain_user_{abs(hash(str(path))):x}_{path.stem}"
-        module = sys.modules.get(unique)
-        if module is None:
-            file_spec = importlib.util.spec_from_file_location(unique, path)
-            if file_spec is None or file_spec.loader is None:
-                raise StrategyLoadError(f"{key} = {spec!r}: cannot load {path} as Python")
-            module = importlib.util.module_from_spec(file_spec)
-            sys.modules[unique] = module
-            file_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise StrategyLoadError(
-                f"{key} = {spec!r}: cannot import module {module_name!r} ({exc})"
-            ) from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError as exc:
-        public = sorted(n for n in vars(module) if not n.startswith("_"))
-        raise StrategyLoadError(
-            f"{key} = {spec!r}: module {module_name!r} has no {what} {attr!r}; "
-            f"it defines {public}"
-        ) from exc
-
-
 def check_options(target: Callable[..., Any], options: Mapping[str, Any], key: str) -> None:
     """Raise if ``options`` names a keyword that ``target`` does not accept."""
     signature = inspect.signature(target)
@@ -181,7 +137,7 @@ def check_options(target: Callable[..., Any], options: Mapping[str, Any], key: s
     ]
     for name, value in options.items():
         if name not in allowed:
-            raise StrategyLoadError(
+            raise PluginError(
                 f"{key}.{name} = {value!r}: unknown option; "
                 f"{getattr(target, '__name__', target)} accepts {allowed or 'no options'}"
             )
@@ -193,22 +149,22 @@ def load_strategy(name: str, options: Mapping[str, Any] | None = None) -> Strate
     options = dict(options or {})
     spec = BUILTIN_STRATEGIES.get(name.lower(), name)
     if ":" not in spec:
-        raise StrategyLoadError(
+        raise PluginError(
             f"strategy.name = {name!r}: not a built-in; built-ins are "
             f"{sorted(BUILTIN_STRATEGIES)}, or give 'package.module:Class' / 'file.py:Class'"
         )
     cls = load_object(spec, "strategy class", "strategy.name")
     if not callable(cls):
-        raise StrategyLoadError(f"strategy.name = {name!r}: {spec} is not a class")
+        raise PluginError(f"strategy.name = {name!r}: {spec} is not a class")
     check_options(cls, options, "strategy.options")
     try:
         strategy = cls(**options)
     except (TypeError, ValueError) as exc:
-        raise StrategyLoadError(f"strategy {name!r} with options {options}: {exc}") from exc
+        raise PluginError(f"strategy {name!r} with options {options}: {exc}") from exc
     missing = [m for m in ("configure", "aggregate", "state_dict", "load_state_dict")
                if not callable(getattr(strategy, m, None))]
     if missing:
-        raise StrategyLoadError(
+        raise PluginError(
             f"strategy.name = {name!r}: {type(strategy).__name__} lacks {missing}; "
             "subclass fedtrain.Strategy"
         )

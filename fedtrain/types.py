@@ -83,10 +83,10 @@ class RoundRecord:
     loss: float
     num_clients: int
     num_failed: int
-    train_loss: float
+    train_loss: float | None
     seconds: float
 
-    def as_json(self) -> dict[str, float | int]:
+    def as_json(self) -> dict[str, float | int | None]:
         return {
             "round": self.round,
             "accuracy": self.accuracy,

@@ -1,0 +1,100 @@
+"""In-process simulation: every virtual client trains in this process, one
+after another, on one shared model instance.
+
+No Ray, no subprocess, no serialisation: a client's update is written straight
+into a row of one preallocated ``(cohort, P)`` buffer, so the engine's
+aggregation is a single ``w @ X`` over memory that is already warm.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.config import ClientConfig
+from fedtrain.engine import ClientFailure, RoundOutcome
+from fedtrain.types import ClientUpdate, RoundPlan
+
+log = logging.getLogger(__name__)
+
+
+def client_generator(seed: int, rnd: int, client_index: int) -> torch.Generator:
+    """The torch generator of one client in one round, derived from the run seed
+    alone, so a client's randomness does not depend on who trained before it."""
+    state = np.random.SeedSequence([seed, rnd, client_index]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+class LocalBackend:
+    """Trains the planned clients of each round in process."""
+
+    def __init__(
+        self,
+        trainer: LocalTrainer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        partitions: Mapping[str, np.ndarray],
+        client: ClientConfig,
+        seed: int,
+    ) -> None:
+        self.trainer = trainer
+        self.x = x.to(trainer.device)
+        self.y = y.to(trainer.device)
+        self.partitions = {
+            cid: torch.as_tensor(idx, dtype=torch.long, device=trainer.device)
+            for cid, idx in partitions.items()
+        }
+        self.index = {cid: i for i, cid in enumerate(partitions)}
+        self.client = client
+        self.seed = seed
+        self._buffer = torch.empty(0)
+
+    @property
+    def client_ids(self) -> tuple[str, ...]:
+        return tuple(self.partitions)
+
+    def _rows(self, n: int, numel: int) -> torch.Tensor:
+        if self._buffer.shape[0] < n or self._buffer.shape[1:] != (numel,):
+            self._buffer = torch.empty((n, numel), dtype=torch.float32, device=self.trainer.device)
+        return self._buffer
+
+    def train_round(self, rnd: int, plan: RoundPlan, params: torch.Tensor) -> RoundOutcome:
+        task = TrainTask.of(self.client, plan)
+        params = params.to(self.trainer.device)
+        rows = self._rows(len(plan.clients), params.numel())
+        updates: list[ClientUpdate] = []
+        failures: list[ClientFailure] = []
+        for cid in plan.clients:
+            if cid not in self.partitions:
+                failures.append(ClientFailure(cid, "unknown client id"))
+                continue
+            idx = self.partitions[cid]
+            out = rows[len(updates)]
+            try:
+                result = self.trainer.train(
+                    params, self.x[idx], self.y[idx], task,
+                    client_generator(self.seed, rnd, self.index[cid]), out,
+                )
+            except Exception as exc:  # a failing client must not end the round
+                log.debug("round %d: client %s failed", rnd, cid, exc_info=True)
+                failures.append(ClientFailure(cid, f"{type(exc).__name__}: {exc}"))
+                continue
+            updates.append(
+                ClientUpdate(
+                    client_id=cid,
+                    vector=out,
+                    num_examples=result.num_examples,
+                    kind=task.kind,
+                    metrics={"train_loss": result.train_loss},
+                )
+            )
+        return RoundOutcome(tuple(updates), tuple(failures))
+
+
+def partitions_by_id(parts: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Client ids ``"0" … "N-1"`` for a list of partitions."""
+    return {str(i): p for i, p in enumerate(parts)}

@@ -1,0 +1,247 @@
+"""Datasets as in-memory tensors, loaded by name from a small registry.
+
+Built-in names are ``digits`` (scikit-learn, bundled, no files), ``mnist`` and
+``cifar10`` (read from ``data.root`` in the on-disk layout that torchvision's
+``datasets.MNIST`` / ``datasets.CIFAR10`` leave after a download). Any other
+name is a ``'package.module:function'`` or ``'path/to/file.py:function'`` that
+returns a :class:`Dataset`.
+
+The MNIST and CIFAR-10 readers are our own few lines of numpy rather than
+torchvision: the formats are tiny and fixed, and torchvision would pull a
+CUDA build of torch. Nothing is ever downloaded at run time: a federated run
+must be reproducible offline and must not reach the network unannounced.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fedtrain.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Training and test split of one dataset, whole, before partitioning.
+
+    ``x_*`` are ``float32`` tensors of shape ``(N, *input_shape)``, ``y_*``
+    ``int64`` class labels in ``[0, num_classes)``. ``keys`` holds one key per
+    training record for ``range`` / ``hash`` partitioning (a user id, a
+    timestamp, ...); ``None`` means the record index serves as its key.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    input_shape: tuple[int, ...]
+    keys: np.ndarray | None = None
+
+
+Loader = Callable[[DataConfig, int], Dataset]
+
+
+def _from_numpy(
+    name: str,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    num_classes: int,
+) -> Dataset:
+    return Dataset(
+        name=name,
+        x_train=torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)),
+        y_train=torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64)),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32)),
+        y_test=torch.from_numpy(np.ascontiguousarray(y_test, dtype=np.int64)),
+        num_classes=num_classes,
+        input_shape=tuple(x_train.shape[1:]),
+    )
+
+
+def _load_digits(cfg: DataConfig, seed: int) -> Dataset:
+    """scikit-learn's 8x8 digits (1,797 records, 10 classes), pixels scaled
+    from 0..16 to [0, 1], shape ``(64,)``. The test split is a stratified
+    ``data.test_fraction`` of the records, drawn with ``seed``, so every class
+    keeps its share in both splits."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = bunch.data.astype(np.float32) / 16.0
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=cfg.test_fraction, stratify=y, random_state=seed
+    )
+    return _from_numpy("digits", x_tr, y_tr, x_te, y_te, 10)
+
+
+def _root(cfg: DataConfig, name: str, folder: str) -> Path:
+    path = Path(cfg.root).expanduser() / folder
+    if not cfg.root or not path.is_dir():
+        raise FileNotFoundError(
+            f"data.root = {cfg.root!r}: data.dataset = {name!r} looked for the folder {path} "
+            f"(the layout torchvision's datasets leave after a download); nothing is downloaded "
+            f"at run time: fetch the files once and set data.root to the folder that holds {folder!r}"
+        )
+    return path
+
+
+def _find(cfg: DataConfig, folder: Path, filename: str) -> Path:
+    for candidate in (folder / filename, folder / f"{filename}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"data.root = {cfg.root!r}: missing {folder / filename} (or {filename}.gz); "
+        "nothing is downloaded at run time"
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format): 2 zero bytes, a type byte (0x08 =
+    unsigned byte), a dimension count, then big-endian uint32 sizes and the raw
+    data. Gzipped files (``.gz``) are read transparently."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4].hex()})")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says shape {shape} but holds {data.size} bytes")
+    return data.reshape(shape)
+
+
+def _load_mnist(cfg: DataConfig, seed: int) -> Dataset:
+    """MNIST from ``root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``
+    (or ``.gz``), pixels /255, shape ``(1, 28, 28)``. The official 60k/10k
+    split is used: ``data.test_fraction`` and ``seed`` are ignored."""
+    raw = _root(cfg, "mnist", "MNIST/raw")
+    arrays = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(_find(cfg, raw, f"{prefix}-images-idx3-ubyte"))
+        labels = _read_idx(_find(cfg, raw, f"{prefix}-labels-idx1-ubyte"))
+        arrays[split] = (images[:, None].astype(np.float32) / 255.0, labels)
+    return _from_numpy("mnist", *arrays["train"], *arrays["test"], 10)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays: a data folder is not
+    trusted code, and a general pickle can run anything on load."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2; a pure function
+    }
+    _NUMPY2 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        # numpy 2 renamed numpy.core to numpy._core; the real CIFAR files use the old name.
+        old, new = ("numpy.core", "numpy._core") if self._NUMPY2 else ("numpy._core", "numpy.core")
+        if module.startswith(old + "."):
+            module = new + module[len(old):]
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch: a pickled dict with ``b"data"`` (uint8,
+    ``(N, 3072)``, channel-major) and ``b"labels"`` (N ints)."""
+    with path.open("rb") as f:
+        batch = _ArrayUnpickler(f, encoding="bytes").load()
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"{path}: not a CIFAR-10 batch (expected a dict with b'data' and b'labels')")
+    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return data, np.asarray(batch[b"labels"], dtype=np.int64)
+
+
+def _load_cifar10(cfg: DataConfig, seed: int) -> Dataset:
+    """CIFAR-10 from ``root/cifar-10-batches-py/{data_batch_1..5,test_batch}``,
+    pixels /255 (no per-channel normalisation), shape ``(3, 32, 32)``. The
+    official 50k/10k split is used: ``data.test_fraction`` and ``seed`` are
+    ignored."""
+    folder = _root(cfg, "cifar10", "cifar-10-batches-py")
+    parts = [_read_cifar_batch(_find(cfg, folder, f"data_batch_{i}")) for i in range(1, 6)]
+    x_te, y_te = _read_cifar_batch(_find(cfg, folder, "test_batch"))
+    x_tr = np.concatenate([p[0] for p in parts])
+    y_tr = np.concatenate([p[1] for p in parts])
+    return _from_numpy(
+        "cifar10", x_tr.astype(np.float32) / 255.0, y_tr, x_te.astype(np.float32) / 255.0, y_te, 10
+    )
+
+
+LOADERS: dict[str, Loader] = {
+    "digits": _load_digits,
+    "mnist": _load_mnist,
+    "cifar10": _load_cifar10,
+}
+"""Built-in dataset loaders by ``data.dataset`` name."""
+
+
+def _check(ds: Dataset, spec: str) -> Dataset:
+    """Reject a dataset the engine would choke on later, naming ``data.dataset``."""
+    where = f"data.dataset = {spec!r}"
+    if not isinstance(ds.num_classes, int) or ds.num_classes < 1:
+        raise ValueError(f"{where}: num_classes = {ds.num_classes!r}, expected an integer >= 1")
+    for split in ("train", "test"):
+        x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+            got = getattr(x, "dtype", type(x).__name__)
+            raise ValueError(f"{where}: x_{split} must be a float32 tensor, got {got}")
+        if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() != 1:
+            raise ValueError(f"{where}: y_{split} must be a 1-D int64 tensor of labels")
+        if len(x) != len(y):
+            raise ValueError(f"{where}: len(x_{split}) = {len(x)} but len(y_{split}) = {len(y)}")
+        if tuple(x.shape[1:]) != tuple(ds.input_shape):
+            raise ValueError(
+                f"{where}: x_{split} samples have shape {tuple(x.shape[1:])}, "
+                f"input_shape says {ds.input_shape}"
+            )
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= ds.num_classes):
+            raise ValueError(
+                f"{where}: y_{split} holds labels {int(y.min())}..{int(y.max())}, "
+                f"outside [0, num_classes = {ds.num_classes})"
+            )
+    if len(ds.x_train) == 0:
+        raise ValueError(f"{where}: the training split is empty")
+    if ds.keys is not None and (np.ndim(ds.keys) != 1 or len(ds.keys) != len(ds.y_train)):
+        raise ValueError(
+            f"{where}: keys has shape {np.shape(ds.keys)}, expected one key per training record "
+            f"({len(ds.y_train)},)"
+        )
+    return ds
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    """The dataset ``cfg.dataset`` names: a built-in from :data:`LOADERS`, or
+    ``'module:function'`` / ``'file.py:function'`` called as ``function(seed)``,
+    which must return a :class:`Dataset`. Either way the result is checked
+    (dtypes, lengths, label range, keys) before the engine sees it."""
+    loader = LOADERS.get(cfg.dataset)
+    if loader is not None:
+        return _check(loader(cfg, seed), cfg.dataset)
+    from fedtrain.strategy import load_object
+
+    function = load_object(cfg.dataset, "dataset function", "data.dataset")
+    if not callable(function):
+        raise ValueError(f"data.dataset = {cfg.dataset!r}: {function!r} is not callable")
+    ds = function(seed)
+    if not isinstance(ds, Dataset):
+        raise ValueError(
+            f"data.dataset = {cfg.dataset!r}: the function returned {type(ds).__name__}, "
+            "expected a fedtrain.data.Dataset"
+        )
+    return _check(ds, cfg.dataset)
