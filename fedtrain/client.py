@@ -151,7 +151,7 @@ class LocalTrainer:
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             loss = F.cross_entropy(self.model(xb), yb, reduction="sum")
             (loss / n).backward()
-            total_loss += float(loss)
+            total_loss += float(loss.detach())
         named = dict(self.model.named_parameters())
         grads = {
             name: (named[name].grad if name in named and named[name].grad is not None

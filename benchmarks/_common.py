@@ -1,0 +1,49 @@
+"""Helpers shared by the benchmark scripts: timing statistics and the markdown
+table each script prints and writes to ``benchmarks/results/NAME.md``."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def machine() -> str:
+    """One line naming what the numbers were measured on."""
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}"
+    )
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(v: object) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(name: str, title: str, body: str, notes: Sequence[str] = ()) -> str:
+    """Print ``body`` (a markdown table, or several) with a title, the machine
+    line and notes, and write the same text to ``results/NAME.md``."""
+    text = f"## {title}\n\n{machine()}\n\n{body}\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
+    return text

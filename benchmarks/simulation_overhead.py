@@ -1,0 +1,209 @@
+"""What ``fedtrain.simulation.simulate`` costs on top of the training it does.
+
+Measures the wall time of ``simulate(cfg)`` in process (after a warm-up run, so
+imports are paid; dataset load, partitioning, model build, every round's
+training, aggregation and test evaluation are all included) against two plain
+PyTorch loops in the same run, on the same model (``fedtrain.models.build_model``),
+SGD with the same lr, tensors in memory, ``torch.set_num_threads`` as
+``fedtrain.simulation.cpu_threads`` picks:
+
+* **raw** (the reference of the target): the same number of sample-steps
+  (sum over rounds and participating clients of epochs x partition size,
+  recomputed exactly from ``client_partitions`` and the engine's sampler
+  streams, and checked against ``RoundRecord.num_clients``), in batches of
+  ``client.batch_size`` over shuffles of the whole training set;
+* **raw, same batches**: the exact batch sequence of the simulation (each
+  client's epochs over its own partition, with its partial last batch), so the
+  optimiser-step count is equal; the ratio to it is fedtrain's own overhead.
+
+Every timing is repeated (interleaved) and the median taken; ratio =
+simulate / raw. Targets: <= 1.3 for the default run, <= 2 for 500 clients.
+
+    python benchmarks/simulation_overhead.py [--quick] [--repeats N] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from _common import median, report, table
+from fedtrain import config
+from fedtrain.config import Config
+from fedtrain.data import Dataset, load_dataset
+from fedtrain.engine import RngStreams
+from fedtrain.models import build_model
+from fedtrain.sampling import UniformSampler
+from fedtrain.simulation import client_partitions, cpu_threads, simulate
+from fedtrain.strategy import load_strategy
+
+MANY = ["data.num_clients=500", "strategy.clients_per_round=5", "data.partition=iid"]
+# name, overrides (full), extra overrides for --quick, target ratio
+WORKLOADS: list[tuple[str, list[str], list[str], float]] = [
+    ("default: 20 clients, 10/round, Dirichlet(0.5)", [], ["run.rounds=5"], 1.3),
+    ("500 clients, 5/round (1%), iid", MANY + ["run.rounds=300"], ["run.rounds=30"], 2.0),
+]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The client-rounds a simulation of ``cfg`` trains, recomputed."""
+
+    data: Dataset
+    parts: dict[str, np.ndarray]
+    cohorts: list[tuple[str, ...]]
+
+    def sizes(self) -> list[int]:
+        return [len(self.parts[c]) for cohort in self.cohorts for c in cohort]
+
+
+def plan(cfg: Config) -> Plan:
+    """Partitions and every round's cohort, drawn from the same seeded streams
+    as ``simulate`` (the sampling stream is used by the sampler alone)."""
+    data = load_dataset(cfg.data, cfg.run.seed)
+    parts = client_partitions(cfg, data)
+    rngs = RngStreams.from_seed(cfg.run.seed)
+    sampler = UniformSampler(cfg.strategy.clients_per_round)
+    strategy = load_strategy(cfg.strategy.name, cfg.strategy.options)
+    ids = tuple(parts)
+    cohorts = [
+        strategy.configure(rnd, sampler.sample(ids, rngs.sampling), rngs.strategy).clients
+        for rnd in range(1, cfg.run.rounds + 1)
+    ]
+    return Plan(data, parts, cohorts)
+
+
+def _setup(cfg: Config, p: Plan) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = build_model(cfg.model, p.data.input_shape, p.data.num_classes, cfg.run.seed)
+    numel = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+    torch.set_num_threads(cpu_threads(cfg.run.threads, numel))
+    return model, torch.optim.SGD(model.parameters(), lr=cfg.client.lr)
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(xb), yb).backward()
+    opt.step()
+
+
+def raw_loop(cfg: Config, p: Plan, sample_steps: int) -> tuple[float, int]:
+    """``sample_steps`` samples in batches over shuffles of the whole train set."""
+    model, opt = _setup(cfg, p)
+    x, y, b = p.data.x_train, p.data.y_train, cfg.client.batch_size
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    done = steps = 0
+    started = time.perf_counter()
+    while done < sample_steps:
+        order = torch.randperm(len(y), generator=gen)
+        for s in range(0, len(y), b):
+            idx = order[s : min(s + b, s + sample_steps - done)]
+            _step(model, opt, x[idx], y[idx])
+            done += len(idx)
+            steps += 1
+            if done >= sample_steps:
+                break
+    return time.perf_counter() - started, steps
+
+
+def raw_same_batches(cfg: Config, p: Plan) -> float:
+    """The simulation's exact batch sequence, on one model, nothing else."""
+    model, opt = _setup(cfg, p)
+    x, y, b = p.data.x_train, p.data.y_train, cfg.client.batch_size
+    parts = {c: torch.as_tensor(v) for c, v in p.parts.items()}
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    started = time.perf_counter()
+    for cohort in p.cohorts:
+        for c in cohort:
+            part = parts[c]
+            for _ in range(cfg.client.epochs):
+                order = part[torch.randperm(len(part), generator=gen)]
+                for s in range(0, len(part), b):
+                    idx = order[s : s + b]
+                    _step(model, opt, x[idx], y[idx])
+    return time.perf_counter() - started
+
+
+def timed_simulate(cfg: Config, p: Plan) -> tuple[float, float]:
+    """Wall seconds of ``simulate(cfg)`` and the part spent outside rounds."""
+    started = time.perf_counter()
+    result = simulate(cfg)
+    wall = time.perf_counter() - started
+    got = [r.num_clients for r in result.records]
+    if got != [len(c) for c in p.cohorts]:
+        raise RuntimeError(f"recomputed cohorts do not match the records: {got[:5]}...")
+    return wall, wall - sum(r.seconds for r in result.records)
+
+
+def profile(cfg: Config, top: int = 25) -> None:
+    prof = cProfile.Profile()
+    prof.runcall(simulate, cfg)
+    stats = pstats.Stats(prof).sort_stats("tottime")
+    stats.print_stats(top)
+    stats.sort_stats("cumulative").print_stats(r"fedtrain|strategies", top)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few rounds, 2 repeats: a smoke run")
+    ap.add_argument("--repeats", type=int, default=0, help="timings per measurement (default 3, quick 2)")
+    ap.add_argument("--profile", action="store_true", help="also print a cProfile of each simulate")
+    args = ap.parse_args()
+    repeats = args.repeats or (2 if args.quick else 3)
+    simulate(config.load(None, ["run.rounds=1"]))  # warm-up: imports (sklearn, strategies), allocator
+
+    rows = []
+    for name, overrides, quick, target in WORKLOADS:
+        cfg = config.load(None, overrides + (quick if args.quick else []))
+        p = plan(cfg)
+        sizes = p.sizes()
+        sample_steps = cfg.client.epochs * sum(sizes)
+        sim_steps = cfg.client.epochs * sum(-(-n // cfg.client.batch_size) for n in sizes)
+        raw, same, sim, setup = [], [], [], []
+        raw_steps = 0
+        for _ in range(repeats):  # interleaved, so load from other processes hits all alike
+            t, raw_steps = raw_loop(cfg, p, sample_steps)
+            raw.append(t)
+            same.append(raw_same_batches(cfg, p))
+            wall, outside = timed_simulate(cfg, p)
+            sim.append(wall)
+            setup.append(outside)
+        ratio = median(sim) / median(raw)
+        rows.append([
+            f"{name}, {cfg.run.rounds} rounds", len(sizes), f"{np.mean(sizes):.1f}", sample_steps, f"{sim_steps} / {raw_steps}",
+            median(raw), median(same), f"{median(sim):.3g} ({median(setup):.2g})",
+            f"**{ratio:.2f}**", f"<= {target}", "yes" if ratio <= target else "NO",
+            f"{median(sim) / median(same):.2f}",
+        ])
+        if args.profile:
+            print(f"--- cProfile of simulate, {name}")
+            profile(cfg)
+
+    header = [
+        "workload", "client-rounds", "records/client", "sample-steps", "optimizer steps sim / raw",
+        "raw s", "raw same-batches s", "simulate s (outside rounds)", "simulate / raw",
+        "target", "met", "simulate / raw same-batches",
+    ]
+    report(
+        "simulation_overhead",
+        "simulate() vs a raw PyTorch loop" + (" (--quick)" if args.quick else ""),
+        table(header, rows),
+        [
+            f"median of {repeats} interleaved repeats; threads = fedtrain.simulation.cpu_threads "
+            f"(1 for these models), torch {torch.__version__}",
+            "raw = same sample-steps in full batches over the whole train set; raw same-batches = "
+            "the simulation's exact per-client batch sequence (same optimizer-step count)",
+            "simulate includes data load, partitioning, model build, per-round aggregation, "
+            "update validation and test-set evaluation (outside rounds = setup before round 1)",
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

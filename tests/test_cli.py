@@ -1,0 +1,59 @@
+"""The command line as a user types it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedtrain.cli import main
+
+
+def test_console_script_runs_a_short_simulation(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtrain.cli", "simulate", "--quiet", "--out", str(out),
+         "--set", "run.rounds=2", "--set", "data.partition=iid"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    assert "final accuracy" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+
+
+def test_config_file_argument(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[run]\nrounds = 2\n[data]\npartition = 'iid'\n")
+
+    assert main(["simulate", str(cfg), "--quiet", "--out", str(tmp_path / "r")]) == 0
+    assert 'partition = "iid"' in (tmp_path / "r" / "config.toml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "client.lr=-1"], "client.lr = -1.0: must be > 0"),
+        (["--set", "data.colour=red"], "data.colour: unknown key"),
+        (["--set", "strategy.name=fedmagic"], "fedavg"),
+        (["--set", "strategy.options.bogus=1"], "strategy.options.bogus"),
+        (["--set", "data.dataset=mnist", "--set", "data.root=/nonexistent"], "data.root"),
+        (["/no/such/config.toml"], "does not exist"),
+    ],
+)
+def test_bad_input_fails_before_training_with_exit_2(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+
+    code = main(["simulate", "--quiet", "--out", str(out), *args])
+
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists()

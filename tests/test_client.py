@@ -1,0 +1,99 @@
+"""LocalTrainer: the update is local − global, gradients are exact, FedProx pulls back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedtrain import ParamLayout, UpdateKind
+from fedtrain.client import LocalTrainer, TrainTask, resolve_device
+from fedtrain.config import ConfigError
+from fedtrain.models import mlp
+
+
+def _setup() -> tuple[LocalTrainer, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = mlp((5,), 3, hidden=8)
+    layout = ParamLayout.of(model.state_dict())
+    trainer = LocalTrainer(model, layout, torch.device("cpu"))
+    x = torch.randn(40, 5)
+    y = torch.randint(0, 3, (40,))
+    return trainer, layout.flatten(model.state_dict()), x, y
+
+
+def _task(**changes: object) -> TrainTask:
+    base = dict(epochs=2, batch_size=8, lr=0.1)
+    base.update(changes)
+    return TrainTask(**base)  # type: ignore[arg-type]
+
+
+def test_delta_is_local_minus_global() -> None:
+    trainer, params, x, y = _setup()
+    out = torch.empty_like(params)
+
+    result = trainer.train(params, x, y, _task(), torch.Generator().manual_seed(1), out)
+    local = trainer.layout.flatten(trainer.model.state_dict())
+
+    assert result.num_examples == 40
+    assert torch.allclose(out, local - params)
+    assert out.abs().sum() > 0
+
+
+def test_same_generator_seed_gives_identical_updates() -> None:
+    trainer, params, x, y = _setup()
+    a, b = torch.empty_like(params), torch.empty_like(params)
+
+    trainer.train(params, x, y, _task(), torch.Generator().manual_seed(5), a)
+    trainer.train(params, x, y, _task(), torch.Generator().manual_seed(5), b)
+
+    assert torch.equal(a, b)
+
+
+def test_gradient_kind_returns_the_full_batch_mean_gradient() -> None:
+    trainer, params, x, y = _setup()
+    out = torch.empty_like(params)
+    reference = mlp((5,), 3, hidden=8)
+    reference.load_state_dict(trainer.layout.unflatten(params), strict=False)
+    F.cross_entropy(reference(x), y).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
+
+    trainer.train(params, x, y, _task(kind=UpdateKind.GRADIENT, batch_size=7), torch.Generator(), out)
+
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_proximal_term_keeps_the_local_model_closer() -> None:
+    trainer, params, x, y = _setup()
+    free, prox = torch.empty_like(params), torch.empty_like(params)
+
+    trainer.train(params, x, y, _task(epochs=5), torch.Generator().manual_seed(2), free)
+    trainer.train(params, x, y, _task(epochs=5, proximal_mu=10.0), torch.Generator().manual_seed(2), prox)
+
+    assert prox.norm() < 0.8 * free.norm()
+
+
+def test_empty_client_is_an_error() -> None:
+    trainer, params, x, y = _setup()
+
+    with pytest.raises(ValueError, match="no training records"):
+        trainer.train(params, x[:0], y[:0], _task(), torch.Generator(), torch.empty_like(params))
+
+
+def test_evaluate_counts_correct_predictions() -> None:
+    trainer, params, x, y = _setup()
+
+    evaluation = trainer.evaluate(params, x, y, batch_size=16)
+    with torch.no_grad():
+        expected = (trainer.model(x).argmax(1) == y).float().mean().item()
+
+    assert evaluation.num_examples == 40
+    assert evaluation.accuracy == pytest.approx(expected)
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="client.device = 'cuda:0'.*no CUDA"):
+            resolve_device("cuda:0")
