@@ -24,10 +24,36 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out(args.config)
     result = simulate(cfg, out, progress=not args.quiet)
     s = result.summary
+    if s.stopped_early:
+        print(f"stopped early: {s.stopped_early}; the model is the last one within the budget")
+    privacy = f", ε = {s.epsilon:.3f} at δ = {s.delta:g}" if s.epsilon is not None else ""
     print(
         f"final accuracy {s.final_accuracy:.4f} (best {s.best_accuracy:.4f}) after {s.rounds} rounds "
-        f"in {s.wall_seconds:.1f} s; results in {out}/"
+        f"in {s.wall_seconds:.1f} s{privacy}; results in {out}/"
     )
+    return 0
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from fedtrain.config import AccountantKind
+    from fedtrain.privacy.accountant import calibrate_noise, epsilon_for
+
+    kind = AccountantKind(args.accountant)
+    if (args.noise_multiplier is None) == (args.target_epsilon is None):
+        raise ValueError("give exactly one of --noise-multiplier and --target-epsilon")
+    if args.target_epsilon is not None:
+        sigma = calibrate_noise(args.target_epsilon, args.delta, args.sample_rate, args.steps, kind)
+        eps = epsilon_for(sigma, args.sample_rate, args.steps, args.delta, kind)
+        print(
+            f"noise multiplier {sigma:.4f} reaches ε = {eps:.4f} (target {args.target_epsilon:g}) "
+            f"at δ = {args.delta:g} after {args.steps} steps at sample rate {args.sample_rate:g} ({kind.value})"
+        )
+    else:
+        eps = epsilon_for(args.noise_multiplier, args.sample_rate, args.steps, args.delta, kind)
+        print(
+            f"ε = {eps:.4f} at δ = {args.delta:g} after {args.steps} steps of noise multiplier "
+            f"{args.noise_multiplier:g} at sample rate {args.sample_rate:g} ({kind.value})"
+        )
     return 0
 
 
@@ -50,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", help="run folder (default: runs/<config>-<time>)")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(func=_cmd_simulate)
+    priv = sub.add_parser(
+        "privacy",
+        help="plan a DP budget: ε for a noise level, or the noise for a target ε",
+        description="Compute ε of the Poisson-subsampled Gaussian mechanism after STEPS steps "
+        "(DP-SGD steps, or rounds of user-level DP-FedAvg), or the noise multiplier that reaches "
+        "--target-epsilon.",
+    )
+    priv.add_argument("--noise-multiplier", type=float, help="noise std / clip norm")
+    priv.add_argument("--target-epsilon", type=float, help="find the noise multiplier for this ε")
+    priv.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q")
+    priv.add_argument("--steps", type=int, required=True, help="number of steps (or rounds)")
+    priv.add_argument("--delta", type=float, required=True, help="δ of (ε, δ)-DP")
+    priv.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    priv.set_defaults(func=_cmd_privacy)
     return parser
 
 

@@ -6,7 +6,8 @@ a deployed client process, so a round means the same thing in both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,14 @@ from torch import nn
 
 from fedtrain.config import ClientConfig, ConfigError, Optimizer
 from fedtrain.layout import ParamLayout
+from fedtrain.privacy.mechanisms import clip_rows_
+from fedtrain.privacy.noise import NoiseSource, SecureGaussian, SeededGaussian
+from fedtrain.privacy.policy import ClientPrivacy
+from fedtrain.privacy.user_level import UNCLIPPED
 from fedtrain.types import Evaluation, RoundPlan, UpdateKind
+
+if TYPE_CHECKING:
+    from fedtrain.privacy.dpsgd import DpSgdStepper
 
 
 @dataclass(frozen=True)
@@ -29,10 +37,11 @@ class TrainTask:
     optimizer: Optimizer = Optimizer.SGD
     proximal_mu: float = 0.0
     kind: UpdateKind = UpdateKind.DELTA
+    privacy: ClientPrivacy = field(default_factory=ClientPrivacy)
 
     @classmethod
-    def of(cls, client: ClientConfig, plan: RoundPlan) -> "TrainTask":
-        """The client config with the strategy's per-round plan applied."""
+    def of(cls, client: ClientConfig, plan: RoundPlan, privacy: ClientPrivacy) -> "TrainTask":
+        """The client config with the strategy's plan and the privacy setting applied."""
         if plan.proximal_mu < 0:
             raise ValueError(f"RoundPlan.proximal_mu = {plan.proximal_mu}: must be >= 0")
         return cls(
@@ -44,6 +53,7 @@ class TrainTask:
             optimizer=client.optimizer,
             proximal_mu=plan.proximal_mu,
             kind=plan.kind,
+            privacy=privacy,
         )
 
 
@@ -52,7 +62,7 @@ class LocalResult:
     """What local training produced: the update is written to the caller's buffer."""
 
     num_examples: int
-    train_loss: float
+    metrics: dict[str, float]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,6 +94,8 @@ class LocalTrainer:
         self.device = device
         state = self.model.state_dict(keep_vars=True)
         self._tensors = [state[n] for n in layout.names]
+        self._stepper: DpSgdStepper | None = None
+        self._secure_noise: SecureGaussian | None = None
 
     def load_(self, params: torch.Tensor) -> None:
         """Copy the flat vector ``params`` into the model, in place."""
@@ -109,17 +121,44 @@ class LocalTrainer:
         out: torch.Tensor,
     ) -> LocalResult:
         """Run ``task`` on ``(x, y)`` from global ``params``; write the update
-        (``local − global``, or the mean gradient) into the flat vector ``out``."""
+        (``local − global``, or the mean gradient) into the flat vector ``out``.
+
+        Under differential privacy the update is the only output derived from
+        the data (plus the clipped bit adaptive clipping accounts for): the
+        training loss is not reported, since nothing accounts for it.
+        """
         n = len(y)
         if n == 0:
             raise ValueError("client has no training records")
         self.load_(params)
+        dp_sgd = task.privacy.dp_sgd
         if task.kind is UpdateKind.GRADIENT:
+            if dp_sgd is not None:
+                raise ValueError("gradient updates (FedSGD) cannot be combined with privacy.mode = 'sample'")
             loss = self._mean_gradient(x, y, task.batch_size, out)
-            return LocalResult(num_examples=n, train_loss=loss)
+        else:
+            if dp_sgd is not None:
+                loss = self._train_dp_sgd(x, y, task, generator)
+            else:
+                loss = self._train_sgd(x, y, task, generator)
+            self.layout.flatten(self.model.state_dict(), out=out)
+            out.sub_(params.to(out.device))
+        metrics: dict[str, float] = {}
+        if task.privacy.clip > 0:
+            norm = float(clip_rows_(out, task.privacy.clip)[0])
+            metrics[UNCLIPPED] = 1.0 if norm <= task.privacy.clip else 0.0
+        if dp_sgd is None and task.privacy.clip <= 0:
+            metrics["train_loss"] = loss
+        return LocalResult(num_examples=n, metrics=metrics)
+
+    def _proximal_anchor(self, task: TrainTask) -> list[torch.Tensor] | None:
+        return [p.detach().clone() for p in self.model.parameters()] if task.proximal_mu > 0 else None
+
+    def _train_sgd(self, x: torch.Tensor, y: torch.Tensor, task: TrainTask, generator: torch.Generator) -> float:
+        n = len(y)
         self.model.train()
         optimizer = self._optimizer(task)
-        anchor = [p.detach().clone() for p in self.model.parameters()] if task.proximal_mu > 0 else None
+        anchor = self._proximal_anchor(task)
         total_loss = torch.zeros((), device=self.device)
         seen = 0
         for _ in range(task.epochs):
@@ -136,9 +175,43 @@ class LocalTrainer:
                     loss = loss + 0.5 * task.proximal_mu * prox
                 loss.backward()
                 optimizer.step()
-        self.layout.flatten(self.model.state_dict(), out=out)
-        out.sub_(params.to(out.device))
-        return LocalResult(num_examples=n, train_loss=float(total_loss) / seen)
+        return float(total_loss) / seen
+
+    def _noise(self, secure: bool, generator: torch.Generator) -> NoiseSource:
+        if not secure:
+            return SeededGaussian(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        if self._secure_noise is None:
+            self._secure_noise = SecureGaussian()
+        return self._secure_noise
+
+    def _train_dp_sgd(self, x: torch.Tensor, y: torch.Tensor, task: TrainTask, generator: torch.Generator) -> float:
+        """DP-SGD with Poisson-sampled batches (rate ``batch_size / n``), as its
+        accounting assumes; the proximal term, being data-independent, is
+        added after the noise."""
+        from fedtrain.privacy.dpsgd import DpSgdStepper, sample_rate, steps_per_round
+
+        dp_sgd = task.privacy.dp_sgd
+        if dp_sgd is None:
+            raise ValueError("no DP-SGD settings in this task")
+        if self._stepper is None:
+            self._stepper = DpSgdStepper(self.model)
+        n = len(y)
+        q = sample_rate(n, task.batch_size)
+        noise = self._noise(dp_sgd.secure_noise, generator)
+        self.model.train()
+        optimizer = self._optimizer(task)
+        anchor = self._proximal_anchor(task)
+        total_loss, seen = 0.0, 0
+        for _ in range(steps_per_round(n, task.batch_size, task.epochs)):
+            idx = torch.nonzero(torch.rand(n, generator=generator) < q).squeeze(1).to(self.device)
+            optimizer.zero_grad(set_to_none=True)
+            total_loss += self._stepper.noisy_gradient(x[idx], y[idx], q * n, dp_sgd, noise)
+            seen += len(idx)
+            if anchor is not None:
+                for p, a in zip(self.model.parameters(), anchor):
+                    p.grad.add_(p.detach() - a, alpha=task.proximal_mu)
+            optimizer.step()
+        return total_loss / max(seen, 1)
 
     def _mean_gradient(
         self, x: torch.Tensor, y: torch.Tensor, batch_size: int, out: torch.Tensor

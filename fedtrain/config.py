@@ -42,9 +42,45 @@ class KeyColumn(str, enum.Enum):
 
 
 class Sampling(str, enum.Enum):
-    """How the coordinator draws each round's cohort."""
+    """How the coordinator draws each round's cohort.
+
+    ``uniform``: exactly ``clients_per_round`` clients without replacement.
+    ``poisson``: each client independently with rate ``clients_per_round /
+    num_clients``, the sampling that privacy amplification by sampling assumes.
+    """
 
     UNIFORM = "uniform"
+    POISSON = "poisson"
+
+
+class PrivacyMode(str, enum.Enum):
+    """Who differential privacy protects.
+
+    ``sample``: each record of each client (DP-SGD on the client, Abadi et al. 2016).
+    ``user``: each client's whole contribution (DP-FedAvg, McMahan et al. 2018).
+    """
+
+    NONE = "none"
+    SAMPLE = "sample"
+    USER = "user"
+
+
+class AccountantKind(str, enum.Enum):
+    """Opacus' privacy accountants: Rényi DP (Mironov 2017) or the privacy
+    random variable accountant (Gopi et al. 2021), tighter for many steps."""
+
+    RDP = "rdp"
+    PRV = "prv"
+
+
+class GradSampleMode(str, enum.Enum):
+    """How Opacus computes per-sample gradients; ``auto`` picks the fastest
+    mode that supports the model."""
+
+    AUTO = "auto"
+    HOOKS = "hooks"
+    EW = "ew"
+    FUNCTORCH = "functorch"
 
 
 class Optimizer(str, enum.Enum):
@@ -72,7 +108,7 @@ def _rule(
 
 @dataclass(frozen=True)
 class RunConfig:
-    rounds: int = field(default=50, metadata=_rule(1, doc="federated rounds"))
+    rounds: int = field(default=100, metadata=_rule(1, doc="federated rounds"))
     seed: int = field(default=0, metadata=_rule(0, doc="seed of every random stream"))
     threads: int = field(
         default=0,
@@ -113,7 +149,7 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    epochs: int = field(default=5, metadata=_rule(1))
+    epochs: int = field(default=1, metadata=_rule(1))
     batch_size: int = field(default=32, metadata=_rule(1))
     lr: float = field(default=0.3, metadata=_rule(0.0, exclusive_min=True))
     momentum: float = field(default=0.0, metadata=_rule(0.0, 1.0, exclusive_max=True))
@@ -123,12 +159,41 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    mode: PrivacyMode = PrivacyMode.NONE
+    accountant: AccountantKind = AccountantKind.RDP
+    delta: float = field(default=1e-5, metadata=_rule(0.0, 1.0, True, True))
+    noise_multiplier: float = field(
+        default=0.0, metadata=_rule(0.0, doc="Gaussian noise std / clip; 0 with target_epsilon = calibrate")
+    )
+    target_epsilon: float = field(
+        default=0.0, metadata=_rule(0.0, doc="calibrate noise_multiplier to reach this ε after run.rounds; 0 = off")
+    )
+    max_epsilon: float = field(default=0.0, metadata=_rule(0.0, doc="stop before a round would exceed it; 0 = no budget"))
+    max_grad_norm: float = field(
+        default=0.2,
+        metadata=_rule(0.0, exclusive_min=True, doc="sample level: per-record gradient clip (also scales the step)"),
+    )
+    clip: float = field(default=1.0, metadata=_rule(0.0, exclusive_min=True, doc="user level: L2 clip of each update"))
+    adaptive_clip: bool = False
+    target_quantile: float = field(default=0.5, metadata=_rule(0.0, 1.0, True, True))
+    clip_lr: float = field(default=0.2, metadata=_rule(0.0, exclusive_min=True))
+    clipped_count_stddev: float = field(
+        default=0.0, metadata=_rule(0.0, doc="noise of the clipped count; 0 = expected cohort / 20")
+    )
+    grad_sample_mode: GradSampleMode = GradSampleMode.AUTO
+    fix_model: bool = False
+    secure_noise: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 BUILTIN_DATASETS = ("digits", "mnist", "cifar10")
@@ -248,7 +313,38 @@ def validate(config: Config) -> Config:
             f"strategy.min_clients = {config.strategy.min_clients}: must be <= "
             f"strategy.clients_per_round = {config.strategy.clients_per_round}"
         )
+    _check_privacy(config)
     return config
+
+
+def _check_privacy(config: Config) -> None:
+    p = config.privacy
+    if p.mode is PrivacyMode.NONE:
+        for key, value, off in (
+            ("noise_multiplier", p.noise_multiplier, 0.0),
+            ("target_epsilon", p.target_epsilon, 0.0),
+            ("max_epsilon", p.max_epsilon, 0.0),
+            ("adaptive_clip", p.adaptive_clip, False),
+        ):
+            if value != off:
+                raise ConfigError(
+                    f"privacy.{key} = {value!r}: has no effect with privacy.mode = 'none'; "
+                    "set privacy.mode to 'sample' or 'user'"
+                )
+        return
+    if (p.noise_multiplier > 0) == (p.target_epsilon > 0):
+        raise ConfigError(
+            f"privacy.noise_multiplier = {p.noise_multiplier}, privacy.target_epsilon = {p.target_epsilon}: "
+            f"privacy.mode = {p.mode.value!r} needs exactly one of them > 0"
+        )
+    if p.adaptive_clip and p.mode is not PrivacyMode.USER:
+        raise ConfigError(
+            f"privacy.adaptive_clip = true: adaptive clipping is for privacy.mode = 'user', not {p.mode.value!r}"
+        )
+    if p.max_epsilon and p.target_epsilon and p.target_epsilon > p.max_epsilon:
+        raise ConfigError(
+            f"privacy.target_epsilon = {p.target_epsilon}: exceeds privacy.max_epsilon = {p.max_epsilon}"
+        )
 
 
 def from_dict(table: Mapping[str, Any]) -> Config:

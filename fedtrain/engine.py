@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from fedtrain.sampling import UniformSampler
+from fedtrain.client import TrainTask
+from fedtrain.config import ClientConfig
+from fedtrain.privacy.policy import BudgetExhausted, NoPrivacy, PrivacyPolicy
+from fedtrain.sampling import Sampler
 from fedtrain.strategy import Strategy
-from fedtrain.types import ClientUpdate, Evaluation, RoundPlan, RoundRecord
+from fedtrain.types import ClientUpdate, Evaluation, RoundRecord
 from fedtrain.validation import rejection_reason
 
 log = logging.getLogger(__name__)
@@ -41,13 +44,15 @@ class RoundOutcome:
 
 
 class Backend(Protocol):
-    """Carries a round's plan to the clients and their updates back.
+    """Carries a round's task to the clients and their updates back.
 
     Update vectors may live in a buffer that the backend reuses next round;
     they are valid until the next call.
     """
 
-    def train_round(self, rnd: int, plan: RoundPlan, params: torch.Tensor) -> RoundOutcome: ...
+    def train_round(
+        self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
+    ) -> RoundOutcome: ...
 
 
 class RoundObserver(Protocol):
@@ -71,21 +76,29 @@ class RngStreams:
 
 @dataclass
 class Engine:
-    """Runs ``rounds`` federated rounds from ``params``."""
+    """Runs federated rounds: the same loop for every backend."""
 
     strategy: Strategy
     backend: Backend
-    sampler: UniformSampler
+    sampler: Sampler
     evaluate: Callable[[torch.Tensor], Evaluation]
     clients: Sequence[str]
+    client: ClientConfig
     min_clients: int
     rngs: RngStreams
+    privacy: PrivacyPolicy = field(default_factory=NoPrivacy)
 
     def run_round(self, rnd: int, params: torch.Tensor) -> tuple[torch.Tensor, RoundRecord]:
+        """One round; raises :class:`BudgetExhausted` before any client works
+        when the round would exceed the privacy budget."""
         started = time.perf_counter()
         cohort = self.sampler.sample(self.clients, self.rngs.sampling)
+        stop = self.privacy.check(rnd, cohort)
+        if stop is not None:
+            raise BudgetExhausted(stop)
         plan = self.strategy.configure(rnd, cohort, self.rngs.strategy)
-        outcome = self.backend.train_round(rnd, plan, params)
+        task = TrainTask.of(self.client, plan, self.privacy.client_privacy(rnd))
+        outcome = self.backend.train_round(rnd, plan.clients, task, params)
         failures = list(outcome.failures)
         valid: list[ClientUpdate] = []
         for update in outcome.updates:
@@ -94,22 +107,26 @@ class Engine:
                 valid.append(update)
             else:
                 failures.append(ClientFailure(update.client_id, reason))
+        release = self.privacy.release(rnd, plan.clients, valid)
+        rejected = {cid for cid, _ in release.rejected}
+        failures.extend(ClientFailure(cid, why) for cid, why in release.rejected)
+        valid = [u for u in valid if u.client_id not in rejected]
         for failure in failures:
             log.warning("round %d: client %s rejected: %s", rnd, failure.client_id, failure.reason)
-        if len(valid) >= self.min_clients:
-            params = self.strategy.aggregate(rnd, params, valid)
+        if len(valid) >= self.min_clients and release.updates:
+            params = self.strategy.aggregate(rnd, params, release.updates)
         else:
             log.warning(
                 "round %d skipped: %d valid updates, strategy.min_clients = %d; model unchanged",
                 rnd, len(valid), self.min_clients,
             )
         evaluation = self.evaluate(params)
-        weights = [u.num_examples for u in valid]
         losses = [u.metrics.get("train_loss") for u in valid]
         train_loss = (
-            float(np.average(losses, weights=weights))
+            float(np.average(losses, weights=[u.num_examples for u in valid]))
             if valid and all(isinstance(x, float) for x in losses) else None
         )
+        report = self.privacy.report()
         record = RoundRecord(
             round=rnd,
             accuracy=evaluation.accuracy,
@@ -118,6 +135,9 @@ class Engine:
             num_failed=len(failures),
             train_loss=train_loss,
             seconds=time.perf_counter() - started,
+            epsilon=report.epsilon,
+            delta=report.delta,
+            privacy=dict(report.extra),
         )
         return params, record
 
@@ -127,11 +147,18 @@ class Engine:
         rounds: int,
         observers: Sequence[RoundObserver] = (),
         first_round: int = 1,
-    ) -> tuple[torch.Tensor, list[RoundRecord]]:
+    ) -> tuple[torch.Tensor, list[RoundRecord], str | None]:
+        """Up to ``rounds`` rounds; returns the last model, the records and why
+        it stopped early (None when every round ran). On a privacy stop the
+        model is the last one released within the budget."""
         records: list[RoundRecord] = []
         for rnd in range(first_round, first_round + rounds):
-            params, record = self.run_round(rnd, params)
+            try:
+                params, record = self.run_round(rnd, params)
+            except BudgetExhausted as exc:
+                log.warning("privacy budget exhausted, training stops: %s", exc)
+                return params, records, str(exc)
             records.append(record)
             for observer in observers:
                 observer.on_round(record, params)
-        return params, records
+        return params, records, None

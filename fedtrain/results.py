@@ -41,6 +41,11 @@ class Summary:
     num_clients: int
     clients_per_round: int
     num_parameters: int
+    privacy_mode: str
+    epsilon: float | None
+    delta: float | None
+    noise_multiplier: float | None
+    stopped_early: str | None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -77,14 +82,16 @@ class RunWriter:
 
 
 def plot_curves(records: Sequence[RoundRecord], path: Path) -> None:
-    """Test accuracy and loss per round, side by side, as a PNG."""
+    """Test accuracy, loss and (with privacy) ε per round, side by side, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rounds = [r.round for r in records]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    private = [(r.round, r.epsilon) for r in records if r.epsilon is not None]
+    fig, axes = plt.subplots(1, 3 if private else 2, figsize=(15 if private else 10, 4))
+    ax_acc, ax_loss = axes[0], axes[1]
     ax_acc.plot(rounds, [r.accuracy for r in records], marker=".")
     ax_acc.set(xlabel="round", ylabel="test accuracy", title="Accuracy", ylim=(0, 1))
     ax_acc.grid(alpha=0.3)
@@ -95,6 +102,11 @@ def plot_curves(records: Sequence[RoundRecord], path: Path) -> None:
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
+    if private:
+        ax_eps = axes[2]
+        ax_eps.plot(*zip(*private), marker=".", color="tab:purple")
+        ax_eps.set(xlabel="round", ylabel="ε", title=f"Privacy spent (δ = {records[-1].delta:g})")
+        ax_eps.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

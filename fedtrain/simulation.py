@@ -14,14 +14,15 @@ import torch
 
 from fedtrain.backends.local import LocalBackend, partitions_by_id
 from fedtrain.client import LocalTrainer, resolve_device
-from fedtrain.config import Config, ConfigError, KeyColumn
+from fedtrain.config import Config, ConfigError, KeyColumn, PrivacyMode
 from fedtrain.data import Dataset, load_dataset, partition
 from fedtrain.engine import Engine, RngStreams, RoundObserver
 from fedtrain.layout import ParamLayout
 from fedtrain.models import build_model
 from fedtrain.progress import RoundProgress
 from fedtrain.results import RunWriter, Summary
-from fedtrain.sampling import UniformSampler
+from fedtrain.privacy.setting import build_policy
+from fedtrain.sampling import make_sampler
 from fedtrain.strategy import load_strategy
 from fedtrain.types import RoundRecord
 
@@ -87,19 +88,35 @@ def simulate(
     parts = client_partitions(config, data)
     strategy = load_strategy(config.strategy.name, config.strategy.options)
     model = build_model(config.model, data.input_shape, data.num_classes, config.run.seed)
+    grad_sample_mode = config.privacy.grad_sample_mode
+    if config.privacy.mode is PrivacyMode.SAMPLE:
+        from fedtrain.privacy.dpsgd import choose_mode, make_private_model
+
+        model = make_private_model(model, config.privacy.fix_model)
+        grad_sample_mode = choose_mode(model, grad_sample_mode, data.x_train[:2])
     layout = ParamLayout.of(model.state_dict())
     torch.set_num_threads(cpu_threads(config.run.threads, layout.numel))
+    sampler = make_sampler(config.strategy.sampling, config.strategy.clients_per_round, config.data.num_clients)
+    privacy = build_policy(
+        config,
+        strategy,
+        {cid: len(idx) for cid, idx in parts.items()},
+        sampler.expected_size(config.data.num_clients),
+        grad_sample_mode,
+    )
     trainer = LocalTrainer(model, layout, device)
-    backend = LocalBackend(trainer, data.x_train, data.y_train, parts, config.client, config.run.seed)
+    backend = LocalBackend(trainer, data.x_train, data.y_train, parts, config.run.seed)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     engine = Engine(
         strategy=strategy,
         backend=backend,
-        sampler=UniformSampler(config.strategy.clients_per_round),
+        sampler=sampler,
         evaluate=lambda p: trainer.evaluate(p, x_test, y_test),
         clients=backend.client_ids,
+        client=config.client,
         min_clients=config.strategy.min_clients,
         rngs=RngStreams.from_seed(config.run.seed),
+        privacy=privacy,
     )
     params = layout.flatten(model.state_dict()).to(device)
     writer = RunWriter(out_dir, config) if out_dir is not None else None
@@ -107,12 +124,13 @@ def simulate(
     with contextlib.ExitStack() as stack:
         if progress:
             observers.append(stack.enter_context(RoundProgress(config.run.rounds)))
-        params, records = engine.run(params, config.run.rounds, observers)
-    last = records[-1]
+        params, records, stopped = engine.run(params, config.run.rounds, observers)
+    final = engine.evaluate(params) if not records else records[-1]
+    report = privacy.report()
     summary = Summary(
-        final_accuracy=last.accuracy,
-        final_loss=last.loss,
-        best_accuracy=max(r.accuracy for r in records),
+        final_accuracy=final.accuracy,
+        final_loss=final.loss,
+        best_accuracy=max((r.accuracy for r in records), default=final.accuracy),
         rounds=len(records),
         wall_seconds=time.perf_counter() - started,
         seed=config.run.seed,
@@ -121,6 +139,11 @@ def simulate(
         num_clients=config.data.num_clients,
         clients_per_round=config.strategy.clients_per_round,
         num_parameters=layout.numel,
+        privacy_mode=config.privacy.mode.value,
+        epsilon=report.epsilon,
+        delta=report.delta,
+        noise_multiplier=report.extra.get("noise_multiplier"),
+        stopped_early=stopped,
     )
     if writer is not None:
         writer.finish(summary, params, layout)

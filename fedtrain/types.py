@@ -85,8 +85,14 @@ class RoundRecord:
     num_failed: int
     train_loss: float | None
     seconds: float
+    epsilon: float | None = None
+    delta: float | None = None
+    privacy: Mapping[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, float | int | None]:
+        """The ``metrics.jsonl`` row: the same keys every round (``epsilon`` and
+        ``delta`` are null without privacy), plus the privacy setting's own
+        figures (e.g. the adaptive ``clip``) when there is one."""
         return {
             "round": self.round,
             "accuracy": self.accuracy,
@@ -95,4 +101,7 @@ class RoundRecord:
             "num_failed": self.num_failed,
             "train_loss": self.train_loss,
             "seconds": self.seconds,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            **self.privacy,
         }

@@ -57,3 +57,23 @@ def test_bad_input_fails_before_training_with_exit_2(
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_privacy_planner_prints_epsilon_and_calibrated_noise(capsys: pytest.CaptureFixture[str]) -> None:
+    # TF Privacy's MNIST tutorial setting (q = 256/60000, 60 epochs): see tests/test_accountant.py.
+    base = ["privacy", "--sample-rate", "0.0042666667", "--steps", "14062", "--delta", "1e-5"]
+
+    assert main([*base, "--noise-multiplier", "1.1"]) == 0
+    first = capsys.readouterr().out
+    assert main([*base, "--target-epsilon", "2.5966"]) == 0
+    second = capsys.readouterr().out
+
+    assert "ε = 2.5966" in first
+    assert "noise multiplier 1.1" in second or "noise multiplier 1.10" in second
+
+
+def test_privacy_planner_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["privacy", "--sample-rate", "0.1", "--steps", "3", "--delta", "2", "--noise-multiplier", "1"])
+
+    assert code == 2
+    assert "delta" in capsys.readouterr().err

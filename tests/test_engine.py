@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from fedtrain import ClientUpdate, RoundPlan, Strategy, load_strategy
+from typing import Sequence
+
+from fedtrain import ClientUpdate, Strategy, load_strategy
+from fedtrain.client import TrainTask
+from fedtrain.config import ClientConfig
 from fedtrain.engine import ClientFailure, Engine, RngStreams, RoundOutcome
 from fedtrain.sampling import UniformSampler
 from fedtrain.types import Evaluation
@@ -16,9 +20,11 @@ class ScriptedBackend:
     def __init__(self, vectors: dict[str, torch.Tensor | str]) -> None:
         self.vectors = vectors
 
-    def train_round(self, rnd: int, plan: RoundPlan, params: torch.Tensor) -> RoundOutcome:
+    def train_round(
+        self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
+    ) -> RoundOutcome:
         updates, failures = [], []
-        for cid in plan.clients:
+        for cid in clients:
             v = self.vectors[cid]
             if isinstance(v, str):
                 failures.append(ClientFailure(cid, v))
@@ -34,6 +40,7 @@ def _engine(vectors: dict[str, torch.Tensor | str], strategy: Strategy, min_clie
         sampler=UniformSampler(len(vectors)),
         evaluate=lambda p: Evaluation(loss=float(p.sum()), accuracy=0.5, num_examples=1),
         clients=tuple(vectors),
+        client=ClientConfig(),
         min_clients=min_clients,
         rngs=RngStreams.from_seed(0),
     )
@@ -78,7 +85,8 @@ def test_run_numbers_rounds_and_tells_observers() -> None:
 
     engine = _engine({"a": torch.ones(2)}, load_strategy("fedavg"))
 
-    params, records = engine.run(torch.zeros(2), rounds=3, observers=[Observer()])
+    params, records, stopped = engine.run(torch.zeros(2), rounds=3, observers=[Observer()])
 
+    assert stopped is None
     assert [r.round for r in records] == seen == [1, 2, 3]
     assert torch.equal(params, torch.full((2,), 3.0))

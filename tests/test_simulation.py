@@ -31,7 +31,7 @@ def test_default_fedavg_on_dirichlet_digits_reaches_093(default_runs: tuple[Path
 
     print(f"default (Dirichlet 0.5) final accuracy: {summary['final_accuracy']:.4f}")
     assert summary["final_accuracy"] >= 0.93
-    assert summary["rounds"] == 50 and summary["seed"] == 0
+    assert summary["rounds"] == 100 and summary["seed"] == 0
 
 
 def test_iid_reaches_095() -> None:
@@ -45,7 +45,7 @@ def test_same_seed_gives_bit_identical_metrics(default_runs: tuple[Path, Path]) 
     rows_a, rows_b = (read_metrics(d) for d in default_runs)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
 
-    assert len(rows_a) == 50
+    assert len(rows_a) == 100
     assert strip(rows_a) == strip(rows_b)
     state_a = torch.load(default_runs[0] / "model.pt", weights_only=True)
     state_b = torch.load(default_runs[1] / "model.pt", weights_only=True)

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from fedtrain.client import LocalTrainer, TrainTask
-from fedtrain.config import ClientConfig
 from fedtrain.engine import ClientFailure, RoundOutcome
-from fedtrain.types import ClientUpdate, RoundPlan
+from fedtrain.types import ClientUpdate
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,6 @@ class LocalBackend:
         x: torch.Tensor,
         y: torch.Tensor,
         partitions: Mapping[str, np.ndarray],
-        client: ClientConfig,
         seed: int,
     ) -> None:
         self.trainer = trainer
@@ -49,7 +47,6 @@ class LocalBackend:
             for cid, idx in partitions.items()
         }
         self.index = {cid: i for i, cid in enumerate(partitions)}
-        self.client = client
         self.seed = seed
         self._buffer = torch.empty(0)
 
@@ -62,13 +59,14 @@ class LocalBackend:
             self._buffer = torch.empty((n, numel), dtype=torch.float32, device=self.trainer.device)
         return self._buffer
 
-    def train_round(self, rnd: int, plan: RoundPlan, params: torch.Tensor) -> RoundOutcome:
-        task = TrainTask.of(self.client, plan)
+    def train_round(
+        self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
+    ) -> RoundOutcome:
         params = params.to(self.trainer.device)
-        rows = self._rows(len(plan.clients), params.numel())
+        rows = self._rows(len(clients), params.numel())
         updates: list[ClientUpdate] = []
         failures: list[ClientFailure] = []
-        for cid in plan.clients:
+        for cid in clients:
             if cid not in self.partitions:
                 failures.append(ClientFailure(cid, "unknown client id"))
                 continue
@@ -89,7 +87,7 @@ class LocalBackend:
                     vector=out,
                     num_examples=result.num_examples,
                     kind=task.kind,
-                    metrics={"train_loss": result.train_loss},
+                    metrics=result.metrics,
                 )
             )
         return RoundOutcome(tuple(updates), tuple(failures))
