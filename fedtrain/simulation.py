@@ -16,6 +16,7 @@ from fedtrain.backends.local import LocalBackend, partitions_by_id
 from fedtrain.client import LocalTrainer, resolve_device
 from fedtrain.config import Config, ConfigError, KeyColumn, PrivacyMode
 from fedtrain.data import Dataset, load_dataset, partition
+from fedtrain.data.clients import PartitionedData
 from fedtrain.engine import Engine, RngStreams, RoundObserver
 from fedtrain.layout import ParamLayout
 from fedtrain.models import build_model
@@ -105,14 +106,14 @@ def simulate(
         grad_sample_mode,
     )
     trainer = LocalTrainer(model, layout, device)
-    backend = LocalBackend(trainer, data.x_train, data.y_train, parts, config.run.seed)
+    backend = LocalBackend(trainer, PartitionedData(data.x_train, data.y_train, parts, device), config.run.seed)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     engine = Engine(
         strategy=strategy,
         backend=backend,
         sampler=sampler,
         evaluate=lambda p: trainer.evaluate(p, x_test, y_test),
-        clients=backend.client_ids,
+        clients=tuple(parts),
         client=config.client,
         min_clients=config.strategy.min_clients,
         rngs=RngStreams.from_seed(config.run.seed),

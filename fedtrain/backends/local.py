@@ -9,12 +9,13 @@ aggregation is a single ``w @ X`` over memory that is already warm.
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.data.clients import ClientData
 from fedtrain.engine import ClientFailure, RoundOutcome
 from fedtrain.types import ClientUpdate
 
@@ -29,30 +30,14 @@ def client_generator(seed: int, rnd: int, client_index: int) -> torch.Generator:
 
 
 class LocalBackend:
-    """Trains the planned clients of each round in process."""
+    """Trains the planned clients of each round in process, one after another."""
 
-    def __init__(
-        self,
-        trainer: LocalTrainer,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        partitions: Mapping[str, np.ndarray],
-        seed: int,
-    ) -> None:
+    def __init__(self, trainer: LocalTrainer, data: ClientData, seed: int) -> None:
         self.trainer = trainer
-        self.x = x.to(trainer.device)
-        self.y = y.to(trainer.device)
-        self.partitions = {
-            cid: torch.as_tensor(idx, dtype=torch.long, device=trainer.device)
-            for cid, idx in partitions.items()
-        }
-        self.index = {cid: i for i, cid in enumerate(partitions)}
+        self.data = data
         self.seed = seed
+        self.index = {cid: i for i, cid in enumerate(data.ids)}
         self._buffer = torch.empty(0)
-
-    @property
-    def client_ids(self) -> tuple[str, ...]:
-        return tuple(self.partitions)
 
     def _rows(self, n: int, numel: int) -> torch.Tensor:
         if self._buffer.shape[0] < n or self._buffer.shape[1:] != (numel,):
@@ -67,15 +52,14 @@ class LocalBackend:
         updates: list[ClientUpdate] = []
         failures: list[ClientFailure] = []
         for cid in clients:
-            if cid not in self.partitions:
+            if cid not in self.index:
                 failures.append(ClientFailure(cid, "unknown client id"))
                 continue
-            idx = self.partitions[cid]
             out = rows[len(updates)]
             try:
+                x, y = self.data.load(cid)
                 result = self.trainer.train(
-                    params, self.x[idx], self.y[idx], task,
-                    client_generator(self.seed, rnd, self.index[cid]), out,
+                    params, x, y, task, client_generator(self.seed, rnd, self.index[cid]), out
                 )
             except Exception as exc:  # a failing client must not end the round
                 log.debug("round %d: client %s failed", rnd, cid, exc_info=True)
