@@ -34,6 +34,7 @@ def machine() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.1f} at the end (other processes share the cores), "
         f"{datetime.datetime.now().isoformat(timespec='seconds')}"
     )
 

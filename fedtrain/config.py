@@ -120,7 +120,7 @@ class RunConfig:
 class DataConfig:
     dataset: str = field(
         default="digits",
-        metadata=_rule(doc="digits | mnist | cifar10 | 'module:function'"),
+        metadata=_rule(doc="digits | mnist | cifar10 | synthetic | 'module:function'"),
     )
     root: str = field(default="", metadata=_rule(doc="local folder for mnist / cifar10"))
     num_clients: int = field(default=20, metadata=_rule(1))
@@ -130,6 +130,8 @@ class DataConfig:
     key: KeyColumn = KeyColumn.INDEX
     test_fraction: float = field(default=0.2, metadata=_rule(0.0, 1.0, True, True))
     allow_empty: bool = False
+    synthetic_alpha: float = field(default=1.0, metadata=_rule(0.0, doc="Synthetic(α, β): model heterogeneity"))
+    synthetic_beta: float = field(default=1.0, metadata=_rule(0.0, doc="Synthetic(α, β): feature heterogeneity"))
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
-BUILTIN_DATASETS = ("digits", "mnist", "cifar10")
+BUILTIN_DATASETS = ("digits", "mnist", "cifar10", "synthetic")
 BUILTIN_MODELS = ("mlp", "cnn")
 
 

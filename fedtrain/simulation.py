@@ -16,7 +16,8 @@ from fedtrain.backends.local import LocalBackend, partitions_by_id
 from fedtrain.client import LocalTrainer, resolve_device
 from fedtrain.config import Config, ConfigError, KeyColumn, PrivacyMode
 from fedtrain.data import Dataset, load_dataset, partition
-from fedtrain.data.clients import PartitionedData
+from fedtrain.data.clients import ClientData, PartitionedData
+from fedtrain.data.synthetic import CLASSES, DIMENSION, SyntheticData
 from fedtrain.engine import Engine, RngStreams, RoundObserver
 from fedtrain.layout import ParamLayout
 from fedtrain.models import build_model
@@ -61,6 +62,43 @@ def client_partitions(config: Config, data: Dataset) -> dict[str, np.ndarray]:
     return partitions_by_id(parts)
 
 
+@dataclass(frozen=True)
+class FederatedData:
+    """Every client's training records, the held-out test split, and the shapes
+    a model needs."""
+
+    data: ClientData
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def client_data(config: Config, device: torch.device) -> FederatedData:
+    """The configured data set split among ``data.num_clients`` clients:
+    generated per client for ``synthetic``, partitioned otherwise."""
+    if config.data.dataset == "synthetic":
+        synthetic = SyntheticData(
+            config.data.num_clients,
+            config.data.synthetic_alpha,
+            config.data.synthetic_beta,
+            config.data.test_fraction,
+            config.run.seed,
+            device,
+        )
+        x_test, y_test = synthetic.test_set()
+        return FederatedData(synthetic, x_test, y_test, (DIMENSION,), CLASSES)
+    data = load_dataset(config.data, config.run.seed)
+    parts = client_partitions(config, data)
+    return FederatedData(
+        PartitionedData(data.x_train, data.y_train, parts, device),
+        data.x_test.to(device),
+        data.y_test.to(device),
+        data.input_shape,
+        data.num_classes,
+    )
+
+
 SMALL_MODEL_PARAMETERS = 1_000_000
 
 
@@ -85,35 +123,34 @@ def simulate(
     """
     started = time.perf_counter()
     device = resolve_device(config.client.device)
-    data = load_dataset(config.data, config.run.seed)
-    parts = client_partitions(config, data)
+    clients = client_data(config, device)
     strategy = load_strategy(config.strategy.name, config.strategy.options)
-    model = build_model(config.model, data.input_shape, data.num_classes, config.run.seed)
+    model = build_model(config.model, clients.input_shape, clients.num_classes, config.run.seed)
     grad_sample_mode = config.privacy.grad_sample_mode
     if config.privacy.mode is PrivacyMode.SAMPLE:
         from fedtrain.privacy.dpsgd import choose_mode, make_private_model
 
         model = make_private_model(model, config.privacy.fix_model)
-        grad_sample_mode = choose_mode(model, grad_sample_mode, data.x_train[:2])
+        grad_sample_mode = choose_mode(model, grad_sample_mode, clients.x_test[:2])
     layout = ParamLayout.of(model.state_dict())
     torch.set_num_threads(cpu_threads(config.run.threads, layout.numel))
     sampler = make_sampler(config.strategy.sampling, config.strategy.clients_per_round, config.data.num_clients)
     privacy = build_policy(
         config,
         strategy,
-        {cid: len(idx) for cid, idx in parts.items()},
+        {cid: clients.data.size(cid) for cid in clients.data.ids},
         sampler.expected_size(config.data.num_clients),
         grad_sample_mode,
     )
     trainer = LocalTrainer(model, layout, device)
-    backend = LocalBackend(trainer, PartitionedData(data.x_train, data.y_train, parts, device), config.run.seed)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    backend = LocalBackend(trainer, clients.data, config.run.seed)
+    x_test, y_test = clients.x_test, clients.y_test
     engine = Engine(
         strategy=strategy,
         backend=backend,
         sampler=sampler,
         evaluate=lambda p: trainer.evaluate(p, x_test, y_test),
-        clients=tuple(parts),
+        clients=clients.data.ids,
         client=config.client,
         min_clients=config.strategy.min_clients,
         rngs=RngStreams.from_seed(config.run.seed),

@@ -1,0 +1,545 @@
+"""Batched virtual clients: a whole cohort trains at once with ``torch.func``.
+
+:class:`~fedtrain.backends.local.LocalBackend` trains one client after
+another; with many small clients a round is then mostly Python and dispatcher
+overhead (a few-kilobyte MLP step costs ~1 ms, whatever the batch). Here the
+parameters of ``k`` clients are stacked (one row per client) and each local
+step is one ``vmap`` of ``grad`` over ``functional_call``: the per-client
+matrix products become batched ones and the overhead is paid once per step of
+the cohort, not once per step of each client.
+
+The math is the sequential one (:class:`~fedtrain.client.LocalTrainer`), so
+the same seeds give the same updates up to float rounding:
+
+* each client draws its batches from its own ``client_generator(seed, rnd,
+  index)`` with the same calls in the same order (``randperm`` per epoch;
+  under DP-SGD the noise seed, then one Poisson mask per step);
+* clients have different numbers of records, so batches are padded to a common
+  width with a mask (loss ``sum(mask · ce) / count``), and clients are sorted
+  by their number of steps: at step ``t`` the clients still training are a
+  prefix of the stack and only that prefix is computed and updated, so a
+  client that has finished (parameters, momentum, Adam moments) does not move;
+* SGD (momentum, weight decay) and Adam are torch's update rules written
+  out on the stacked tensors; FedProx adds ``mu · (w − w_global)``;
+  DP-SGD takes per-sample gradients (``vmap`` over samples inside ``vmap``
+  over clients), clips and sums them as
+  :func:`~fedtrain.privacy.mechanisms.per_sample_clipped_sum`, and adds each
+  client's noise from its own :class:`~fedtrain.privacy.noise.NoiseSource`.
+
+Models ``torch.func`` cannot run this way (BatchNorm updating its running
+statistics, dropout, tied weights, non-float32 tensors) are detected once per
+kind of task by training two tiny clients both ways and comparing; then the
+round goes to the sequential backend, with the reason logged once.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from fedtrain.backends.local import LocalBackend, client_generator
+from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.config import Optimizer
+from fedtrain.data.clients import ClientData
+from fedtrain.engine import ClientFailure, RoundOutcome
+from fedtrain.privacy.dpsgd import sample_rate, steps_per_round
+from fedtrain.privacy.mechanisms import clip_factors, clip_rows_
+from fedtrain.privacy.noise import NoiseSource
+from fedtrain.privacy.policy import ClientPrivacy
+from fedtrain.privacy.user_level import UNCLIPPED
+from fedtrain.types import ClientUpdate, UpdateKind
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, torch.Tensor]
+
+MEMORY_BUDGET = 1 << 30
+"""Default bytes one chunk of the cohort may use (stacked parameters, their
+gradients and optimiser state, batch activations, the chunk's records)."""
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+"""``torch.optim.Adam``'s defaults, which :class:`LocalTrainer` uses."""
+
+PROBE_RECORDS = 6
+"""Records of the first client used for the two tiny probe clients."""
+
+
+def _mode(task: TrainTask) -> str:
+    """The kind of batched computation a task needs: support is probed per kind."""
+    if task.kind is UpdateKind.GRADIENT:
+        return "gradient"
+    return "dp_sgd" if task.privacy.dp_sgd is not None else "train"
+
+
+def _close(batched: torch.Tensor, sequential: torch.Tensor) -> bool:
+    scale = float(sequential.abs().max()) if sequential.numel() else 0.0
+    return float((batched - sequential).abs().max()) <= 1e-3 * scale + 1e-6
+
+
+class BatchedBackend:
+    """Trains each round's cohort in chunks of stacked virtual clients.
+
+    ``max_batch_clients`` caps the clients per chunk; chunks are otherwise
+    sized so that their estimated memory stays within ``memory_budget``
+    bytes. Everything runs on ``trainer.device``. Update vectors are rows of
+    one preallocated ``(cohort, P)`` buffer, as with :class:`LocalBackend`.
+    """
+
+    def __init__(
+        self,
+        trainer: LocalTrainer,
+        data: ClientData,
+        seed: int,
+        max_batch_clients: int | None = None,
+        memory_budget: int = MEMORY_BUDGET,
+    ) -> None:
+        if max_batch_clients is not None and max_batch_clients < 1:
+            raise ValueError(f"max_batch_clients = {max_batch_clients}: must be >= 1")
+        if memory_budget <= 0:
+            raise ValueError(f"memory_budget = {memory_budget}: must be > 0")
+        self.trainer = trainer
+        self.data = data
+        self.seed = seed
+        self.max_batch_clients = max_batch_clients
+        self.memory_budget = memory_budget
+        self.sequential = LocalBackend(trainer, data, seed)
+        self.layout = trainer.layout
+        # A private copy: Opacus hooks that DP-SGD puts on the trainer's model
+        # must not run inside the functional calls.
+        self._model = copy.deepcopy(trainer.model).train()
+        named = dict(self._model.named_parameters())
+        self._trainable = tuple(n for n in self.layout.names if n in named and named[n].requires_grad)
+        self._support: dict[str, str | None] = {}
+        self._buffer = torch.empty(0)
+        self._activations = 0  # per-sample activation numel, measured by the probe
+        self._record_bytes = 0
+        self._static_reason = self._unsupported_by_design()
+
+    # ------------------------------------------------------------------ round
+
+    def train_round(
+        self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
+    ) -> RoundOutcome:
+        if task.kind is UpdateKind.GRADIENT and task.privacy.dp_sgd is not None:
+            return self.sequential.train_round(rnd, clients, task, params)  # fails each client, as it should
+        params = params.to(self.trainer.device)
+        failures: dict[int, ClientFailure] = {}
+        sizes: dict[int, int] = {}
+        for slot, cid in enumerate(clients):
+            if cid not in self.sequential.index:
+                failures[slot] = ClientFailure(cid, "unknown client id")
+                continue
+            try:
+                sizes[slot] = self.data.size(cid)
+            except Exception as exc:
+                failures[slot] = ClientFailure(cid, f"{type(exc).__name__}: {exc}")
+        if sizes and not self._supported(task, clients, sizes):
+            return self.sequential.train_round(rnd, clients, task, params)
+        rows = self._rows(len(clients), params.numel())
+        results: dict[int, ClientUpdate] = {}
+        for chunk in self._chunks(sizes, task):
+            loaded = self._load(chunk, clients, failures)
+            if loaded:
+                self._train_loaded(rnd, clients, task, params, loaded, rows, results, failures)
+        return self._outcome(rows, results, failures)
+
+    def _rows(self, n: int, numel: int) -> torch.Tensor:
+        if self._buffer.shape[0] < n or self._buffer.shape[1:] != (numel,):
+            self._buffer = torch.empty((n, numel), dtype=torch.float32, device=self.trainer.device)
+        return self._buffer
+
+    def _chunks(self, sizes: dict[int, int], task: TrainTask) -> list[list[int]]:
+        """Slots by size, largest first (so chunks hold similar step counts),
+        cut where the memory estimate or ``max_batch_clients`` would be exceeded."""
+        order = sorted(sizes, key=lambda s: -sizes[s])
+        cap = self.max_batch_clients or len(order)
+        chunks: list[list[int]] = []
+        used = 0
+        for slot in order:
+            need = self._client_bytes(sizes[slot], task)
+            if not chunks or len(chunks[-1]) >= cap or used + need > self.memory_budget:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(slot)
+            used += need
+        return chunks
+
+    def _client_bytes(self, n: int, task: TrainTask) -> int:
+        """Rough float32 footprint of one client in a chunk."""
+        numel = self.layout.numel
+        trainable = sum(s for name, s in zip(self.layout.names, self.layout.sizes) if name in self._trainable)
+        width = min(task.batch_size, n)
+        per_sample = 3 * self._activations
+        if task.privacy.dp_sgd is not None:
+            width = task.batch_size + 4 * math.isqrt(task.batch_size) + 1
+            per_sample += 2 * trainable
+        return 4 * (2 * numel + 4 * trainable + width * per_sample) + n * self._record_bytes
+
+    def _load(
+        self, chunk: list[int], clients: Sequence[str], failures: dict[int, ClientFailure]
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        loaded = []
+        for slot in chunk:
+            cid = clients[slot]
+            try:
+                x, y = self.data.load(cid)
+                if len(y) == 0:
+                    raise ValueError("client has no training records")
+            except Exception as exc:  # a failing client must not end the round
+                log.debug("client %s failed to load", cid, exc_info=True)
+                failures[slot] = ClientFailure(cid, f"{type(exc).__name__}: {exc}")
+                continue
+            loaded.append((slot, x.to(self.trainer.device), y.to(self.trainer.device)))
+        return loaded
+
+    def _train_loaded(
+        self,
+        rnd: int,
+        clients: Sequence[str],
+        task: TrainTask,
+        params: torch.Tensor,
+        loaded: list[tuple[int, torch.Tensor, torch.Tensor]],
+        rows: torch.Tensor,
+        results: dict[int, ClientUpdate],
+        failures: dict[int, ClientFailure],
+    ) -> None:
+        slots = [s for s, _, _ in loaded]
+        gens = [client_generator(self.seed, rnd, self.sequential.index[clients[s]]) for s in slots]
+        try:
+            metrics = self._train_chunk(
+                task, params, [x for _, x, _ in loaded], [y for _, _, y in loaded], gens, rows, slots
+            )
+        except Exception as exc:  # e.g. records of different shapes, out of memory
+            log.warning("round %d: batched training of %d clients failed (%s: %s); training them one by one",
+                        rnd, len(slots), type(exc).__name__, exc)
+            for slot, x, y in loaded:
+                cid = clients[slot]
+                gen = client_generator(self.seed, rnd, self.sequential.index[cid])
+                try:
+                    result = self.trainer.train(params, x, y, task, gen, rows[slot])
+                except Exception as inner:
+                    failures[slot] = ClientFailure(cid, f"{type(inner).__name__}: {inner}")
+                    continue
+                results[slot] = ClientUpdate(cid, rows[slot], result.num_examples, task.kind, result.metrics)
+            return
+        for (slot, _, y), m in zip(loaded, metrics):
+            results[slot] = ClientUpdate(clients[slot], rows[slot], len(y), task.kind, m)
+
+    @staticmethod
+    def _outcome(
+        rows: torch.Tensor, results: dict[int, ClientUpdate], failures: dict[int, ClientFailure]
+    ) -> RoundOutcome:
+        """Updates in cohort order on consecutive rows (so aggregation gets a view)."""
+        slots = sorted(results)
+        if slots != list(range(len(slots))):
+            rows[: len(slots)] = rows[torch.tensor(slots, device=rows.device)]
+        updates = tuple(
+            dataclasses.replace(results[s], vector=rows[i]) for i, s in enumerate(slots)
+        )
+        return RoundOutcome(updates, tuple(failures[s] for s in sorted(failures)))
+
+    # ---------------------------------------------------------------- support
+
+    def _unsupported_by_design(self) -> str | None:
+        if any(d != torch.float32 for d in self.layout.dtypes):
+            return "the model has tensors that are not float32"
+        shared = len(list(self._model.named_parameters(remove_duplicate=False)))
+        if shared != len(list(self._model.named_parameters())):
+            return "the model has tied (shared) parameters"
+        if not self._trainable:
+            return "the model has no trainable parameters"
+        return None
+
+    def _supported(self, task: TrainTask, clients: Sequence[str], sizes: dict[int, int]) -> bool:
+        """Whether this kind of task runs batched; decided once per kind by
+        training two tiny clients (from the first loadable client's records)
+        both ways and comparing."""
+        mode = _mode(task)
+        if mode not in self._support:
+            reason = self._static_reason
+            if reason is None:
+                loaded = next((got for s in sorted(sizes, key=lambda s: -sizes[s]) for got in self._load([s], clients, {})), None)
+                if loaded is None:
+                    return True  # nobody loads: the batched path reports the failures
+                reason = self._probe(task, loaded[1], loaded[2])
+            self._support[mode] = reason
+            if reason is not None:
+                log.warning("batched clients unsupported for %s tasks, training one by one: %s", mode, reason)
+        return self._support[mode] is None
+
+    def _probe(self, task: TrainTask, x: torch.Tensor, y: torch.Tensor) -> str | None:
+        m = min(len(y), PROBE_RECORDS)
+        half = max(1, m // 2)
+        xs, ys = [x[:m], x[:half]], [y[:m], y[:half]]
+        privacy = task.privacy
+        if privacy.dp_sgd is not None:  # reproducible noise, so that both ways agree
+            privacy = ClientPrivacy(privacy.clip, dataclasses.replace(privacy.dp_sgd, secure_noise=False))
+        probe = dataclasses.replace(task, epochs=1, batch_size=half, privacy=privacy)
+        params = self.layout.flatten(self.trainer.model.state_dict()).to(self.trainer.device)
+        saved = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
+        expected = torch.empty((2, params.numel()), device=params.device)
+        try:
+            want = [
+                self.trainer.train(params, xi, yi, probe, torch.Generator().manual_seed(i), expected[i]).metrics
+                for i, (xi, yi) in enumerate(zip(xs, ys))
+            ]
+        except Exception as exc:
+            return f"sequential training of the probe failed ({type(exc).__name__}: {exc})"
+        finally:
+            self.trainer.model.load_state_dict(saved)
+        self._measure(x[:1])
+        got_rows = torch.empty_like(expected)
+        try:
+            gens = [torch.Generator().manual_seed(i) for i in range(2)]
+            got = self._train_chunk(probe, params, xs, ys, gens, got_rows, [0, 1])
+        except Exception as exc:
+            return f"torch.func cannot run the model ({type(exc).__name__}: {exc})"
+        if not _close(got_rows, expected):
+            return "batched and sequential updates differ (the model keeps state outside its parameters?)"
+        for g, w in zip(got, want):
+            if g.keys() != w.keys() or any(abs(g[k] - w[k]) > 1e-3 * abs(w[k]) + 1e-6 for k in w):
+                return f"batched and sequential metrics differ ({g} vs {w})"
+        return None
+
+    def _measure(self, x: torch.Tensor) -> None:
+        """Per-sample activation count and record bytes, for the memory estimate."""
+        count = [0]
+
+        def hook(module: torch.nn.Module, args: object, output: object) -> None:
+            if isinstance(output, torch.Tensor):
+                count[0] += output.numel()
+
+        handles = [m.register_forward_hook(hook) for m in self._model.modules()]
+        try:
+            with torch.no_grad():
+                self._model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        self._activations = count[0]
+        self._record_bytes = x[0].numel() * x.element_size() + 8
+
+    # ----------------------------------------------------------------- math
+
+    def _train_chunk(
+        self,
+        task: TrainTask,
+        params: torch.Tensor,
+        xs: list[torch.Tensor],
+        ys: list[torch.Tensor],
+        gens: list[torch.Generator],
+        rows: torch.Tensor,
+        slots: list[int],
+    ) -> list[dict[str, float]]:
+        """Train clients ``(xs[i], ys[i])`` together; write client ``i``'s update
+        into ``rows[slots[i]]``; return each client's metrics."""
+        sizes = [len(y) for y in ys]
+        if task.kind is UpdateKind.GRADIENT:
+            steps = [math.ceil(n / task.batch_size) for n in sizes]
+        else:
+            steps = [steps_per_round(n, task.batch_size, task.epochs) for n in sizes]
+        order = sorted(range(len(sizes)), key=lambda i: -steps[i])  # running clients = a prefix
+        device = params.device
+        x = torch.cat([xs[i] for i in order])
+        y = torch.cat([ys[i] for i in order])
+        n = [sizes[i] for i in order]
+        offsets = [0] * len(n)
+        for i in range(1, len(n)):
+            offsets[i] = offsets[i - 1] + n[i - 1]
+        dp = task.privacy.dp_sgd
+        noises: list[NoiseSource] = []
+        if task.kind is UpdateKind.GRADIENT:
+            plan = [[torch.arange(n[i])[s * task.batch_size:(s + 1) * task.batch_size]
+                     for s in range(steps[order[i]])] for i in range(len(n))]
+        elif dp is None:
+            plan = [_epoch_batches(n[i], task, gens[order[i]]) for i in range(len(n))]
+        else:
+            # LocalTrainer._train_dp_sgd's order of generator calls: noise seed, then one mask per step.
+            noises = [self.trainer._noise(dp.secure_noise, gens[order[i]]) for i in range(len(n))]
+            plan = [[torch.nonzero(torch.rand(n[i], generator=gens[order[i]]) < sample_rate(n[i], task.batch_size))
+                     .squeeze(1) for _ in range(steps[order[i]])] for i in range(len(n))]
+        idx, mask, running = _pad(plan, offsets, device)
+        views = self.layout.views(params)
+        consts = {k: v for k, v in views.items() if k not in self._trainable}
+        global_ = {k: views[k] for k in self._trainable}
+        k = len(n)
+        sizes_t = torch.tensor(n, dtype=torch.float32, device=device)
+        with torch.no_grad():
+            if task.kind is UpdateKind.GRADIENT:
+                stacked, loss = self._gradients(global_, consts, x, y, idx, mask, running, sizes_t)
+                out = torch.cat([stacked[name].reshape(k, -1) if name in stacked
+                                 else torch.zeros((k, size), device=device)
+                                 for name, size in zip(self.layout.names, self.layout.sizes)], dim=1)
+                seen = sizes_t
+            else:
+                weights = {name: g.expand(k, *g.shape).clone() for name, g in global_.items()}
+                if dp is None:
+                    loss = self._train_sgd(task, weights, global_, consts, x, y, idx, mask, running)
+                else:
+                    expected = torch.tensor([sample_rate(m, task.batch_size) * m for m in n], device=device)
+                    self._train_dp(task, weights, global_, consts, x, y, idx, mask, running, noises, expected)
+                    loss = torch.zeros(k, device=device)
+                out = torch.cat([weights[name].reshape(k, -1) if name in weights
+                                 else views[name].reshape(1, -1).expand(k, -1)
+                                 for name in self.layout.names], dim=1)
+                out.sub_(params)
+                seen = sizes_t * task.epochs
+            metrics: list[dict[str, float]] = [{} for _ in range(k)]
+            if task.privacy.clip > 0:
+                norms = clip_rows_(out, task.privacy.clip).tolist()
+                for m, norm in zip(metrics, norms):
+                    m[UNCLIPPED] = 1.0 if norm <= task.privacy.clip else 0.0
+            if dp is None and task.privacy.clip <= 0:
+                for m, value in zip(metrics, (loss / seen).tolist()):
+                    m["train_loss"] = value
+            target = torch.tensor([slots[i] for i in order], device=rows.device)
+            rows.index_copy_(0, target, out.to(rows.device))
+        back = [0] * k
+        for position, i in enumerate(order):
+            back[i] = position
+        return [metrics[back[i]] for i in range(k)]
+
+    def _client_loss(
+        self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, count: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One client's batch loss ``sum(mask · ce) / count`` and its summed loss."""
+        ce = F.cross_entropy(functional_call(self._model, (p, consts), (x,)), y, reduction="none")
+        total = (ce * m).sum()
+        return total / count, total.detach()
+
+    def _sample_loss(self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One record's loss, for per-sample gradients."""
+        return F.cross_entropy(functional_call(self._model, (p, consts), (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    def _train_sgd(
+        self, task: TrainTask, weights: Tensors, anchor: Tensors, consts: Tensors,
+        x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, running: list[int],
+    ) -> torch.Tensor:
+        """Local SGD/Adam epochs; returns each client's summed loss."""
+        grads_of = vmap(grad(self._client_loss, has_aux=True), in_dims=(0, None, 0, 0, 0, 0))
+        counts = mask.sum(dim=2).clamp_min(1.0)
+        loss = torch.zeros(len(counts), device=x.device)
+        step = _optimizer(task, weights, anchor)
+        for t, j in enumerate(running):
+            batch = idx[:j, t]
+            grads, summed = grads_of({k: w[:j] for k, w in weights.items()}, consts,
+                                     x[batch], y[batch], mask[:j, t], counts[:j, t])
+            loss[:j] += summed
+            step(t, j, grads)
+        return loss
+
+    def _train_dp(
+        self, task: TrainTask, weights: Tensors, anchor: Tensors, consts: Tensors,
+        x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, running: list[int],
+        noises: list[NoiseSource], expected: torch.Tensor,
+    ) -> None:
+        """DP-SGD: per-sample gradients clipped to ``max_grad_norm``, summed,
+        plus ``N(0, (σ·C)²)`` from each client's noise source, divided by the
+        expected batch ``q·n`` (as :class:`~fedtrain.privacy.dpsgd.DpSgdStepper`)."""
+        dp = task.privacy.dp_sgd
+        if dp is None:
+            raise ValueError("no DP-SGD settings in this task")
+        per_sample = vmap(vmap(grad(self._sample_loss), in_dims=(None, None, 0, 0)), in_dims=(0, None, 0, 0))
+        names = [n for n, p in self._model.named_parameters() if p.requires_grad]  # DpSgdStepper's order
+        numels = [weights[n][0].numel() for n in names]
+        std = dp.noise_multiplier * dp.max_grad_norm
+        step = _optimizer(task, weights, anchor)
+        for t, j in enumerate(running):
+            batch = idx[:j, t]
+            g = per_sample({k: w[:j] for k, w in weights.items()}, consts, x[batch], y[batch])
+            squared = sum(g[n].flatten(2).pow(2).sum(dim=2) for n in names)
+            factors = clip_factors(squared.sqrt(), dp.max_grad_norm) * mask[:j, t]
+            noise = torch.stack([noises[i].gaussian(sum(numels), std, torch.device("cpu")) for i in range(j)])
+            noise = noise.to(x.device).split(numels, dim=1)
+            grads = {}
+            for name, z in zip(names, noise):
+                s = torch.einsum("cb,cb...->c...", factors, g[name])
+                grads[name] = (s + z.reshape(s.shape)) / expected[:j].view(-1, *([1] * (s.dim() - 1)))
+            step(t, j, grads)
+
+    def _gradients(
+        self, params: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor,
+        idx: torch.Tensor, mask: torch.Tensor, running: list[int], sizes: torch.Tensor,
+    ) -> tuple[Tensors, torch.Tensor]:
+        """FedSGD: each client's mean gradient over all its records at the global
+        parameters, summed over batches of ``batch_size``; and its summed loss."""
+        grads_of = vmap(grad(self._client_loss, has_aux=True), in_dims=(None, None, 0, 0, 0, 0))
+        k = len(sizes)
+        total = {name: torch.zeros((k, *p.shape), device=x.device) for name, p in params.items()}
+        loss = torch.zeros(k, device=x.device)
+        for t, j in enumerate(running):
+            batch = idx[:j, t]
+            grads, summed = grads_of(params, consts, x[batch], y[batch], mask[:j, t], sizes[:j])
+            loss[:j] += summed
+            for name, g in grads.items():
+                total[name][:j] += g
+        return total, loss
+
+
+def _epoch_batches(n: int, task: TrainTask, generator: torch.Generator) -> list[torch.Tensor]:
+    """The record indices of each step, as LocalTrainer._train_sgd draws them."""
+    batches = []
+    for _ in range(task.epochs):
+        order = torch.randperm(n, generator=generator)
+        batches.extend(order[s:s + task.batch_size] for s in range(0, n, task.batch_size))
+    return batches
+
+
+def _pad(
+    plan: list[list[torch.Tensor]], offsets: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Per-client, per-step index lists → ``(k, T, B)`` indices into the
+    concatenated records (padding points at the client's first record), the
+    ``(k, T, B)`` float mask, and how many clients run at each step (clients
+    come sorted by their number of steps, longest first)."""
+    k = len(plan)
+    steps = max(len(p) for p in plan)
+    width = max(1, max((len(b) for p in plan for b in p), default=1))
+    idx = torch.zeros((k, steps, width), dtype=torch.long)
+    mask = torch.zeros((k, steps, width))
+    for i, batches in enumerate(plan):
+        idx[i] = offsets[i]
+        for t, b in enumerate(batches):
+            idx[i, t, : len(b)] += b
+            mask[i, t, : len(b)] = 1.0
+    running = [sum(1 for p in plan if len(p) > t) for t in range(steps)]
+    return idx.to(device), mask.to(device), running
+
+
+def _optimizer(task: TrainTask, weights: Tensors, anchor: Tensors) -> Callable[[int, int, Tensors], None]:
+    """``step(t, j, grads)``: one optimiser step of the first ``j`` stacked
+    clients (their ``t``-th), torch's SGD or Adam update rule, in place on
+    ``weights``. FedProx's ``mu · (w − anchor)`` is added to the gradient."""
+    mu, wd, lr = task.proximal_mu, task.weight_decay, task.lr
+    adam = task.optimizer is Optimizer.ADAM
+    first = {k: torch.zeros_like(w) for k, w in weights.items()} if adam or task.momentum else {}
+    second = {k: torch.zeros_like(w) for k, w in weights.items()} if adam else {}
+    beta1, beta2 = ADAM_BETAS
+
+    def step(t: int, j: int, grads: Tensors) -> None:
+        for name, g in grads.items():
+            p = weights[name][:j]
+            if mu > 0:
+                g = g + mu * (p - anchor[name])
+            if wd != 0:
+                g = g.add(p, alpha=wd)
+            if adam:
+                m, v = first[name][:j], second[name][:j]
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** (t + 1))).add_(ADAM_EPS)
+                p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** (t + 1)))
+            else:
+                if task.momentum:
+                    g = first[name][:j].mul_(task.momentum).add_(g)  # zero start: first step buf = g
+                p.add_(g, alpha=-lr)
+
+    return step

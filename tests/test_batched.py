@@ -1,0 +1,210 @@
+"""BatchedBackend: a cohort trained at once gives the sequential backend's updates."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Mapping, Sequence
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedtrain import ParamLayout, UpdateKind
+from fedtrain.aggregation import stack
+from fedtrain.backends.batched import BatchedBackend
+from fedtrain.backends.local import LocalBackend, partitions_by_id
+from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.config import GradSampleMode, Optimizer, Partition
+from fedtrain.data import partition
+from fedtrain.data.clients import PartitionedData
+from fedtrain.engine import RoundOutcome
+from fedtrain.models import mlp
+from fedtrain.privacy.dpsgd import DpSgdTask
+from fedtrain.privacy.policy import ClientPrivacy
+
+CPU = torch.device("cpu")
+
+
+def _data(num_clients: int = 12, records: int = 400, seed: int = 0) -> PartitionedData:
+    """Random 64-feature, 10-class records split unevenly (Dirichlet): clients
+    of very different sizes, some smaller than a batch."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(records, 64, generator=g)
+    y = torch.randint(0, 10, (records,), generator=g)
+    parts = partition(Partition.DIRICHLET, y.numpy(), num_clients, np.random.default_rng(seed), alpha=0.1)
+    return PartitionedData(x, y, partitions_by_id(parts), CPU)
+
+
+def _trainer(model: nn.Module | None = None) -> LocalTrainer:
+    torch.manual_seed(0)
+    model = model if model is not None else mlp((64,), 10, hidden=32)
+    return LocalTrainer(model, ParamLayout.of(model.state_dict()), CPU)
+
+
+def _both(
+    task: TrainTask, data: PartitionedData, model: nn.Module | None = None, rnd: int = 3,
+    clients: Sequence[str] | None = None, **options: object,
+) -> tuple[RoundOutcome, RoundOutcome, torch.Tensor]:
+    """The same round through LocalBackend and BatchedBackend (separate trainers)."""
+    seq_trainer = _trainer(model)
+    batched_trainer = _trainer(model)
+    params = seq_trainer.layout.flatten(seq_trainer.model.state_dict())
+    cohort = list(clients if clients is not None else data.ids)
+    seq = LocalBackend(seq_trainer, data, seed=7).train_round(rnd, cohort, task, params)
+    batched = BatchedBackend(batched_trainer, data, seed=7, **options).train_round(rnd, cohort, task, params)  # type: ignore[arg-type]
+    return seq, batched, params
+
+
+def _assert_same(seq: RoundOutcome, batched: RoundOutcome) -> None:
+    assert [u.client_id for u in batched.updates] == [u.client_id for u in seq.updates]
+    assert [u.num_examples for u in batched.updates] == [u.num_examples for u in seq.updates]
+    assert [u.kind for u in batched.updates] == [u.kind for u in seq.updates]
+    assert batched.failures == seq.failures
+    expected, got = stack(seq.updates), stack(batched.updates)
+    scale = float(expected.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * max(scale, 1.0))
+    for s, b in zip(seq.updates, batched.updates):
+        assert b.metrics.keys() == s.metrics.keys()
+        for key in s.metrics:
+            assert b.metrics[key] == pytest.approx(s.metrics[key], rel=1e-5, abs=1e-6)
+
+
+def _task(**changes: object) -> TrainTask:
+    base: dict[str, object] = dict(epochs=2, batch_size=8, lr=0.1)
+    base.update(changes)
+    return TrainTask(**base)  # type: ignore[arg-type]
+
+
+TASKS: Mapping[str, TrainTask] = {
+    "sgd": _task(),
+    "momentum+weight_decay": _task(momentum=0.9, weight_decay=1e-3),
+    "adam": _task(optimizer=Optimizer.ADAM, lr=0.01, weight_decay=1e-4),
+    "fedprox": _task(proximal_mu=0.5, momentum=0.5),
+    "gradient": _task(kind=UpdateKind.GRADIENT, batch_size=7),
+    "user_clip": _task(privacy=ClientPrivacy(clip=0.3)),
+    "dp_sgd": _task(
+        momentum=0.5,
+        proximal_mu=0.1,
+        privacy=ClientPrivacy(
+            dp_sgd=DpSgdTask(noise_multiplier=1.1, max_grad_norm=0.5, mode=GradSampleMode.HOOKS, secure_noise=False)
+        ),
+    ),
+    "dp_sgd+clip": _task(
+        privacy=ClientPrivacy(
+            clip=0.05,
+            dp_sgd=DpSgdTask(noise_multiplier=0.7, max_grad_norm=1.0, mode=GradSampleMode.EW, secure_noise=False),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_batched_updates_equal_sequential(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    data = _data()
+    sizes = sorted(data.size(c) for c in data.ids)
+    assert sizes[0] < 8 < sizes[-1] // 4  # ragged: partial batches and very different step counts
+
+    with caplog.at_level(logging.WARNING):
+        seq, batched, _ = _both(TASKS[name], data)
+
+    _assert_same(seq, batched)
+    assert not caplog.records  # it really ran batched
+    if name == "user_clip":
+        assert {u.metrics["unclipped"] for u in batched.updates} == {0.0, 1.0}
+    if name == "sgd":
+        assert all("train_loss" in u.metrics for u in batched.updates)
+
+
+def test_small_chunks_and_a_subset_cohort_give_the_same_updates() -> None:
+    data = _data()
+    cohort = [data.ids[i] for i in (5, 0, 9, 3, 7)]
+
+    seq, batched, _ = _both(_task(momentum=0.9), data, clients=cohort, max_batch_clients=2)
+
+    _assert_same(seq, batched)
+
+
+def test_updates_are_consecutive_rows_of_one_buffer() -> None:
+    data = _data()
+    _, batched, params = _both(_task(), data)
+
+    view = stack(batched.updates)
+    assert view.data_ptr() == batched.updates[0].vector.data_ptr()
+    assert view.shape == (len(data.ids), params.numel())
+
+
+class _FlakyData(PartitionedData):
+    def load(self, client_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if client_id == "2":
+            raise OSError("disk on fire")
+        return super().load(client_id)
+
+
+def test_a_failing_client_is_a_failure_and_the_round_goes_on() -> None:
+    base = _data()
+    data = _FlakyData(base.x, base.y, {c: base._indices[c].numpy() for c in base.ids}, CPU)
+
+    seq, batched, _ = _both(_task(), data, clients=["0", "1", "2", "3", "nobody"])
+
+    _assert_same(seq, batched)
+    assert [f.client_id for f in batched.failures] == ["2", "nobody"]
+    assert "OSError: disk on fire" in batched.failures[0].reason
+    assert stack(batched.updates).data_ptr() == batched.updates[0].vector.data_ptr()
+
+
+def _batchnorm_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def test_batchnorm_model_falls_back_to_sequential(caplog: pytest.LogCaptureFixture) -> None:
+    data = _data()
+    torch.manual_seed(1)
+    model = _batchnorm_model()
+    # Clients of one record cannot run BatchNorm in training mode: leave them out.
+    cohort = [c for c in data.ids if data.size(c) % 8 != 1]
+    trainer = _trainer(model)
+    params = trainer.layout.flatten(trainer.model.state_dict())
+    backend = BatchedBackend(trainer, data, seed=7)
+
+    with caplog.at_level(logging.WARNING, logger="fedtrain.backends.batched"):
+        first = backend.train_round(3, cohort, _task(), params)
+        seq = LocalBackend(_trainer(model), data, seed=7).train_round(3, cohort, _task(), params)
+        _assert_same(seq, first)
+        second = backend.train_round(4, cohort, _task(), params)  # reuses the first round's buffer
+
+    assert len(second.updates) == len(cohort)
+    assert len(caplog.records) == 1  # the reason, once
+    assert "training one by one" in caplog.records[0].getMessage()
+
+
+def test_dropout_model_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    data = _data()
+    model = nn.Sequential(nn.Linear(64, 16), nn.Dropout(0.5), nn.Linear(16, 10))
+    trainer = _trainer(model)
+    params = trainer.layout.flatten(trainer.model.state_dict())
+
+    with caplog.at_level(logging.WARNING, logger="fedtrain.backends.batched"):
+        outcome = BatchedBackend(trainer, data, seed=7).train_round(1, list(data.ids), _task(), params)
+
+    assert len(outcome.updates) == len(data.ids)
+    assert "unsupported" in caplog.records[0].getMessage()
+
+
+def test_gradient_with_dp_sgd_fails_each_client_like_sequential() -> None:
+    task = dataclasses.replace(TASKS["dp_sgd"], kind=UpdateKind.GRADIENT)
+    data = _data()
+    trainer = _trainer()
+    params = trainer.layout.flatten(trainer.model.state_dict())
+
+    outcome = BatchedBackend(trainer, data, seed=7).train_round(1, list(data.ids)[:3], task, params)
+
+    assert not outcome.updates
+    assert all("cannot be combined" in f.reason for f in outcome.failures)
+
+
+def test_bad_options_are_errors() -> None:
+    with pytest.raises(ValueError, match="max_batch_clients"):
+        BatchedBackend(_trainer(), _data(), seed=0, max_batch_clients=0)
