@@ -39,10 +39,12 @@ import io
 import pstats
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from _common import report, table
 from fedtrain.client import LocalTrainer, TrainTask
@@ -50,7 +52,8 @@ from fedtrain.config import DataConfig, GradSampleMode, ModelConfig
 from fedtrain.data import load_dataset
 from fedtrain.layout import ParamLayout
 from fedtrain.models import build_model
-from fedtrain.privacy.dpsgd import MODE_PREFERENCE, DpSgdTask, choose_mode, steps_per_round
+from fedtrain.privacy.dpsgd import MODE_PREFERENCE, DpSgdTask, _wrap, choose_mode, steps_per_round
+from fedtrain.privacy.mechanisms import per_sample_clipped_sum
 from fedtrain.privacy.noise import SecureGaussian, SeededGaussian
 from fedtrain.privacy.policy import ClientPrivacy
 from fedtrain.simulation import cpu_threads
@@ -161,6 +164,44 @@ def profile_round(v: Variant, top: int = 12) -> list[str]:
     return lines
 
 
+def step_breakdown(wl: Workload, mode: GradSampleMode, repeats: int) -> dict[str, float]:
+    """Seconds of the parts of one DP-SGD step on a full batch of ``BATCH``
+    records, each timed on its own: Opacus' forward + backward with per-sample
+    gradients (the wrapped module ``DpSgdStepper`` uses), fedtrain's clip-and-sum
+    (``per_sample_clipped_sum``) and one secure noise draw of the model size;
+    and a plain forward + backward of the same batch."""
+    x, y = wl.x[:BATCH], wl.y[:BATCH]
+    model = build_model(wl.model, wl.input_shape, 10, SEED)
+    params = [p for p in model.parameters() if p.requires_grad]
+    wrapped = _wrap(model, mode)
+
+    def per_sample() -> None:
+        for p in params:
+            p.grad_sample = None
+            p.grad = None
+        F.cross_entropy(wrapped(x), y, reduction="sum").backward()
+
+    per_sample()
+    grad_samples = [p.grad_sample for p in params]
+    noise = SecureGaussian()
+    numel = sum(p.numel() for p in params)
+    plain_model = build_model(wl.model, wl.input_shape, 10, SEED)
+
+    def plain() -> None:
+        plain_model.zero_grad(set_to_none=True)
+        F.cross_entropy(plain_model(x), y).backward()
+
+    inner = 10
+    out = {
+        "per-sample fwd+bwd (Opacus)": best(per_sample, repeats, inner),
+        "clip + sum (fedtrain)": best(lambda: per_sample_clipped_sum(grad_samples, CLIP), repeats, inner),
+        "secure noise draw (fedtrain)": best(lambda: noise.gaussian(numel, 1.0, torch.device("cpu")), repeats, inner),
+        "plain fwd+bwd": best(plain, repeats, inner),
+    }
+    wrapped.remove_hooks()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer epochs, 2 repeats: a smoke run")
@@ -168,10 +209,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile a DP round of the MLP whatever its ratio")
     args = ap.parse_args()
     repeats = args.repeats or (2 if args.quick else 7)
+    # hooks mode on a model whose input needs no grad: harmless, printed once per model
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
     rows: list[list[object]] = []
     summary: list[list[object]] = []
     noise_rows: list[list[object]] = []
+    breakdown_rows: list[list[object]] = []
     notes_extra: list[str] = []
     profile_lines: list[str] = []
     for wl in workloads():
@@ -221,14 +265,26 @@ def main() -> None:
         cpu = torch.device("cpu")
         t_sec = best(lambda: sec.gaussian(numel, 1.0, cpu), repeats, 20)
         t_sed = best(lambda: sed.gaussian(numel, 1.0, cpu), repeats, 20)
+        gen = torch.Generator().manual_seed(0)
+        t_randn = best(lambda: torch.randn(numel, generator=gen), repeats, 20)
         auto_secure = next(v for v in variants if v.mode is auto and v.secure)
         auto_seeded = next(v for v in variants if v.mode is auto and not v.secure)
         dp_step = min(auto_secure.times) / steps
         noise_rows.append([
-            wl.name, f"{numel:,}", f"{t_sec * 1e6:.0f}", f"{t_sed * 1e6:.0f}", f"{dp_step * 1e3:.2f}",
+            wl.name, f"{numel:,}", f"{t_sec * 1e6:.0f}", f"{t_sed * 1e6:.0f}", f"{t_randn * 1e6:.0f}",
+            f"{dp_step * 1e3:.2f}",
             f"{100 * t_sec / dp_step:.1f}%",
             f"{100 * (min(auto_secure.times) - min(auto_seeded.times)) / min(auto_secure.times):.1f}%",
         ])
+
+        parts = step_breakdown(wl, auto, repeats)
+        plain_step = ref_min / steps
+        known = sum(v for k, v in parts.items() if k != "plain fwd+bwd")
+        breakdown_rows.append(
+            [wl.name, auto.value, f"{dp_step * 1e3:.2f}"]
+            + [f"{v * 1e3:.2f} ({100 * v / dp_step:.0f}%)" for k, v in parts.items() if k != "plain fwd+bwd"]
+            + [f"{(dp_step - known) * 1e3:.2f} ({100 * (dp_step - known) / dp_step:.0f}%)",
+               f"{plain_step * 1e3:.2f}", f"{parts['plain fwd+bwd'] * 1e3:.2f}"])
 
         if wl.model.name == "mlp" and (args.profile or by_mode[auto] / ref_min > PROFILE_ABOVE):
             profile_lines = profile_round(auto_secure)
@@ -248,8 +304,14 @@ def main() -> None:
                "DP / plain", "vs ew"], rows),
         "Secure noise (ChaCha20 + Box–Muller, one draw of the model size per DP step) against one DP "
         "step of auto's mode:",
-        table(["workload", "parameters", "secure draw µs", "seeded draw µs", "DP step ms (auto, secure)",
+        table(["workload", "parameters", "secure draw µs", "seeded draw µs (float64 randn)",
+               "torch.randn float32 µs", "DP step ms (auto, secure)",
                "secure draw / DP step", "end-to-end (secure − seeded) / secure"], noise_rows),
+        "One DP step of auto's mode (secure noise) taken apart: the end-to-end step (round time / steps), "
+        "its parts timed on their own on a full batch, the rest (Poisson draw, indexing, noise add, "
+        "optimizer step, Python) by difference; and the plain step for reference:",
+        table(["workload", "mode", "DP step ms", "per-sample fwd+bwd (Opacus)", "clip + sum (fedtrain)",
+               "secure noise (fedtrain)", "rest", "plain step ms", "plain fwd+bwd ms"], breakdown_rows),
     ] + (["\n".join(profile_lines)] if profile_lines else []))
     report(
         "dp_throughput",

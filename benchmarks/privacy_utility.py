@@ -19,14 +19,15 @@ Each DP cell is calibrated with ``privacy.target_epsilon`` (noise multiplier
 σ chosen up front for ``run.rounds``) and repeated: the noise is drawn from a
 ChaCha20 keystream under a fresh key, so runs with the same seed differ; the
 non-private baseline of each setting (same data, sampling and model) is
-deterministic and run once. Repeats run pass by pass over all settings, and a
-pass that would not finish within ``--budget-min`` is skipped, so a slow
-machine trims repeats, never settings.
+deterministic and run once. Repeats run pass by pass over all cells; after
+the first, a run that would end past ``--budget-min`` (judged by the cell's
+previous run time) is skipped, so a slow machine trims repeats, never
+settings. Every run is saved as it ends; ``--resume`` adds repeats to them.
 
 Writes ``results/privacy_utility.md`` (markdown), ``.json`` (every run) and
 ``.png`` (accuracy vs ε, one line per setting, the non-private baselines dotted).
 
-    python benchmarks/privacy_utility.py [--quick] [--repeats N] [--budget-min M]
+    python benchmarks/privacy_utility.py [--quick] [--repeats N] [--budget-min M] [--resume]
 """
 
 from __future__ import annotations
@@ -164,50 +165,77 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"ε = {QUICK_EPSILON:g} only, 1 repeat, 10 rounds")
     ap.add_argument("--repeats", type=int, default=0, help="DP runs per cell (default 3, quick 1)")
-    ap.add_argument("--budget-min", type=float, default=22.0,
-                    help="skip a repeat pass that would end after this many minutes (default 22)")
+    ap.add_argument("--budget-min", type=float, default=24.0,
+                    help="start no repeat that would end after this many minutes (default 24)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs in results/privacy_utility.json and add repeats up to --repeats")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the uniform/seeded-noise warnings are expected here
     repeats = args.repeats or (1 if args.quick else 3)
     eps = [QUICK_EPSILON] if args.quick else list(EPSILONS)
     quick_rounds = ["run.rounds=10"] if args.quick else []
     started = time.perf_counter()
-
+    raw = RESULTS / ("privacy_utility_quick.json" if args.quick else "privacy_utility.json")
     baselines: dict[str, dict[str, object]] = {}
+    results: dict[str, dict[float, list[dict[str, object]]]] = {s.key: {e: [] for e in eps} for s in SETTINGS}
+    if args.resume and raw.is_file():
+        old = json.loads(raw.read_text(encoding="utf-8"))
+        baselines.update(old["baselines"])
+        for key, by_eps in old["runs"].items():
+            for e, runs in by_eps.items():
+                if key in results and float(e) in results[key]:
+                    results[key][float(e)] = runs
+        print(f"resumed from {raw}: {sum(len(r) for d in results.values() for r in d.values())} DP runs", flush=True)
+
+    def save() -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps({
+            "base": BASE,
+            "settings": {s.key: {"label": s.label, "file": s.file, "overrides": s.data + s.dp} for s in SETTINGS},
+            "baselines": baselines,
+            "runs": {k: {str(e): v for e, v in d.items()} for k, d in results.items()},
+            "quick": args.quick,
+        }, indent=1), encoding="utf-8")
+
+    by_config: dict[str, dict[str, object]] = {}
     for s in SETTINGS:
-        baselines[s.key] = run_one(baseline_config(s, quick_rounds))
+        if s.key in baselines:
+            continue
+        cfg = baseline_config(s, quick_rounds)
+        table_ = config.to_dict(cfg)
+        table_.pop("privacy")  # inert without DP (the adaptive scenario sets clip etc.)
+        text = json.dumps(table_, sort_keys=True)
+        if text not in by_config:  # the adaptive scenario's baseline is user_200's
+            by_config[text] = run_one(cfg)
+        baselines[s.key] = by_config[text]
         print(f"baseline {s.key}: {baselines[s.key]['accuracy']:.3f} "
               f"({baselines[s.key]['seconds']:.1f} s)", flush=True)
+    save()
 
-    results: dict[str, dict[float, list[dict[str, object]]]] = {s.key: {e: [] for e in eps} for s in SETTINGS}
-    pass_seconds: list[float] = []
-    done_passes = 0
+    # Repeat passes over every cell; after the first, a cell is skipped when its
+    # previous run time would take the total past the budget, so a slow machine
+    # trims repeats of the expensive cells first and never drops a setting.
+    skipped = 0
     for k in range(repeats):
-        elapsed = time.perf_counter() - started
-        if k > 0 and elapsed + max(pass_seconds) > args.budget_min * 60:
-            print(f"skipping repeat passes {k + 1}..{repeats}: {elapsed / 60:.1f} min spent, "
-                  f"a pass takes {max(pass_seconds) / 60:.1f} min", flush=True)
-            break
-        t0 = time.perf_counter()
         for s in SETTINGS:
             for e in eps:
+                done = results[s.key][e]
+                if len(done) > k:
+                    continue
+                elapsed = time.perf_counter() - started
+                if done and elapsed + float(done[-1]["seconds"]) > args.budget_min * 60:
+                    skipped += 1
+                    continue
                 cfg = load(s, s.dp + [f"privacy.target_epsilon={e}"] + quick_rounds)
                 r = run_one(cfg)
-                results[s.key][e].append(r)
-                print(f"pass {k + 1} {s.key} ε={e:g}: acc {r['accuracy']:.3f}, σ {r['noise_multiplier']:.3g}, "
-                      f"ε spent {r['epsilon']:.3g} ({r['seconds']:.1f} s)", flush=True)
-        pass_seconds.append(time.perf_counter() - t0)
-        done_passes += 1
+                done.append(r)
+                save()
+                print(f"[{(time.perf_counter() - started) / 60:.1f} min] pass {k + 1} {s.key} ε={e:g}: "
+                      f"acc {r['accuracy']:.3f}, σ {r['noise_multiplier']:.3g}, ε spent {r['epsilon']:.3g} "
+                      f"({r['seconds']:.1f} s)", flush=True)
     total = time.perf_counter() - started
+    counts = sorted({len(results[s.key][e]) for s in SETTINGS for e in eps})
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "privacy_utility.json").write_text(json.dumps({
-        "base": BASE,
-        "settings": {s.key: {"label": s.label, "file": s.file, "overrides": s.data + s.dp} for s in SETTINGS},
-        "baselines": baselines,
-        "runs": {k: {str(e): v for e, v in d.items()} for k, d in results.items()},
-        "quick": args.quick,
-    }, indent=1), encoding="utf-8")
     png = RESULTS / "privacy_utility.png"
     plot(SETTINGS, eps, results, baselines, png)
 
@@ -241,8 +269,9 @@ def main() -> None:
         "Privacy–utility on digits" + (" (--quick)" if args.quick else ""),
         body,
         [
-            f"{done_passes} repeat(s) per DP cell (of {repeats} asked; passes over all settings, "
-            f"budget {args.budget_min:g} min); total {total / 60:.1f} min; baselines are deterministic, run once",
+            f"{counts[0]}{f'–{counts[-1]}' if len(counts) > 1 else ''} repeat(s) per DP cell (of {repeats} asked; {skipped} repeats skipped for the "
+            f"{args.budget_min:g} min budget); this invocation {total / 60:.1f} min; baselines are "
+            "deterministic, run once",
             "pinned: " + " ".join(BASE) + ("; --quick: run.rounds=10" if args.quick else ""),
             "δ = 1e-5; σ calibrated for run.rounds up front. Sample level: for the smallest client taking "
             "part in every round (client sampling not credited, so with 10 of 20 per round the spent ε is "

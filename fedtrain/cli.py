@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fedtrain import config as config_mod
+from fedtrain.checkpoint import CheckpointError
 
 
 def _default_out(config_path: str | None) -> Path:
@@ -20,9 +21,15 @@ def _default_out(config_path: str | None) -> Path:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedtrain.simulation import simulate
 
-    cfg = config_mod.load(args.config, args.set)
-    out = Path(args.out) if args.out else _default_out(args.config)
-    result = simulate(cfg, out, progress=not args.quiet)
+    if args.resume:
+        if args.config or args.out:
+            raise ValueError("--resume RUN_DIR takes its config from RUN_DIR/config.toml; give no CONFIG or --out")
+        out = Path(args.resume)
+        cfg = config_mod.load(out / "config.toml", args.set)
+    else:
+        cfg = config_mod.load(args.config, args.set)
+        out = Path(args.out) if args.out else _default_out(args.config)
+    result = simulate(cfg, out, progress=not args.quiet, resume=bool(args.resume))
     s = result.summary
     if s.stopped_early:
         print(f"stopped early: {s.stopped_early}; the model is the last one within the budget")
@@ -75,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--out", help="run folder (default: runs/<config>-<time>)")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue RUN_DIR from its last valid checkpoint (--set run.rounds=N may extend it)",
+    )
     sim.set_defaults(func=_cmd_simulate)
     priv = sub.add_parser(
         "privacy",
@@ -98,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"fedtrain: error: {exc}", file=sys.stderr)
         return 2
 

@@ -110,6 +110,9 @@ def _rule(
 class RunConfig:
     rounds: int = field(default=100, metadata=_rule(1, doc="federated rounds"))
     seed: int = field(default=0, metadata=_rule(0, doc="seed of every random stream"))
+    keep_checkpoints: int = field(
+        default=2, metadata=_rule(1, doc="checkpoints kept in the run folder (one per round, newest kept)")
+    )
     threads: int = field(
         default=0,
         metadata=_rule(0, doc="torch CPU threads; 0 = auto (1 for models under 1M parameters, else all cores)"),
@@ -132,6 +135,7 @@ class DataConfig:
     allow_empty: bool = False
     synthetic_alpha: float = field(default=1.0, metadata=_rule(0.0, doc="Synthetic(α, β): model heterogeneity"))
     synthetic_beta: float = field(default=1.0, metadata=_rule(0.0, doc="Synthetic(α, β): feature heterogeneity"))
+    synthetic_iid: bool = False
 
 
 @dataclass(frozen=True)

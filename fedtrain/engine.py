@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -87,6 +87,24 @@ class Engine:
     min_clients: int
     rngs: RngStreams
     privacy: PrivacyPolicy = field(default_factory=NoPrivacy)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the model that a resumed run needs to continue
+        exactly: strategy, privacy ledger and the random streams."""
+        return {
+            "strategy": self.strategy.state_dict(),
+            "privacy": self.privacy.state_dict(),
+            "rng": {
+                "sampling": self.rngs.sampling.bit_generator.state,
+                "strategy": self.rngs.strategy.bit_generator.state,
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.strategy.load_state_dict(state["strategy"])
+        self.privacy.load_state_dict(state["privacy"])
+        self.rngs.sampling.bit_generator.state = state["rng"]["sampling"]
+        self.rngs.strategy.bit_generator.state = state["rng"]["strategy"]
 
     def run_round(self, rnd: int, params: torch.Tensor) -> tuple[torch.Tensor, RoundRecord]:
         """One round; raises :class:`BudgetExhausted` before any client works

@@ -11,7 +11,7 @@ from fedtrain.types import RoundRecord
 class RoundProgress:
     """An engine observer that advances a rich progress bar each round."""
 
-    def __init__(self, rounds: int, description: str = "rounds") -> None:
+    def __init__(self, rounds: int, done: int = 0, description: str = "rounds") -> None:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -20,7 +20,7 @@ class RoundProgress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
-        self._task = self._progress.add_task(description, total=rounds, accuracy="-", loss="-")
+        self._task = self._progress.add_task(description, total=rounds, completed=done, accuracy="-", loss="-")
 
     def __enter__(self) -> "RoundProgress":
         self._progress.start()

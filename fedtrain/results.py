@@ -60,12 +60,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class RunWriter:
     """Writes one run folder; an observer of the engine."""
 
-    def __init__(self, out_dir: str | Path, config: Config) -> None:
+    def __init__(self, out_dir: str | Path, config: Config, records: Sequence[RoundRecord] = ()) -> None:
+        """Start the folder; a resumed run passes the records it already has,
+        and ``metrics.jsonl`` is rewritten to exactly those first."""
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.dir / CONFIG_FILE, dumps(config).encode())
         self._metrics = open(self.dir / METRICS_FILE, "w", encoding="utf-8")
         self.records: list[RoundRecord] = []
+        for record in records:
+            self.on_round(record, torch.empty(0))
 
     def on_round(self, record: RoundRecord, params: torch.Tensor) -> None:
         self.records.append(record)

@@ -14,7 +14,8 @@ import torch
 
 from fedtrain.backends.local import LocalBackend, partitions_by_id
 from fedtrain.client import LocalTrainer, resolve_device
-from fedtrain.config import Config, ConfigError, KeyColumn, PrivacyMode
+from fedtrain import checkpoint
+from fedtrain.config import Config, ConfigError, KeyColumn, PrivacyMode, to_dict
 from fedtrain.data import Dataset, load_dataset, partition
 from fedtrain.data.clients import ClientData, PartitionedData
 from fedtrain.data.synthetic import CLASSES, DIMENSION, SyntheticData
@@ -85,6 +86,7 @@ def client_data(config: Config, device: torch.device) -> FederatedData:
             config.data.test_fraction,
             config.run.seed,
             device,
+            iid=config.data.synthetic_iid,
         )
         x_test, y_test = synthetic.test_set()
         return FederatedData(synthetic, x_test, y_test, (DIMENSION,), CLASSES)
@@ -115,11 +117,15 @@ def simulate(
     config: Config,
     out_dir: str | Path | None = None,
     progress: bool = False,
+    resume: bool = False,
 ) -> SimulationResult:
     """Run ``config`` in process; write the run folder when ``out_dir`` is given.
 
     Everything that can be checked is checked before the first round: data,
-    partition, model, strategy and device.
+    partition, model, strategy and device. With ``resume`` the run continues
+    from the last valid checkpoint in ``out_dir`` (``run.rounds`` may grow;
+    any other change of config is refused) and ends exactly as an
+    uninterrupted run would.
     """
     started = time.perf_counter()
     device = resolve_device(config.client.device)
@@ -157,12 +163,36 @@ def simulate(
         privacy=privacy,
     )
     params = layout.flatten(model.state_dict()).to(device)
-    writer = RunWriter(out_dir, config) if out_dir is not None else None
-    observers: list[RoundObserver] = [writer] if writer is not None else []
+    earlier: list[RoundRecord] = []
+    if resume:
+        if out_dir is None:
+            raise ConfigError("resume needs the run folder (out_dir) to resume from")
+        saved = checkpoint.latest(out_dir)
+        changed = [d for d in checkpoint.config_differences(saved.config, to_dict(config))
+                   if not d.startswith("run.rounds:")]
+        if changed:
+            raise ConfigError(
+                f"cannot resume {out_dir}: its checkpoint was written with another config ({'; '.join(changed)})"
+            )
+        engine.load_state_dict(saved.engine)
+        params = saved.params.to(device)
+        earlier = [RoundRecord.from_json(r) for r in saved.records]
+        log.warning("resuming %s after round %d", out_dir, saved.round)
+    observers: list[RoundObserver] = []
+    writer = None
+    if out_dir is not None:
+        observers.append(checkpoint.Checkpointer(
+            out_dir, engine.state_dict, to_dict(config), config.run.keep_checkpoints,
+            [r.as_json() for r in earlier],
+        ))
+        writer = RunWriter(out_dir, config, earlier)
+        observers.append(writer)
+    remaining = config.run.rounds - len(earlier)
     with contextlib.ExitStack() as stack:
         if progress:
-            observers.append(stack.enter_context(RoundProgress(config.run.rounds)))
-        params, records, stopped = engine.run(params, config.run.rounds, observers)
+            observers.append(stack.enter_context(RoundProgress(config.run.rounds, len(earlier))))
+        params, new_records, stopped = engine.run(params, remaining, observers, first_round=len(earlier) + 1)
+    records = earlier + new_records
     final = engine.evaluate(params) if not records else records[-1]
     report = privacy.report()
     summary = Summary(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -105,3 +105,12 @@ class RoundRecord:
             "delta": self.delta,
             **self.privacy,
         }
+
+    @classmethod
+    def from_json(cls, row: Mapping[str, Any]) -> "RoundRecord":
+        """The record of a ``metrics.jsonl`` row (the inverse of :meth:`as_json`)."""
+        known = {f for f in cls.__dataclass_fields__ if f != "privacy"}
+        return cls(
+            **{k: row[k] for k in known if k in row},
+            privacy={k: float(v) for k, v in row.items() if k not in known},
+        )

@@ -84,7 +84,7 @@ TASKS: Mapping[str, TrainTask] = {
     "adam": _task(optimizer=Optimizer.ADAM, lr=0.01, weight_decay=1e-4),
     "fedprox": _task(proximal_mu=0.5, momentum=0.5),
     "gradient": _task(kind=UpdateKind.GRADIENT, batch_size=7),
-    "user_clip": _task(privacy=ClientPrivacy(clip=0.3)),
+    "user_clip": _task(privacy=ClientPrivacy(clip=0.5)),
     "dp_sgd": _task(
         momentum=0.5,
         proximal_mu=0.1,

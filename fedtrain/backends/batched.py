@@ -68,8 +68,10 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 """``torch.optim.Adam``'s defaults, which :class:`LocalTrainer` uses."""
 
-PROBE_RECORDS = 6
-"""Records of the first client used for the two tiny probe clients."""
+PROBE_RECORDS = 5
+"""Records of the largest client that make the two probe clients: 5 records in
+batches of 3 and 2 records in one, so the probe has ragged steps and padding
+(which a layer mixing the samples of a batch would notice)."""
 
 
 def _mode(task: TrainTask) -> str:
@@ -117,6 +119,7 @@ class BatchedBackend:
         self._model = copy.deepcopy(trainer.model).train()
         named = dict(self._model.named_parameters())
         self._trainable = tuple(n for n in self.layout.names if n in named and named[n].requires_grad)
+        self._trainable_numel = sum(s for n, s in zip(self.layout.names, self.layout.sizes) if n in self._trainable)
         self._support: dict[str, str | None] = {}
         self._buffer = torch.empty(0)
         self._activations = 0  # per-sample activation numel, measured by the probe
@@ -174,8 +177,7 @@ class BatchedBackend:
 
     def _client_bytes(self, n: int, task: TrainTask) -> int:
         """Rough float32 footprint of one client in a chunk."""
-        numel = self.layout.numel
-        trainable = sum(s for name, s in zip(self.layout.names, self.layout.sizes) if name in self._trainable)
+        numel, trainable = self.layout.numel, self._trainable_numel
         width = min(task.batch_size, n)
         per_sample = 3 * self._activations
         if task.privacy.dp_sgd is not None:
@@ -282,7 +284,7 @@ class BatchedBackend:
         privacy = task.privacy
         if privacy.dp_sgd is not None:  # reproducible noise, so that both ways agree
             privacy = ClientPrivacy(privacy.clip, dataclasses.replace(privacy.dp_sgd, secure_noise=False))
-        probe = dataclasses.replace(task, epochs=1, batch_size=half, privacy=privacy)
+        probe = dataclasses.replace(task, epochs=1, batch_size=max(1, (m + 1) // 2), privacy=privacy)
         params = self.layout.flatten(self.trainer.model.state_dict()).to(self.trainer.device)
         saved = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
         expected = torch.empty((2, params.numel()), device=params.device)
@@ -295,7 +297,6 @@ class BatchedBackend:
             return f"sequential training of the probe failed ({type(exc).__name__}: {exc})"
         finally:
             self.trainer.model.load_state_dict(saved)
-        self._measure(x[:1])
         got_rows = torch.empty_like(expected)
         try:
             gens = [torch.Generator().manual_seed(i) for i in range(2)]
@@ -307,6 +308,7 @@ class BatchedBackend:
         for g, w in zip(got, want):
             if g.keys() != w.keys() or any(abs(g[k] - w[k]) > 1e-3 * abs(w[k]) + 1e-6 for k in w):
                 return f"batched and sequential metrics differ ({g} vs {w})"
+        self._measure(x[:1])
         return None
 
     def _measure(self, x: torch.Tensor) -> None:
@@ -320,8 +322,9 @@ class BatchedBackend:
         handles = [m.register_forward_hook(hook) for m in self._model.modules()]
         try:
             with torch.no_grad():
-                self._model(x)
+                self._model.eval()(x)
         finally:
+            self._model.train()
             for h in handles:
                 h.remove()
         self._activations = count[0]
@@ -500,18 +503,21 @@ def _pad(
     concatenated records (padding points at the client's first record), the
     ``(k, T, B)`` float mask, and how many clients run at each step (clients
     come sorted by their number of steps, longest first)."""
-    k = len(plan)
-    steps = max(len(p) for p in plan)
-    width = max(1, max((len(b) for p in plan for b in p), default=1))
-    idx = torch.zeros((k, steps, width), dtype=torch.long)
-    mask = torch.zeros((k, steps, width))
-    for i, batches in enumerate(plan):
-        idx[i] = offsets[i]
-        for t, b in enumerate(batches):
-            idx[i, t, : len(b)] += b
-            mask[i, t, : len(b)] = 1.0
+    k, steps = len(plan), max(len(p) for p in plan)
+    batches = [b for p in plan for b in p]
+    lengths = torch.tensor([len(b) for b in batches])
+    padded = torch.nn.utils.rnn.pad_sequence(batches, batch_first=True)
+    if padded.shape[1] == 0:  # every batch empty (DP-SGD with tiny rates)
+        padded = torch.zeros((len(batches), 1), dtype=torch.long)
+    width = padded.shape[1]
+    position = torch.tensor([i * steps + t for i, p in enumerate(plan) for t in range(len(p))])
+    shift = torch.tensor([offsets[i] for i, p in enumerate(plan) for _ in p])
+    idx = torch.tensor(offsets).repeat_interleave(steps).unsqueeze(1).repeat(1, width)
+    idx[position] = padded + shift.unsqueeze(1)
+    mask = torch.zeros((k * steps, width))
+    mask[position] = (torch.arange(width) < lengths.unsqueeze(1)).float()
     running = [sum(1 for p in plan if len(p) > t) for t in range(steps)]
-    return idx.to(device), mask.to(device), running
+    return idx.view(k, steps, width).to(device), mask.view(k, steps, width).to(device), running
 
 
 def _optimizer(task: TrainTask, weights: Tensors, anchor: Tensors) -> Callable[[int, int, Tensors], None]:
@@ -535,7 +541,7 @@ def _optimizer(task: TrainTask, weights: Tensors, anchor: Tensors) -> Callable[[
                 m, v = first[name][:j], second[name][:j]
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** (t + 1))).add_(ADAM_EPS)
+                denom = (v.sqrt() / (1 - beta2 ** (t + 1)) ** 0.5).add_(ADAM_EPS)
                 p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** (t + 1)))
             else:
                 if task.momentum:

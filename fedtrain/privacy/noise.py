@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Protocol
+from typing import Any, Mapping, Protocol
 
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -29,6 +29,10 @@ class NoiseSource(Protocol):
     """Draws i.i.d. ``N(0, std²)`` samples."""
 
     def gaussian(self, n: int, std: float, device: torch.device) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 class SecureGaussian:
@@ -64,6 +68,13 @@ class SecureGaussian:
         normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
         return (normals * std).to(torch.float32).to(device)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the key never leaves the process; a resumed run draws from a fresh one."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
 
 class SeededGaussian:
     """Normals from a seeded ``torch.Generator``: reproducible, not secret."""
@@ -76,6 +87,13 @@ class SeededGaussian:
             raise ValueError(f"noise std = {std}: must be >= 0")
         noise = torch.randn(n, generator=self._generator, dtype=torch.float64) * std
         return noise.to(torch.float32).to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "generator" in state:
+            self._generator.set_state(state["generator"])
 
 
 def noise_source(secure: bool, seed: int) -> NoiseSource:

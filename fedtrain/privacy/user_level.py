@@ -174,8 +174,9 @@ class UserLevelDP:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"accountant": self.accountant.state_dict(), "clip": self.clip}
+        return {"accountant": self.accountant.state_dict(), "clip": self.clip, "noise": self.noise.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
         self.clip = float(state["clip"])
+        self.noise.load_state_dict(state.get("noise", {}))
