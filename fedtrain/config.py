@@ -164,6 +164,26 @@ class ClientConfig:
     device: str = field(default="auto", metadata=_rule(doc="auto | cpu | cuda | cuda:N"))
 
 
+class AttackKind(str, enum.Enum):
+    """How simulated Byzantine clients corrupt their updates.
+
+    ``sign_flip``: send ``−scale·Δ``; ``scale``: send ``scale·Δ``; ``noise``:
+    send Gaussian noise of std ``scale`` instead of ``Δ``.
+    """
+
+    NONE = "none"
+    SIGN_FLIP = "sign_flip"
+    SCALE = "scale"
+    NOISE = "noise"
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    kind: AttackKind = AttackKind.NONE
+    fraction: float = field(default=0.0, metadata=_rule(0.0, 1.0, exclusive_max=True, doc="share of clients that attack"))
+    scale: float = field(default=10.0, metadata=_rule(0.0, exclusive_min=True))
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     mode: PrivacyMode = PrivacyMode.NONE
@@ -200,6 +220,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 BUILTIN_DATASETS = ("digits", "mnist", "cifar10", "synthetic")
@@ -320,6 +341,11 @@ def validate(config: Config) -> Config:
             f"strategy.clients_per_round = {config.strategy.clients_per_round}"
         )
     _check_privacy(config)
+    if (config.attack.kind is AttackKind.NONE) != (config.attack.fraction == 0.0):
+        raise ConfigError(
+            f"attack.kind = {config.attack.kind.value!r}, attack.fraction = {config.attack.fraction}: "
+            "set both (a kind and a fraction > 0) or neither"
+        )
     return config
 
 

@@ -15,11 +15,12 @@ import torch
 from fedtrain.backends.local import LocalBackend, partitions_by_id
 from fedtrain.client import LocalTrainer, resolve_device
 from fedtrain import checkpoint
-from fedtrain.config import Config, ConfigError, KeyColumn, PrivacyMode, to_dict
+from fedtrain.backends.attack import AttackingBackend, choose_attackers
+from fedtrain.config import AttackKind, Config, ConfigError, KeyColumn, PrivacyMode, to_dict
 from fedtrain.data import Dataset, load_dataset, partition
 from fedtrain.data.clients import ClientData, PartitionedData
 from fedtrain.data.synthetic import CLASSES, DIMENSION, SyntheticData
-from fedtrain.engine import Engine, RngStreams, RoundObserver
+from fedtrain.engine import Backend, Engine, RngStreams, RoundObserver
 from fedtrain.layout import ParamLayout
 from fedtrain.models import build_model
 from fedtrain.progress import RoundProgress
@@ -149,7 +150,10 @@ def simulate(
         grad_sample_mode,
     )
     trainer = LocalTrainer(model, layout, device)
-    backend = LocalBackend(trainer, clients.data, config.run.seed)
+    backend: Backend = LocalBackend(trainer, clients.data, config.run.seed)
+    if config.attack.kind is not AttackKind.NONE:
+        attackers = choose_attackers(clients.data.ids, config.attack.fraction, config.run.seed)
+        backend = AttackingBackend(backend, attackers, config.attack.kind, config.attack.scale, config.run.seed)
     x_test, y_test = clients.x_test, clients.y_test
     engine = Engine(
         strategy=strategy,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pytest
@@ -20,11 +20,20 @@ from fedtrain.config import GradSampleMode, Optimizer, Partition
 from fedtrain.data import partition
 from fedtrain.data.clients import PartitionedData
 from fedtrain.engine import RoundOutcome
-from fedtrain.models import mlp
+from fedtrain.models import cnn, mlp
 from fedtrain.privacy.dpsgd import DpSgdTask
 from fedtrain.privacy.policy import ClientPrivacy
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread, as ``simulate`` picks for these small models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _data(num_clients: int = 12, records: int = 400, seed: int = 0) -> PartitionedData:
@@ -37,17 +46,22 @@ def _data(num_clients: int = 12, records: int = 400, seed: int = 0) -> Partition
     return PartitionedData(x, y, partitions_by_id(parts), CPU)
 
 
-def _trainer(model: nn.Module | None = None) -> LocalTrainer:
+def _mlp() -> nn.Module:
+    return mlp((64,), 10, hidden=32)
+
+
+def _trainer(factory: Callable[[], nn.Module] = _mlp) -> LocalTrainer:
+    """A trainer of a fresh model, the same initial weights every time."""
     torch.manual_seed(0)
-    model = model if model is not None else mlp((64,), 10, hidden=32)
+    model = factory()
     return LocalTrainer(model, ParamLayout.of(model.state_dict()), CPU)
 
 
 def _both(
-    task: TrainTask, data: PartitionedData, model: nn.Module | None = None, rnd: int = 3,
+    task: TrainTask, data: PartitionedData, model: Callable[[], nn.Module] = _mlp, rnd: int = 3,
     clients: Sequence[str] | None = None, **options: object,
 ) -> tuple[RoundOutcome, RoundOutcome, torch.Tensor]:
-    """The same round through LocalBackend and BatchedBackend (separate trainers)."""
+    """The same round through LocalBackend and BatchedBackend (separate models)."""
     seq_trainer = _trainer(model)
     batched_trainer = _trainer(model)
     params = seq_trainer.layout.flatten(seq_trainer.model.state_dict())
@@ -159,31 +173,45 @@ def _batchnorm_model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
 
 
-def test_batchnorm_model_falls_back_to_sequential(caplog: pytest.LogCaptureFixture) -> None:
+def _no_stats_batchnorm_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16, track_running_stats=False), nn.ReLU(), nn.Linear(16, 10))
+
+
+def _dropout_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 16), nn.Dropout(0.5), nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize(
+    "factory, reason",
+    [
+        (_batchnorm_model, "torch.func cannot run the model"),  # running statistics updated in place
+        (_no_stats_batchnorm_model, "updates differ"),  # batch statistics see the padding
+    ],
+)
+def test_batchnorm_models_fall_back_to_sequential(
+    factory: Callable[[], nn.Module], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
     data = _data()
-    torch.manual_seed(1)
-    model = _batchnorm_model()
-    # Clients of one record cannot run BatchNorm in training mode: leave them out.
+    # A last batch of one record cannot run BatchNorm in training mode: leave those clients out.
     cohort = [c for c in data.ids if data.size(c) % 8 != 1]
-    trainer = _trainer(model)
+    trainer = _trainer(factory)
     params = trainer.layout.flatten(trainer.model.state_dict())
     backend = BatchedBackend(trainer, data, seed=7)
 
     with caplog.at_level(logging.WARNING, logger="fedtrain.backends.batched"):
         first = backend.train_round(3, cohort, _task(), params)
-        seq = LocalBackend(_trainer(model), data, seed=7).train_round(3, cohort, _task(), params)
-        _assert_same(seq, first)
+        _assert_same(LocalBackend(_trainer(factory), data, seed=7).train_round(3, cohort, _task(), params), first)
         second = backend.train_round(4, cohort, _task(), params)  # reuses the first round's buffer
 
     assert len(second.updates) == len(cohort)
     assert len(caplog.records) == 1  # the reason, once
     assert "training one by one" in caplog.records[0].getMessage()
+    assert reason in caplog.records[0].getMessage()
 
 
 def test_dropout_model_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     data = _data()
-    model = nn.Sequential(nn.Linear(64, 16), nn.Dropout(0.5), nn.Linear(16, 10))
-    trainer = _trainer(model)
+    trainer = _trainer(_dropout_model)
     params = trainer.layout.flatten(trainer.model.state_dict())
 
     with caplog.at_level(logging.WARNING, logger="fedtrain.backends.batched"):
@@ -191,6 +219,29 @@ def test_dropout_model_falls_back(caplog: pytest.LogCaptureFixture) -> None:
 
     assert len(outcome.updates) == len(data.ids)
     assert "unsupported" in caplog.records[0].getMessage()
+
+
+def _layernorm_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def _cnn() -> nn.Module:
+    return cnn((64,), 10, hidden=16)
+
+
+@pytest.mark.parametrize(
+    "factory, task",
+    [(_cnn, _task(momentum=0.9)), (_layernorm_model, TASKS["dp_sgd"])],
+    ids=["cnn-groupnorm", "layernorm-dp_sgd"],
+)
+def test_per_sample_normalisation_runs_batched(
+    factory: Callable[[], nn.Module], task: TrainTask, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="fedtrain.backends.batched"):
+        seq, batched, _ = _both(task, _data(), model=factory)
+
+    _assert_same(seq, batched)
+    assert not caplog.records
 
 
 def test_gradient_with_dp_sgd_fails_each_client_like_sequential() -> None:

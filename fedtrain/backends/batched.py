@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import math
 from typing import Callable, Sequence
@@ -220,8 +221,11 @@ class BatchedBackend:
                 task, params, [x for _, x, _ in loaded], [y for _, _, y in loaded], gens, rows, slots
             )
         except Exception as exc:  # e.g. records of different shapes, out of memory
-            log.warning("round %d: batched training of %d clients failed (%s: %s); training them one by one",
-                        rnd, len(slots), type(exc).__name__, exc)
+            log.warning(
+                "round %d: batched training of %d clients failed (%s: %s); training them one by one "
+                "(out of memory? lower max_batch_clients or the memory budget)",
+                rnd, len(slots), type(exc).__name__, exc,
+            )
             for slot, x, y in loaded:
                 cid = clients[slot]
                 gen = client_generator(self.seed, rnd, self.sequential.index[cid])
@@ -262,13 +266,14 @@ class BatchedBackend:
 
     def _supported(self, task: TrainTask, clients: Sequence[str], sizes: dict[int, int]) -> bool:
         """Whether this kind of task runs batched; decided once per kind by
-        training two tiny clients (from the first loadable client's records)
+        training two tiny clients (from the largest loadable client's records)
         both ways and comparing."""
         mode = _mode(task)
         if mode not in self._support:
             reason = self._static_reason
             if reason is None:
-                loaded = next((got for s in sorted(sizes, key=lambda s: -sizes[s]) for got in self._load([s], clients, {})), None)
+                largest = sorted(sizes, key=lambda s: -sizes[s])
+                loaded = next((got for s in largest for got in self._load([s], clients, {})), None)
                 if loaded is None:
                     return True  # nobody loads: the batched path reports the failures
                 reason = self._probe(task, loaded[1], loaded[2])
@@ -304,7 +309,8 @@ class BatchedBackend:
         except Exception as exc:
             return f"torch.func cannot run the model ({type(exc).__name__}: {exc})"
         if not _close(got_rows, expected):
-            return "batched and sequential updates differ (the model keeps state outside its parameters?)"
+            return ("batched and sequential updates differ (the model keeps state outside its "
+                    "parameters or mixes the records of a batch)")
         for g, w in zip(got, want):
             if g.keys() != w.keys() or any(abs(g[k] - w[k]) > 1e-3 * abs(w[k]) + 1e-6 for k in w):
                 return f"batched and sequential metrics differ ({g} vs {w})"
@@ -344,71 +350,58 @@ class BatchedBackend:
     ) -> list[dict[str, float]]:
         """Train clients ``(xs[i], ys[i])`` together; write client ``i``'s update
         into ``rows[slots[i]]``; return each client's metrics."""
-        sizes = [len(y) for y in ys]
-        if task.kind is UpdateKind.GRADIENT:
-            steps = [math.ceil(n / task.batch_size) for n in sizes]
-        else:
-            steps = [steps_per_round(n, task.batch_size, task.epochs) for n in sizes]
-        order = sorted(range(len(sizes)), key=lambda i: -steps[i])  # running clients = a prefix
-        device = params.device
-        x = torch.cat([xs[i] for i in order])
-        y = torch.cat([ys[i] for i in order])
-        n = [sizes[i] for i in order]
-        offsets = [0] * len(n)
-        for i in range(1, len(n)):
-            offsets[i] = offsets[i - 1] + n[i - 1]
-        dp = task.privacy.dp_sgd
+        bs = task.batch_size
+        gradient = task.kind is UpdateKind.GRADIENT
+        steps = [math.ceil(len(y) / bs) if gradient else steps_per_round(len(y), bs, task.epochs) for y in ys]
+        order = sorted(range(len(ys)), key=lambda i: -steps[i])  # the clients still running are a prefix
+        n = [len(ys[i]) for i in order]
+        k, device, dp = len(n), params.device, task.privacy.dp_sgd
         noises: list[NoiseSource] = []
-        if task.kind is UpdateKind.GRADIENT:
-            plan = [[torch.arange(n[i])[s * task.batch_size:(s + 1) * task.batch_size]
-                     for s in range(steps[order[i]])] for i in range(len(n))]
+        if gradient:  # LocalTrainer._mean_gradient: consecutive batches
+            plan = [list(torch.arange(n[i]).split(bs)) for i in range(k)]
         elif dp is None:
-            plan = [_epoch_batches(n[i], task, gens[order[i]]) for i in range(len(n))]
-        else:
-            # LocalTrainer._train_dp_sgd's order of generator calls: noise seed, then one mask per step.
-            noises = [self.trainer._noise(dp.secure_noise, gens[order[i]]) for i in range(len(n))]
-            plan = [[torch.nonzero(torch.rand(n[i], generator=gens[order[i]]) < sample_rate(n[i], task.batch_size))
-                     .squeeze(1) for _ in range(steps[order[i]])] for i in range(len(n))]
-        idx, mask, running = _pad(plan, offsets, device)
+            plan = [_epoch_batches(n[i], task, gens[order[i]]) for i in range(k)]
+        else:  # LocalTrainer._train_dp_sgd's generator calls: the noise seed, then one mask per step
+            noises = [self.trainer._noise(dp.secure_noise, gens[i]) for i in order]
+            plan = [
+                [torch.nonzero(torch.rand(n[i], generator=gens[order[i]]) < sample_rate(n[i], bs)).squeeze(1)
+                 for _ in range(steps[order[i]])]
+                for i in range(k)
+            ]
+        x, y = torch.cat([xs[i] for i in order]), torch.cat([ys[i] for i in order])
+        batches = _pad(plan, [0, *itertools.accumulate(n)][:-1], device)
         views = self.layout.views(params)
-        consts = {k: v for k, v in views.items() if k not in self._trainable}
-        global_ = {k: views[k] for k in self._trainable}
-        k = len(n)
-        sizes_t = torch.tensor(n, dtype=torch.float32, device=device)
+        consts = {name: v for name, v in views.items() if name not in self._trainable}
+        anchor = {name: views[name] for name in self._trainable}
+        counts = torch.tensor(n, dtype=torch.float32, device=device)
         with torch.no_grad():
-            if task.kind is UpdateKind.GRADIENT:
-                stacked, loss = self._gradients(global_, consts, x, y, idx, mask, running, sizes_t)
-                out = torch.cat([stacked[name].reshape(k, -1) if name in stacked
-                                 else torch.zeros((k, size), device=device)
-                                 for name, size in zip(self.layout.names, self.layout.sizes)], dim=1)
-                seen = sizes_t
+            if gradient:
+                grads, loss = self._gradients(anchor, consts, x, y, batches, counts)
+                stacked = {**grads, **{name: torch.zeros_like(v).expand(k, *v.shape) for name, v in consts.items()}}
+                seen = counts
             else:
-                weights = {name: g.expand(k, *g.shape).clone() for name, g in global_.items()}
+                stacked = {name: v.expand(k, *v.shape).clone() for name, v in anchor.items()}
                 if dp is None:
-                    loss = self._train_sgd(task, weights, global_, consts, x, y, idx, mask, running)
+                    loss = self._train_sgd(task, stacked, anchor, consts, x, y, batches)
                 else:
-                    expected = torch.tensor([sample_rate(m, task.batch_size) * m for m in n], device=device)
-                    self._train_dp(task, weights, global_, consts, x, y, idx, mask, running, noises, expected)
+                    expected = torch.tensor([sample_rate(m, bs) * m for m in n], device=device)
+                    self._train_dp(task, stacked, anchor, consts, x, y, batches, noises, expected)
                     loss = torch.zeros(k, device=device)
-                out = torch.cat([weights[name].reshape(k, -1) if name in weights
-                                 else views[name].reshape(1, -1).expand(k, -1)
-                                 for name in self.layout.names], dim=1)
+                stacked.update({name: v.expand(k, *v.shape) for name, v in consts.items()})
+                seen = counts * task.epochs
+            out = torch.cat([stacked[name].reshape(k, -1) for name in self.layout.names], dim=1)
+            if not gradient:
                 out.sub_(params)
-                seen = sizes_t * task.epochs
             metrics: list[dict[str, float]] = [{} for _ in range(k)]
             if task.privacy.clip > 0:
-                norms = clip_rows_(out, task.privacy.clip).tolist()
-                for m, norm in zip(metrics, norms):
+                for m, norm in zip(metrics, clip_rows_(out, task.privacy.clip).tolist()):
                     m[UNCLIPPED] = 1.0 if norm <= task.privacy.clip else 0.0
             if dp is None and task.privacy.clip <= 0:
                 for m, value in zip(metrics, (loss / seen).tolist()):
                     m["train_loss"] = value
-            target = torch.tensor([slots[i] for i in order], device=rows.device)
-            rows.index_copy_(0, target, out.to(rows.device))
-        back = [0] * k
-        for position, i in enumerate(order):
-            back[i] = position
-        return [metrics[back[i]] for i in range(k)]
+            rows.index_copy_(0, torch.tensor([slots[i] for i in order], device=rows.device), out.to(rows.device))
+        position = {i: p for p, i in enumerate(order)}
+        return [metrics[position[i]] for i in range(k)]
 
     def _client_loss(
         self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, count: torch.Tensor
@@ -489,7 +482,7 @@ class BatchedBackend:
 
 def _epoch_batches(n: int, task: TrainTask, generator: torch.Generator) -> list[torch.Tensor]:
     """The record indices of each step, as LocalTrainer._train_sgd draws them."""
-    batches = []
+    batches: list[torch.Tensor] = []
     for _ in range(task.epochs):
         order = torch.randperm(n, generator=generator)
         batches.extend(order[s:s + task.batch_size] for s in range(0, n, task.batch_size))
