@@ -62,5 +62,14 @@ def example_weights(updates: Sequence[ClientUpdate], weighted: bool = True) -> t
 
 
 def weighted_mean(updates: Sequence[ClientUpdate], weighted: bool = True) -> torch.Tensor:
-    """``sum_i w_i u_i`` with weights from :func:`example_weights`, as one ``w @ X``."""
-    return example_weights(updates, weighted) @ stack(updates)
+    """``sum_i w_i u_i`` with weights from :func:`example_weights`: one ``w @ X``
+    over the rows of one buffer, else an accumulation that never stacks (a
+    fresh ``(n, P)`` stack costs a page-faulting allocation and a second read)."""
+    weights = example_weights(updates, weighted)
+    view = _rows_of_one_buffer([u.vector for u in updates])
+    if view is not None:
+        return weights @ view
+    out = updates[0].vector * weights[0]
+    for w, u in zip(weights[1:].tolist(), updates[1:]):
+        out.add_(u.vector, alpha=w)
+    return out

@@ -3,10 +3,14 @@
 :class:`~fedtrain.backends.local.LocalBackend` trains one client after
 another; with many small clients a round is then mostly Python and dispatcher
 overhead (a few-kilobyte MLP step costs ~1 ms, whatever the batch). Here the
-parameters of ``k`` clients are stacked (one row per client) and each local
-step is one ``vmap`` of ``grad`` over ``functional_call``: the per-client
-matrix products become batched ones and the overhead is paid once per step of
-the cohort, not once per step of each client.
+parameters of ``k`` clients are stacked (one row per client) and a local step
+of all of them is one ``vmap`` of ``functional_call`` and one backward pass:
+the per-client matrix products become batched ones and the overhead is paid
+once per step of the cohort, not once per step of each client. The clients'
+losses are independent, so the gradient of their sum with respect to the
+stacked parameters is each client's own gradient (plain autograd here: ~20%
+faster than ``vmap(grad(...))``, which DP-SGD's per-sample gradients and
+FedSGD's gradients at the shared global parameters use).
 
 The math is the sequential one (:class:`~fedtrain.client.LocalTrainer`), so
 the same seeds give the same updates up to float rounding:
@@ -39,7 +43,8 @@ import dataclasses
 import itertools
 import logging
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +74,11 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 """``torch.optim.Adam``'s defaults, which :class:`LocalTrainer` uses."""
 
+MIN_BATCH_CLIENTS = 4
+"""Below this many clients a chunk trains one by one: a batched step costs
+~1.5 ms more than a sequential one (``torch.func`` and pytree overhead), which
+4–5 clients pay back (measured on the digits MLP, 1 thread)."""
+
 PROBE_RECORDS = 5
 """Records of the largest client that make the two probe clients: 5 records in
 batches of 3 and 2 records in one, so the probe has ragged steps and padding
@@ -92,7 +102,8 @@ class BatchedBackend:
 
     ``max_batch_clients`` caps the clients per chunk; chunks are otherwise
     sized so that their estimated memory stays within ``memory_budget``
-    bytes. Everything runs on ``trainer.device``. Update vectors are rows of
+    bytes; chunks of fewer than ``min_batch_clients`` clients train one by
+    one, which is faster for them. Everything runs on ``trainer.device``. Update vectors are rows of
     one preallocated ``(cohort, P)`` buffer, as with :class:`LocalBackend`.
     """
 
@@ -103,9 +114,12 @@ class BatchedBackend:
         seed: int,
         max_batch_clients: int | None = None,
         memory_budget: int = MEMORY_BUDGET,
+        min_batch_clients: int = MIN_BATCH_CLIENTS,
     ) -> None:
         if max_batch_clients is not None and max_batch_clients < 1:
             raise ValueError(f"max_batch_clients = {max_batch_clients}: must be >= 1")
+        if min_batch_clients < 1:
+            raise ValueError(f"min_batch_clients = {min_batch_clients}: must be >= 1")
         if memory_budget <= 0:
             raise ValueError(f"memory_budget = {memory_budget}: must be > 0")
         self.trainer = trainer
@@ -113,6 +127,7 @@ class BatchedBackend:
         self.seed = seed
         self.max_batch_clients = max_batch_clients
         self.memory_budget = memory_budget
+        self.min_batch_clients = min_batch_clients
         self.sequential = LocalBackend(trainer, data, seed)
         self.layout = trainer.layout
         # A private copy: Opacus hooks that DP-SGD puts on the trainer's model
@@ -214,30 +229,34 @@ class BatchedBackend:
         results: dict[int, ClientUpdate],
         failures: dict[int, ClientFailure],
     ) -> None:
+        """Train one chunk, batched, or one by one when it is small or cannot be batched."""
         slots = [s for s, _, _ in loaded]
-        gens = [client_generator(self.seed, rnd, self.sequential.index[clients[s]]) for s in slots]
-        try:
-            metrics = self._train_chunk(
-                task, params, [x for _, x, _ in loaded], [y for _, _, y in loaded], gens, rows, slots
-            )
-        except Exception as exc:  # e.g. records of different shapes, out of memory
-            log.warning(
-                "round %d: batched training of %d clients failed (%s: %s); training them one by one "
-                "(out of memory? lower max_batch_clients or the memory budget)",
-                rnd, len(slots), type(exc).__name__, exc,
-            )
-            for slot, x, y in loaded:
-                cid = clients[slot]
-                gen = client_generator(self.seed, rnd, self.sequential.index[cid])
-                try:
-                    result = self.trainer.train(params, x, y, task, gen, rows[slot])
-                except Exception as inner:
-                    failures[slot] = ClientFailure(cid, f"{type(inner).__name__}: {inner}")
-                    continue
-                results[slot] = ClientUpdate(cid, rows[slot], result.num_examples, task.kind, result.metrics)
-            return
-        for (slot, _, y), m in zip(loaded, metrics):
-            results[slot] = ClientUpdate(clients[slot], rows[slot], len(y), task.kind, m)
+        if len(slots) >= self.min_batch_clients:
+            gens = [client_generator(self.seed, rnd, self.sequential.index[clients[s]]) for s in slots]
+            try:
+                metrics = self._train_chunk(
+                    task, params, [x for _, x, _ in loaded], [y for _, _, y in loaded], gens, rows, slots
+                )
+            except Exception as exc:  # e.g. records of different shapes, out of memory
+                log.warning(
+                    "round %d: batched training of %d clients failed (%s: %s); training them one by one "
+                    "(out of memory? lower max_batch_clients or the memory budget)",
+                    rnd, len(slots), type(exc).__name__, exc,
+                )
+            else:
+                for (slot, _, y), m in zip(loaded, metrics):
+                    results[slot] = ClientUpdate(clients[slot], rows[slot], len(y), task.kind, m)
+                return
+        for slot, x, y in loaded:
+            cid = clients[slot]
+            try:
+                result = self.trainer.train(
+                    params, x, y, task, client_generator(self.seed, rnd, self.sequential.index[cid]), rows[slot]
+                )
+            except Exception as exc:  # a failing client must not end the round
+                failures[slot] = ClientFailure(cid, f"{type(exc).__name__}: {exc}")
+                continue
+            results[slot] = ClientUpdate(cid, rows[slot], result.num_examples, task.kind, result.metrics)
 
     @staticmethod
     def _outcome(
@@ -417,67 +436,82 @@ class BatchedBackend:
 
     def _train_sgd(
         self, task: TrainTask, weights: Tensors, anchor: Tensors, consts: Tensors,
-        x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, running: list[int],
+        x: torch.Tensor, y: torch.Tensor, batches: _Batches,
     ) -> torch.Tensor:
-        """Local SGD/Adam epochs; returns each client's summed loss."""
-        grads_of = vmap(grad(self._client_loss, has_aux=True), in_dims=(0, None, 0, 0, 0, 0))
-        counts = mask.sum(dim=2).clamp_min(1.0)
-        loss = torch.zeros(len(counts), device=x.device)
+        """Local SGD/Adam epochs on the stacked ``weights``; returns each client's
+        summed loss. The gradient of the sum of the clients' losses is each
+        client's gradient in its own row."""
+        losses_of = vmap(self._client_loss, in_dims=(0, None, 0, 0, 0, 0))
         step = _optimizer(task, weights, anchor)
-        for t, j in enumerate(running):
-            batch = idx[:j, t]
-            grads, summed = grads_of({k: w[:j] for k, w in weights.items()}, consts,
-                                     x[batch], y[batch], mask[:j, t], counts[:j, t])
+        loss = torch.zeros(len(batches.idx), device=x.device)
+        for t, j, idx, mask in batches:
+            current = {name: w[:j].detach().requires_grad_() for name, w in weights.items()}
+            with torch.enable_grad():
+                losses, summed = losses_of(current, consts, x[idx], y[idx], mask, mask.sum(dim=1).clamp_min(1.0))
+                grads = torch.autograd.grad(losses.sum(), list(current.values()))
             loss[:j] += summed
-            step(t, j, grads)
+            step(t, j, dict(zip(current, grads)))
         return loss
 
     def _train_dp(
         self, task: TrainTask, weights: Tensors, anchor: Tensors, consts: Tensors,
-        x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, running: list[int],
-        noises: list[NoiseSource], expected: torch.Tensor,
+        x: torch.Tensor, y: torch.Tensor, batches: _Batches, noises: list[NoiseSource], expected: torch.Tensor,
     ) -> None:
-        """DP-SGD: per-sample gradients clipped to ``max_grad_norm``, summed,
-        plus ``N(0, (σ·C)²)`` from each client's noise source, divided by the
-        expected batch ``q·n`` (as :class:`~fedtrain.privacy.dpsgd.DpSgdStepper`)."""
+        """DP-SGD as :class:`~fedtrain.privacy.dpsgd.DpSgdStepper`: per-sample
+        gradients clipped to ``max_grad_norm`` and summed, plus ``N(0, (σ·C)²)``
+        from each client's own noise source, divided by its expected batch ``q·n``."""
         dp = task.privacy.dp_sgd
         if dp is None:
             raise ValueError("no DP-SGD settings in this task")
         per_sample = vmap(vmap(grad(self._sample_loss), in_dims=(None, None, 0, 0)), in_dims=(0, None, 0, 0))
-        names = [n for n, p in self._model.named_parameters() if p.requires_grad]  # DpSgdStepper's order
+        names = [n for n, p in self._model.named_parameters() if p.requires_grad]  # the stepper's noise order
         numels = [weights[n][0].numel() for n in names]
         std = dp.noise_multiplier * dp.max_grad_norm
         step = _optimizer(task, weights, anchor)
-        for t, j in enumerate(running):
-            batch = idx[:j, t]
-            g = per_sample({k: w[:j] for k, w in weights.items()}, consts, x[batch], y[batch])
+        for t, j, idx, mask in batches:
+            g = per_sample({name: w[:j] for name, w in weights.items()}, consts, x[idx], y[idx])
             squared = sum(g[n].flatten(2).pow(2).sum(dim=2) for n in names)
-            factors = clip_factors(squared.sqrt(), dp.max_grad_norm) * mask[:j, t]
+            factors = clip_factors(squared.sqrt(), dp.max_grad_norm) * mask
             noise = torch.stack([noises[i].gaussian(sum(numels), std, torch.device("cpu")) for i in range(j)])
-            noise = noise.to(x.device).split(numels, dim=1)
             grads = {}
-            for name, z in zip(names, noise):
-                s = torch.einsum("cb,cb...->c...", factors, g[name])
-                grads[name] = (s + z.reshape(s.shape)) / expected[:j].view(-1, *([1] * (s.dim() - 1)))
+            for name, z in zip(names, noise.to(x.device).split(numels, dim=1)):
+                summed = torch.einsum("cb,cb...->c...", factors, g[name])
+                grads[name] = (summed + z.reshape(summed.shape)) / expected[:j].view(-1, *[1] * (summed.dim() - 1))
             step(t, j, grads)
 
     def _gradients(
         self, params: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor,
-        idx: torch.Tensor, mask: torch.Tensor, running: list[int], sizes: torch.Tensor,
+        batches: _Batches, sizes: torch.Tensor,
     ) -> tuple[Tensors, torch.Tensor]:
         """FedSGD: each client's mean gradient over all its records at the global
-        parameters, summed over batches of ``batch_size``; and its summed loss."""
+        parameters (summed over its batches), and its summed loss."""
         grads_of = vmap(grad(self._client_loss, has_aux=True), in_dims=(None, None, 0, 0, 0, 0))
         k = len(sizes)
         total = {name: torch.zeros((k, *p.shape), device=x.device) for name, p in params.items()}
         loss = torch.zeros(k, device=x.device)
-        for t, j in enumerate(running):
-            batch = idx[:j, t]
-            grads, summed = grads_of(params, consts, x[batch], y[batch], mask[:j, t], sizes[:j])
+        for _, j, idx, mask in batches:
+            grads, summed = grads_of(params, consts, x[idx], y[idx], mask, sizes[:j])
             loss[:j] += summed
             for name, g in grads.items():
                 total[name][:j] += g
         return total, loss
+
+
+@dataclass(frozen=True)
+class _Batches:
+    """Every client's batches, padded to one width: ``idx[i, t]`` indexes the
+    chunk's concatenated records (padding points at the client's first record,
+    with ``mask`` 0); ``running[t]`` clients (a prefix: clients are sorted by
+    their number of steps, longest first) take step ``t``."""
+
+    idx: torch.Tensor
+    mask: torch.Tensor
+    running: list[int]
+
+    def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """``(t, j, indices, mask)`` of each step, for the ``j`` running clients."""
+        for t, j in enumerate(self.running):
+            yield t, j, self.idx[:j, t], self.mask[:j, t]
 
 
 def _epoch_batches(n: int, task: TrainTask, generator: torch.Generator) -> list[torch.Tensor]:
@@ -489,28 +523,22 @@ def _epoch_batches(n: int, task: TrainTask, generator: torch.Generator) -> list[
     return batches
 
 
-def _pad(
-    plan: list[list[torch.Tensor]], offsets: list[int], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Per-client, per-step index lists → ``(k, T, B)`` indices into the
-    concatenated records (padding points at the client's first record), the
-    ``(k, T, B)`` float mask, and how many clients run at each step (clients
-    come sorted by their number of steps, longest first)."""
+def _pad(plan: list[list[torch.Tensor]], offsets: list[int], device: torch.device) -> _Batches:
+    """Per-client lists of per-step record indices → :class:`_Batches`."""
     k, steps = len(plan), max(len(p) for p in plan)
-    batches = [b for p in plan for b in p]
-    lengths = torch.tensor([len(b) for b in batches])
-    padded = torch.nn.utils.rnn.pad_sequence(batches, batch_first=True)
-    if padded.shape[1] == 0:  # every batch empty (DP-SGD with tiny rates)
-        padded = torch.zeros((len(batches), 1), dtype=torch.long)
+    flat = [b for p in plan for b in p]
+    padded = torch.nn.utils.rnn.pad_sequence(flat, batch_first=True)
+    if padded.shape[1] == 0:  # every batch empty (DP-SGD's Poisson sampling can do that)
+        padded = torch.zeros((len(flat), 1), dtype=torch.long)
     width = padded.shape[1]
     position = torch.tensor([i * steps + t for i, p in enumerate(plan) for t in range(len(p))])
-    shift = torch.tensor([offsets[i] for i, p in enumerate(plan) for _ in p])
+    shift = torch.tensor([offsets[i] for i, p in enumerate(plan) for _ in p]).unsqueeze(1)
     idx = torch.tensor(offsets).repeat_interleave(steps).unsqueeze(1).repeat(1, width)
-    idx[position] = padded + shift.unsqueeze(1)
+    idx[position] = padded + shift
     mask = torch.zeros((k * steps, width))
-    mask[position] = (torch.arange(width) < lengths.unsqueeze(1)).float()
+    mask[position] = (torch.arange(width) < torch.tensor([len(b) for b in flat]).unsqueeze(1)).float()
     running = [sum(1 for p in plan if len(p) > t) for t in range(steps)]
-    return idx.view(k, steps, width).to(device), mask.view(k, steps, width).to(device), running
+    return _Batches(idx.view(k, steps, width).to(device), mask.view(k, steps, width).to(device), running)
 
 
 def _optimizer(task: TrainTask, weights: Tensors, anchor: Tensors) -> Callable[[int, int, Tensors], None]:
