@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: timing statistics and the markdown
-table each script prints and writes to ``benchmarks/results/NAME.md``."""
+table each script prints and writes to ``benchmarks/results/NAME.md`` (a
+``--quick`` smoke run writes ``NAME_quick.md``, leaving the full results be)."""
 
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ def main() -> None:
     header = ["threads", "n", "P", "update layout", "weighted_mean GB/s", "copy_ GB/s",
               "aggregation / copy", f">= {TARGET:.0%}"]
     report(
-        "aggregation_throughput",
+        "aggregation_throughput" + ("_quick" if args.quick else ""),
         "weighted_mean vs Tensor.copy_" + (" (--quick)" if args.quick else ""),
         table(header, rows),
         [

@@ -103,7 +103,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     header = ["clients", "hidden", "cohort", "records/client", "epochs", "task",
               "sequential ms", "batched ms", "speed-up (median)", "speed-up (min)", "max |Δ| / max |u|"]
-    report("batched_clients", "Batched virtual clients vs sequential (one round's client work)",
+    report("batched_clients" + ("_quick" if args.quick else ""),
+           "Batched virtual clients vs sequential (one round's client work)" + (" (--quick)" if args.quick else ""),
            table(header, rows),
            ["1 torch thread; medians (and ratio of minima) over the repeats; the first call of each backend "
             "(warm-up, BatchedBackend's one-time probe) is not timed.",

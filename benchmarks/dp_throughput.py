@@ -41,6 +41,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -62,6 +63,21 @@ MODES = (GradSampleMode.EW, GradSampleMode.HOOKS, GradSampleMode.FUNCTORCH)
 BATCH, LR, CLIP, SIGMA, SEED = 32, 0.3, 0.2, 1.0, 0
 PROFILE_ABOVE = 4.0
 AUTO_SLACK = 1.10  # auto "picks the fastest" when its min time is within 10% of the fastest
+
+
+def revision() -> str:
+    """The fedtrain commit measured (read-only git), ``+dirty`` with local changes to fedtrain/."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedtrain"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown revision"
+    return f"fedtrain {head}{' + uncommitted changes' if dirty else ''}"
 
 
 @dataclass(frozen=True)
@@ -314,10 +330,11 @@ def main() -> None:
                "secure noise (fedtrain)", "rest", "plain step ms", "plain fwd+bwd ms"], breakdown_rows),
     ] + (["\n".join(profile_lines)] if profile_lines else []))
     report(
-        "dp_throughput",
+        "dp_throughput" + ("_quick" if args.quick else ""),
         "DP-SGD vs plain local training throughput" + (" (--quick)" if args.quick else ""),
         body,
         [
+            revision(),
             f"min and median of {repeats} interleaved repeats per variant (other processes share the cores); "
             f"torch threads = fedtrain.simulation.cpu_threads (1 for these models)",
             f"batch {BATCH} (DP: Poisson, expected {BATCH}), SGD lr {LR}, max_grad_norm {CLIP}, σ {SIGMA}; "

@@ -240,7 +240,7 @@ def compare(rounds: int, repeats: int, quick: bool) -> None:
     import ray
 
     report(
-        "flower_comparison",
+        "flower_comparison" + ("_quick" if quick else ""),
         f"fedtrain vs Flower simulation, digits, 20 clients, 10/round, {rounds} rounds"
         + (" (--quick)" if quick else ""),
         table(["", "wall s (whole call)", "rounds s", "round 1 s", "median round s", "final accuracy",

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from _common import RESULTS, report, table
 from fedtrain import config
+from fedtrain.privacy.setting import user_level_noise
 from fedtrain.simulation import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +56,21 @@ BASE: list[str] = [
     "client.optimizer=sgd", "model.name=mlp", "model.hidden=128", "strategy.name=fedavg",
     "privacy.delta=1e-5", "privacy.accountant=rdp",
 ]
+
+
+def revision() -> str:
+    """The fedtrain commit measured (read-only git), ``+dirty`` with local changes to fedtrain/."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedtrain"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown revision"
+    return f"fedtrain {head}{' + uncommitted changes' if dirty else ''}"
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,25 @@ def run_one(cfg: config.Config) -> dict[str, object]:
     }
 
 
+def run_dp(s: Setting, e: float, quick_rounds: list[str]) -> dict[str, object]:
+    """One DP run of ``s`` at target ``e``. Adaptive clipping refuses a
+    ``clipped_count_stddev`` (default: expected cohort / 20) at or below half
+    the calibrated noise multiplier; such a cell is rerun with it set to the
+    noise multiplier itself (update noise then raised by 1/sqrt(3/4) = 1.155×)
+    and marked."""
+    overrides = s.dp + [f"privacy.target_epsilon={e}"] + quick_rounds
+    cfg = load(s, overrides)
+    try:
+        return run_one(cfg)
+    except config.ConfigError as exc:
+        if "clipped_count_stddev" not in str(exc):
+            raise
+        z = user_level_noise(cfg)
+        r = run_one(load(s, overrides + [f"privacy.clipped_count_stddev={z!r}"]))
+        r["note"] = f"default clipped_count_stddev refused ({exc}); rerun with it = σ = {z:.3g}"
+        return r
+
+
 def cell(runs: list[dict[str, object]], with_sigma: bool) -> str:
     if not runs:
         return "—"
@@ -124,6 +159,8 @@ def cell(runs: list[dict[str, object]], with_sigma: bool) -> str:
                 f"({min(accs):.2f}–{max(accs):.2f})")
     if with_sigma:
         text += f", σ = {float(runs[0]['noise_multiplier']):.3g}"
+    if any("note" in r for r in runs):
+        text += " †"
     return text
 
 
@@ -226,8 +263,7 @@ def main() -> None:
                 if done and elapsed + float(done[-1]["seconds"]) > args.budget_min * 60:
                     skipped += 1
                     continue
-                cfg = load(s, s.dp + [f"privacy.target_epsilon={e}"] + quick_rounds)
-                r = run_one(cfg)
+                r = run_dp(s, e, quick_rounds)
                 done.append(r)
                 save()
                 print(f"[{(time.perf_counter() - started) / 60:.1f} min] pass {k + 1} {s.key} ε={e:g}: "
@@ -235,8 +271,11 @@ def main() -> None:
                       f"({r['seconds']:.1f} s)", flush=True)
     total = time.perf_counter() - started
     counts = sorted({len(results[s.key][e]) for s in SETTINGS for e in eps})
+    unique_baselines = {json.dumps(b, sort_keys=True): b for b in baselines.values()}
+    run_minutes = (sum(float(r["seconds"]) for d in results.values() for rs in d.values() for r in rs)
+                   + sum(float(b["seconds"]) for b in unique_baselines.values())) / 60
 
-    png = RESULTS / "privacy_utility.png"
+    png = RESULTS / ("privacy_utility_quick.png" if args.quick else "privacy_utility.png")
     plot(SETTINGS, eps, results, baselines, png)
 
     header = ["setting"] + [f"ε = {e:g}" for e in eps] + ["non-private"]
@@ -265,20 +304,27 @@ def main() -> None:
         + f"\n\n![accuracy vs ε]({png.name})"
     )
     report(
-        "privacy_utility",
+        "privacy_utility" + ("_quick" if args.quick else ""),
         "Privacy–utility on digits" + (" (--quick)" if args.quick else ""),
         body,
         [
-            f"{counts[0]}{f'–{counts[-1]}' if len(counts) > 1 else ''} repeat(s) per DP cell (of {repeats} asked; {skipped} repeats skipped for the "
-            f"{args.budget_min:g} min budget); this invocation {total / 60:.1f} min; baselines are "
-            "deterministic, run once",
-            "pinned: " + " ".join(BASE) + ("; --quick: run.rounds=10" if args.quick else ""),
+            f"{counts[0]}{f'–{counts[-1]}' if len(counts) > 1 else ''} repeat(s) per DP cell (of {repeats} "
+            f"asked{f'; {skipped} skipped for the {args.budget_min:g} min budget' if skipped else ''}); the "
+            f"{sum(len(r) for d in results.values() for r in d.values())} DP runs and "
+            f"{len(unique_baselines)} baselines took {run_minutes:.1f} min in all (their "
+            "seconds above include load from other processes); baselines are deterministic, run once",
+            f"{revision()} at the time of this report (a run resumed with --resume may span several); "
+            + "pinned: " + " ".join(BASE) + ("; --quick: run.rounds=10" if args.quick else ""),
             "δ = 1e-5; σ calibrated for run.rounds up front. Sample level: for the smallest client taking "
             "part in every round (client sampling not credited, so with 10 of 20 per round the spent ε is "
             "below the target). User level: Poisson sampling, amplification by sampling accounted",
             "noise is cryptographic (ChaCha20, fresh key per run): repeats with the same seed differ only "
             "by the DP noise; data split, partition, init, client sampling and DP-SGD batch draws are seeded and identical",
-        ],
+        ] + ([
+            "† adaptive clipping refused its default privacy.clipped_count_stddev (expected cohort / 20 = 2.5): "
+            "the calibrated σ exceeds 2 × 2.5 (ConfigError before round 1); the cell was rerun with "
+            "clipped_count_stddev = σ, so the update noise is 1.155 σ"
+        ] if any("note" in r for d in results.values() for rs in d.values() for r in rs) else []),
     )
 
 

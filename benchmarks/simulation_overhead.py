@@ -193,7 +193,7 @@ def main() -> None:
             f"{name}: {describe(cfg)}", len(sizes), f"{np.mean(sizes):.1f}", sample_steps,
             f"{sim_steps} / {raw_steps}",
             min(raw), min(same), f"{min(sim):.3g} ({min(setup):.2g})",
-            f"**{ratio:.2f}**", f"<= {target}", "yes" if ratio <= target else "NO",
+            f"**{ratio:.3f}**", f"<= {target}", "yes" if ratio <= target else "NO",
             f"{min(sim) / min(same):.2f}",
         ])
         if args.profile:
@@ -206,7 +206,7 @@ def main() -> None:
         "target", "met", "simulate / raw same-batches",
     ]
     report(
-        "simulation_overhead",
+        "simulation_overhead" + ("_quick" if args.quick else ""),
         "simulate() vs a raw PyTorch loop" + (" (--quick)" if args.quick else ""),
         table(header, rows),
         [

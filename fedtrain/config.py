@@ -83,6 +83,17 @@ class GradSampleMode(str, enum.Enum):
     FUNCTORCH = "functorch"
 
 
+class ClientEngine(str, enum.Enum):
+    """How a simulation trains a round's cohort: ``batched`` trains the whole
+    cohort at once with ``torch.func.vmap`` over stacked parameters,
+    ``sequential`` one client after another; ``auto`` batches when the model
+    allows it and falls back with a logged reason."""
+
+    AUTO = "auto"
+    SEQUENTIAL = "sequential"
+    BATCHED = "batched"
+
+
 class Optimizer(str, enum.Enum):
     """The clients' local optimiser."""
 
@@ -162,6 +173,10 @@ class ClientConfig:
     weight_decay: float = field(default=0.0, metadata=_rule(0.0))
     optimizer: Optimizer = Optimizer.SGD
     device: str = field(default="auto", metadata=_rule(doc="auto | cpu | cuda | cuda:N"))
+    engine: ClientEngine = ClientEngine.AUTO
+    max_batch_clients: int = field(
+        default=0, metadata=_rule(0, doc="batched engine: clients per chunk; 0 = from a 1 GiB memory estimate")
+    )
 
 
 class AttackKind(str, enum.Enum):

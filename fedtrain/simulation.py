@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedtrain.backends.batched import BatchedBackend
 from fedtrain.backends.local import LocalBackend, partitions_by_id
 from fedtrain.client import LocalTrainer, resolve_device
 from fedtrain import checkpoint
 from fedtrain.backends.attack import AttackingBackend, choose_attackers
-from fedtrain.config import AttackKind, Config, ConfigError, KeyColumn, PrivacyMode, to_dict
+from fedtrain.config import AttackKind, ClientEngine, Config, ConfigError, KeyColumn, PrivacyMode, to_dict
 from fedtrain.data import Dataset, load_dataset, partition
 from fedtrain.data.clients import ClientData, PartitionedData
 from fedtrain.data.synthetic import CLASSES, DIMENSION, SyntheticData
@@ -150,7 +151,17 @@ def simulate(
         grad_sample_mode,
     )
     trainer = LocalTrainer(model, layout, device)
-    backend: Backend = LocalBackend(trainer, clients.data, config.run.seed)
+    backend: Backend
+    if config.client.engine is ClientEngine.SEQUENTIAL:
+        backend = LocalBackend(trainer, clients.data, config.run.seed)
+    else:
+        backend = BatchedBackend(
+            trainer,
+            clients.data,
+            config.run.seed,
+            max_batch_clients=config.client.max_batch_clients or None,
+            strict=config.client.engine is ClientEngine.BATCHED,
+        )
     if config.attack.kind is not AttackKind.NONE:
         attackers = choose_attackers(clients.data.ids, config.attack.fraction, config.run.seed)
         backend = AttackingBackend(backend, attackers, config.attack.kind, config.attack.scale, config.run.seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pytest
@@ -59,7 +59,7 @@ def _trainer(factory: Callable[[], nn.Module] = _mlp) -> LocalTrainer:
 
 def _both(
     task: TrainTask, data: PartitionedData, model: Callable[[], nn.Module] = _mlp, rnd: int = 3,
-    clients: Sequence[str] | None = None, **options: object,
+    clients: Sequence[str] | None = None, options: Mapping[str, Any] | None = None,
 ) -> tuple[RoundOutcome, RoundOutcome, torch.Tensor]:
     """The same round through LocalBackend and BatchedBackend (separate models)."""
     seq_trainer = _trainer(model)
@@ -67,7 +67,8 @@ def _both(
     params = seq_trainer.layout.flatten(seq_trainer.model.state_dict())
     cohort = list(clients if clients is not None else data.ids)
     seq = LocalBackend(seq_trainer, data, seed=7).train_round(rnd, cohort, task, params)
-    batched = BatchedBackend(batched_trainer, data, seed=7, **options).train_round(rnd, cohort, task, params)  # type: ignore[arg-type]
+    backend = BatchedBackend(batched_trainer, data, seed=7, **(options or {}))
+    batched = backend.train_round(rnd, cohort, task, params)
     return seq, batched, params
 
 
@@ -132,11 +133,32 @@ def test_batched_updates_equal_sequential(name: str, caplog: pytest.LogCaptureFi
         assert all("train_loss" in u.metrics for u in batched.updates)
 
 
-def test_small_chunks_and_a_subset_cohort_give_the_same_updates() -> None:
+def test_dp_sgd_with_secure_noise_runs_batched(caplog: pytest.LogCaptureFixture) -> None:
+    task = TASKS["dp_sgd"]
+    assert task.privacy.dp_sgd is not None
+    secure = dataclasses.replace(
+        task, privacy=ClientPrivacy(dp_sgd=dataclasses.replace(task.privacy.dp_sgd, secure_noise=True))
+    )
+    data = _data()
+    trainer = _trainer()
+    params = trainer.layout.flatten(trainer.model.state_dict())
+    backend = BatchedBackend(trainer, data, seed=7)
+
+    with caplog.at_level(logging.WARNING, logger="fedtrain.backends.batched"):
+        first = stack(backend.train_round(1, list(data.ids), secure, params).updates).clone()
+        second = stack(backend.train_round(1, list(data.ids), secure, params).updates)
+
+    assert not caplog.records
+    assert torch.isfinite(first).all()
+    assert not torch.equal(first, second)  # same seeds, fresh secret noise
+
+
+@pytest.mark.parametrize("options", [{"max_batch_clients": 2}, {"memory_budget": 1}])  # chunks of 2, of 1
+def test_small_chunks_and_a_subset_cohort_give_the_same_updates(options: dict[str, int]) -> None:
     data = _data()
     cohort = [data.ids[i] for i in (5, 0, 9, 3, 7)]
 
-    seq, batched, _ = _both(_task(momentum=0.9), data, clients=cohort, max_batch_clients=2)
+    seq, batched, _ = _both(_task(momentum=0.9), data, clients=cohort, options={"min_batch_clients": 1, **options})
 
     _assert_same(seq, batched)
 
@@ -161,12 +183,30 @@ def test_a_failing_client_is_a_failure_and_the_round_goes_on() -> None:
     base = _data()
     data = _FlakyData(base.x, base.y, {c: base._indices[c].numpy() for c in base.ids}, CPU)
 
-    seq, batched, _ = _both(_task(), data, clients=["0", "1", "2", "3", "nobody"])
+    seq, batched, _ = _both(_task(), data, clients=["0", "1", "2", "3", "nobody"], options={"min_batch_clients": 2})
 
     _assert_same(seq, batched)
     assert [f.client_id for f in batched.failures] == ["2", "nobody"]
     assert "OSError: disk on fire" in batched.failures[0].reason
     assert stack(batched.updates).data_ptr() == batched.updates[0].vector.data_ptr()
+
+
+class _OddShapeData(PartitionedData):
+    def load(self, client_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().load(client_id)
+        return (x[:, :63], y) if client_id == "4" else (x, y)
+
+
+def test_a_chunk_that_cannot_be_stacked_trains_one_by_one(caplog: pytest.LogCaptureFixture) -> None:
+    base = _data()
+    data = _OddShapeData(base.x, base.y, {c: base._indices[c].numpy() for c in base.ids}, CPU)
+
+    with caplog.at_level(logging.WARNING, logger="fedtrain.backends.batched"):
+        seq, batched, _ = _both(_task(), data)
+
+    _assert_same(seq, batched)
+    assert [f.client_id for f in batched.failures] == ["4"]  # the model cannot take its records
+    assert "training them one by one" in caplog.records[0].getMessage()
 
 
 def _batchnorm_model() -> nn.Module:
@@ -219,6 +259,9 @@ def test_dropout_model_falls_back(caplog: pytest.LogCaptureFixture) -> None:
 
     assert len(outcome.updates) == len(data.ids)
     assert "unsupported" in caplog.records[0].getMessage()
+    strict = BatchedBackend(_trainer(_dropout_model), data, seed=7, strict=True)
+    with pytest.raises(ValueError, match="batched clients unsupported for train tasks"):
+        strict.train_round(1, list(data.ids), _task(), params)
 
 
 def _layernorm_model() -> nn.Module:
@@ -259,3 +302,7 @@ def test_gradient_with_dp_sgd_fails_each_client_like_sequential() -> None:
 def test_bad_options_are_errors() -> None:
     with pytest.raises(ValueError, match="max_batch_clients"):
         BatchedBackend(_trainer(), _data(), seed=0, max_batch_clients=0)
+    with pytest.raises(ValueError, match="min_batch_clients"):
+        BatchedBackend(_trainer(), _data(), seed=0, min_batch_clients=0)
+    with pytest.raises(ValueError, match="memory_budget"):
+        BatchedBackend(_trainer(), _data(), seed=0, memory_budget=0)

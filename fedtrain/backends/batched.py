@@ -65,6 +65,8 @@ from fedtrain.types import ClientUpdate, UpdateKind
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
+_Result = tuple[int, dict[str, float]]
+"""A trained client's number of records and metrics, by its slot in the cohort."""
 
 MEMORY_BUDGET = 1 << 30
 """Default bytes one chunk of the cohort may use (stacked parameters, their
@@ -103,8 +105,11 @@ class BatchedBackend:
     ``max_batch_clients`` caps the clients per chunk; chunks are otherwise
     sized so that their estimated memory stays within ``memory_budget``
     bytes; chunks of fewer than ``min_batch_clients`` clients train one by
-    one, which is faster for them. Everything runs on ``trainer.device``. Update vectors are rows of
-    one preallocated ``(cohort, P)`` buffer, as with :class:`LocalBackend`.
+    one, which is faster for them. With ``strict`` a model that cannot run
+    batched is an error (``ValueError`` at its first round) instead of a
+    logged fallback. Everything runs on ``trainer.device``. Update vectors
+    are rows of one preallocated ``(cohort, P)`` buffer, as with
+    :class:`LocalBackend`.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class BatchedBackend:
         max_batch_clients: int | None = None,
         memory_budget: int = MEMORY_BUDGET,
         min_batch_clients: int = MIN_BATCH_CLIENTS,
+        strict: bool = False,
     ) -> None:
         if max_batch_clients is not None and max_batch_clients < 1:
             raise ValueError(f"max_batch_clients = {max_batch_clients}: must be >= 1")
@@ -128,6 +134,7 @@ class BatchedBackend:
         self.max_batch_clients = max_batch_clients
         self.memory_budget = memory_budget
         self.min_batch_clients = min_batch_clients
+        self.strict = strict
         self.sequential = LocalBackend(trainer, data, seed)
         self.layout = trainer.layout
         # A private copy: Opacus hooks that DP-SGD puts on the trainer's model
@@ -163,12 +170,12 @@ class BatchedBackend:
         if sizes and not self._supported(task, clients, sizes):
             return self.sequential.train_round(rnd, clients, task, params)
         rows = self._rows(len(clients), params.numel())
-        results: dict[int, ClientUpdate] = {}
+        results: dict[int, _Result] = {}
         for chunk in self._chunks(sizes, task):
             loaded = self._load(chunk, clients, failures)
             if loaded:
                 self._train_loaded(rnd, clients, task, params, loaded, rows, results, failures)
-        return self._outcome(rows, results, failures)
+        return self._outcome(clients, task, rows, results, failures)
 
     def _rows(self, n: int, numel: int) -> torch.Tensor:
         if self._buffer.shape[0] < n or self._buffer.shape[1:] != (numel,):
@@ -226,7 +233,7 @@ class BatchedBackend:
         params: torch.Tensor,
         loaded: list[tuple[int, torch.Tensor, torch.Tensor]],
         rows: torch.Tensor,
-        results: dict[int, ClientUpdate],
+        results: dict[int, _Result],
         failures: dict[int, ClientFailure],
     ) -> None:
         """Train one chunk, batched, or one by one when it is small or cannot be batched."""
@@ -245,7 +252,7 @@ class BatchedBackend:
                 )
             else:
                 for (slot, _, y), m in zip(loaded, metrics):
-                    results[slot] = ClientUpdate(clients[slot], rows[slot], len(y), task.kind, m)
+                    results[slot] = (len(y), m)
                 return
         for slot, x, y in loaded:
             cid = clients[slot]
@@ -256,18 +263,19 @@ class BatchedBackend:
             except Exception as exc:  # a failing client must not end the round
                 failures[slot] = ClientFailure(cid, f"{type(exc).__name__}: {exc}")
                 continue
-            results[slot] = ClientUpdate(cid, rows[slot], result.num_examples, task.kind, result.metrics)
+            results[slot] = (result.num_examples, result.metrics)
 
     @staticmethod
     def _outcome(
-        rows: torch.Tensor, results: dict[int, ClientUpdate], failures: dict[int, ClientFailure]
+        clients: Sequence[str], task: TrainTask, rows: torch.Tensor,
+        results: dict[int, _Result], failures: dict[int, ClientFailure],
     ) -> RoundOutcome:
         """Updates in cohort order on consecutive rows (so aggregation gets a view)."""
         slots = sorted(results)
         if slots != list(range(len(slots))):
             rows[: len(slots)] = rows[torch.tensor(slots, device=rows.device)]
         updates = tuple(
-            dataclasses.replace(results[s], vector=rows[i]) for i, s in enumerate(slots)
+            ClientUpdate(clients[s], rows[i], results[s][0], task.kind, results[s][1]) for i, s in enumerate(slots)
         )
         return RoundOutcome(updates, tuple(failures[s] for s in sorted(failures)))
 
@@ -296,6 +304,8 @@ class BatchedBackend:
                 if loaded is None:
                     return True  # nobody loads: the batched path reports the failures
                 reason = self._probe(task, loaded[1], loaded[2])
+            if reason is not None and self.strict:
+                raise ValueError(f"batched clients unsupported for {mode} tasks: {reason}")
             self._support[mode] = reason
             if reason is not None:
                 log.warning("batched clients unsupported for %s tasks, training one by one: %s", mode, reason)
