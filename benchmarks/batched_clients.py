@@ -24,7 +24,8 @@ from _common import median, report, table
 from fedtrain import ParamLayout
 from fedtrain.aggregation import stack
 from fedtrain.backends.batched import BatchedBackend
-from fedtrain.backends.local import LocalBackend, partitions_by_id
+from fedtrain.backends.local import LocalBackend
+from fedtrain.data.clients import partitions_by_id
 from fedtrain.client import LocalTrainer, TrainTask
 from fedtrain.config import DataConfig, GradSampleMode, Partition
 from fedtrain.data import load_dataset, partition

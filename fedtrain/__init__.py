@@ -4,6 +4,14 @@ The public API that strategies, plug-ins and scripts are written against.
 """
 
 from fedtrain.aggregation import example_weights, stack, weighted_mean
+from fedtrain.arguments import (
+    flag,
+    fraction,
+    integer,
+    non_negative,
+    positive,
+    require_kind,
+)
 from fedtrain.config import Config, ConfigError
 from fedtrain.layout import ParamLayout
 from fedtrain.strategy import ServerOptimizer, Strategy, load_strategy
@@ -31,7 +39,13 @@ __all__ = [
     "Strategy",
     "UpdateKind",
     "example_weights",
+    "flag",
+    "fraction",
+    "integer",
     "load_strategy",
+    "non_negative",
+    "positive",
+    "require_kind",
     "stack",
     "weighted_mean",
 ]

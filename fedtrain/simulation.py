@@ -12,21 +12,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtrain.backends.batched import BatchedBackend
-from fedtrain.backends.local import LocalBackend, partitions_by_id
-from fedtrain.client import LocalTrainer, resolve_device
 from fedtrain import checkpoint
 from fedtrain.backends.attack import AttackingBackend, choose_attackers
+from fedtrain.backends.batched import BatchedBackend
+from fedtrain.backends.local import LocalBackend
+from fedtrain.client import LocalTrainer, resolve_device
 from fedtrain.config import AttackKind, ClientEngine, Config, ConfigError, KeyColumn, PrivacyMode, to_dict
 from fedtrain.data import Dataset, load_dataset, partition
-from fedtrain.data.clients import ClientData, PartitionedData
+from fedtrain.data.clients import ClientData, PartitionedData, partitions_by_id
 from fedtrain.data.synthetic import CLASSES, DIMENSION, SyntheticData
 from fedtrain.engine import Backend, Engine, RngStreams, RoundObserver
 from fedtrain.layout import ParamLayout
 from fedtrain.models import build_model
+from fedtrain.privacy.setting import build_policy
 from fedtrain.progress import RoundProgress
 from fedtrain.results import RunWriter, Summary
-from fedtrain.privacy.setting import build_policy
 from fedtrain.sampling import make_sampler
 from fedtrain.strategy import load_strategy
 from fedtrain.types import RoundRecord

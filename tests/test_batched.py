@@ -14,11 +14,11 @@ from torch import nn
 from fedtrain import ParamLayout, UpdateKind
 from fedtrain.aggregation import stack
 from fedtrain.backends.batched import BatchedBackend
-from fedtrain.backends.local import LocalBackend, partitions_by_id
+from fedtrain.backends.local import LocalBackend
 from fedtrain.client import LocalTrainer, TrainTask
 from fedtrain.config import GradSampleMode, Optimizer, Partition
 from fedtrain.data import partition
-from fedtrain.data.clients import PartitionedData
+from fedtrain.data.clients import PartitionedData, partitions_by_id
 from fedtrain.engine import RoundOutcome
 from fedtrain.models import cnn, mlp
 from fedtrain.privacy.dpsgd import DpSgdTask

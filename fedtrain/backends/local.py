@@ -75,8 +75,3 @@ class LocalBackend:
                 )
             )
         return RoundOutcome(tuple(updates), tuple(failures))
-
-
-def partitions_by_id(parts: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Client ids ``"0" … "N-1"`` for a list of partitions."""
-    return {str(i): p for i, p in enumerate(parts)}

@@ -53,3 +53,8 @@ class PartitionedData:
     def load(self, client_id: str) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self._indices[client_id]
         return self.x[idx], self.y[idx]
+
+
+def partitions_by_id(parts: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Client ids ``"0" … "N-1"`` for a list of partitions."""
+    return {str(i): p for i, p in enumerate(parts)}
