@@ -220,7 +220,7 @@ class PrivacyConfig:
     target_quantile: float = field(default=0.5, metadata=_rule(0.0, 1.0, True, True))
     clip_lr: float = field(default=0.2, metadata=_rule(0.0, exclusive_min=True))
     clipped_count_stddev: float = field(
-        default=0.0, metadata=_rule(0.0, doc="noise of the clipped count; 0 = expected cohort / 20")
+        default=0.0, metadata=_rule(0.0, doc="noise of the clipped count; 0 = max(expected cohort / 20, noise_multiplier)")
     )
     grad_sample_mode: GradSampleMode = GradSampleMode.AUTO
     fix_model: bool = False

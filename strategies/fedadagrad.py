@@ -5,12 +5,12 @@ Reddi et al. 2021, "Adaptive Federated Optimization" (ICLR), Algorithm 2.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from fedtrain import ClientUpdate, ServerOptimizer, Strategy, UpdateKind, weighted_mean
+from fedtrain import flag, positive, require_kind
 
 
 class FedAdagrad(Strategy):
@@ -24,14 +24,9 @@ class FedAdagrad(Strategy):
     """
 
     def __init__(self, server_lr: float = 0.1, tau: float = 1e-3, weighted: bool = True) -> None:
-        for name, value in (("server_lr", server_lr), ("tau", tau)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} = {value!r}: must be a finite number > 0")
-        if not isinstance(weighted, bool):
-            raise ValueError(f"weighted = {weighted!r}: must be true or false")
-        self.server_lr, self.tau = float(server_lr), float(tau)
-        self.weighted = weighted
+        self.server_lr = positive("server_lr", server_lr)
+        self.tau = positive("tau", tau)
+        self.weighted = flag("weighted", weighted)
         lr, eps = self.server_lr, self.tau
         self._optimizer = ServerOptimizer(
             lambda ps: torch.optim.Adagrad(ps, lr=lr, eps=eps, initial_accumulator_value=0.0)
@@ -40,9 +35,7 @@ class FedAdagrad(Strategy):
     def aggregate(
         self, rnd: int, params: torch.Tensor, updates: Sequence[ClientUpdate]
     ) -> torch.Tensor:
-        bad = [u.client_id for u in updates if u.kind != UpdateKind.DELTA]
-        if bad:
-            raise ValueError(f"FedAdagrad aggregates model deltas; clients {bad} sent another kind")
+        require_kind("FedAdagrad", updates, UpdateKind.DELTA)
         return self._optimizer.step(params, weighted_mean(updates, self.weighted))
 
     def state_dict(self) -> dict[str, Any]:

@@ -6,12 +6,12 @@ Decentralized Data" (AISTATS).
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
 from fedtrain import ClientUpdate, Strategy, UpdateKind, weighted_mean
+from fedtrain import flag, positive, require_kind
 
 
 class FedAvg(Strategy):
@@ -23,18 +23,11 @@ class FedAvg(Strategy):
     """
 
     def __init__(self, server_lr: float = 1.0, weighted: bool = True) -> None:
-        if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) \
-                or not math.isfinite(server_lr) or server_lr <= 0:
-            raise ValueError(f"server_lr = {server_lr!r}: must be a finite number > 0")
-        if not isinstance(weighted, bool):
-            raise ValueError(f"weighted = {weighted!r}: must be true or false")
-        self.server_lr = float(server_lr)
-        self.weighted = weighted
+        self.server_lr = positive("server_lr", server_lr)
+        self.weighted = flag("weighted", weighted)
 
     def aggregate(
         self, rnd: int, params: torch.Tensor, updates: Sequence[ClientUpdate]
     ) -> torch.Tensor:
-        bad = [u.client_id for u in updates if u.kind != UpdateKind.DELTA]
-        if bad:
-            raise ValueError(f"FedAvg aggregates model deltas; clients {bad} sent another kind")
+        require_kind("FedAvg", updates, UpdateKind.DELTA)
         return params + self.server_lr * weighted_mean(updates, self.weighted)

@@ -8,12 +8,12 @@ Optimization" (ICLR).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from fedtrain import ClientUpdate, ServerOptimizer, Strategy, UpdateKind, weighted_mean
+from fedtrain import flag, fraction, positive, require_kind
 
 
 class FedAvgM(Strategy):
@@ -25,26 +25,16 @@ class FedAvgM(Strategy):
     def __init__(
         self, server_lr: float = 1.0, momentum: float = 0.9, weighted: bool = True
     ) -> None:
-        if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) \
-                or not math.isfinite(server_lr) or server_lr <= 0:
-            raise ValueError(f"server_lr = {server_lr!r}: must be a finite number > 0")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
-                or not 0 <= momentum < 1:
-            raise ValueError(f"momentum = {momentum!r}: must be in [0, 1)")
-        if not isinstance(weighted, bool):
-            raise ValueError(f"weighted = {weighted!r}: must be true or false")
-        self.server_lr = float(server_lr)
-        self.momentum = float(momentum)
-        self.weighted = weighted
+        self.server_lr = positive("server_lr", server_lr)
+        self.momentum = fraction("momentum", momentum)
+        self.weighted = flag("weighted", weighted)
         lr, mom = self.server_lr, self.momentum
         self._optimizer = ServerOptimizer(lambda ps: torch.optim.SGD(ps, lr=lr, momentum=mom))
 
     def aggregate(
         self, rnd: int, params: torch.Tensor, updates: Sequence[ClientUpdate]
     ) -> torch.Tensor:
-        bad = [u.client_id for u in updates if u.kind != UpdateKind.DELTA]
-        if bad:
-            raise ValueError(f"FedAvgM aggregates model deltas; clients {bad} sent another kind")
+        require_kind("FedAvgM", updates, UpdateKind.DELTA)
         return self._optimizer.step(params, weighted_mean(updates, self.weighted))
 
     def state_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from fedtrain import ClientUpdate, Strategy, UpdateKind, stack
+from fedtrain import require_kind
 
 
 class FedMedian(Strategy):
@@ -24,9 +25,7 @@ class FedMedian(Strategy):
     def aggregate(
         self, rnd: int, params: torch.Tensor, updates: Sequence[ClientUpdate]
     ) -> torch.Tensor:
-        bad = [u.client_id for u in updates if u.kind != UpdateKind.DELTA]
-        if bad:
-            raise ValueError(f"FedMedian aggregates model deltas; clients {bad} sent another kind")
+        require_kind("FedMedian", updates, UpdateKind.DELTA)
         ordered = torch.sort(stack(updates), dim=0).values
         n = ordered.shape[0]
         if n % 2:

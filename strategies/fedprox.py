@@ -6,13 +6,13 @@ Li et al. 2020, "Federated Optimization in Heterogeneous Networks" (MLSys).
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from fedtrain import ClientUpdate, RoundPlan, Strategy, UpdateKind, weighted_mean
+from fedtrain import flag, non_negative, positive, require_kind
 
 
 class FedProx(Strategy):
@@ -22,17 +22,9 @@ class FedProx(Strategy):
     """
 
     def __init__(self, mu: float = 0.01, server_lr: float = 1.0, weighted: bool = True) -> None:
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) \
-                or not math.isfinite(mu) or mu < 0:
-            raise ValueError(f"mu = {mu!r}: must be a finite number >= 0")
-        if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) \
-                or not math.isfinite(server_lr) or server_lr <= 0:
-            raise ValueError(f"server_lr = {server_lr!r}: must be a finite number > 0")
-        if not isinstance(weighted, bool):
-            raise ValueError(f"weighted = {weighted!r}: must be true or false")
-        self.mu = float(mu)
-        self.server_lr = float(server_lr)
-        self.weighted = weighted
+        self.mu = non_negative("mu", mu)
+        self.server_lr = positive("server_lr", server_lr)
+        self.weighted = flag("weighted", weighted)
 
     def configure(
         self, rnd: int, clients: Sequence[str], rng: np.random.Generator
@@ -42,7 +34,5 @@ class FedProx(Strategy):
     def aggregate(
         self, rnd: int, params: torch.Tensor, updates: Sequence[ClientUpdate]
     ) -> torch.Tensor:
-        bad = [u.client_id for u in updates if u.kind != UpdateKind.DELTA]
-        if bad:
-            raise ValueError(f"FedProx aggregates model deltas; clients {bad} sent another kind")
+        require_kind("FedProx", updates, UpdateKind.DELTA)
         return params + self.server_lr * weighted_mean(updates, self.weighted)

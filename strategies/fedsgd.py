@@ -6,13 +6,13 @@ of Deep Networks from Decentralized Data" (AISTATS).
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from fedtrain import ClientUpdate, RoundPlan, Strategy, UpdateKind, weighted_mean
+from fedtrain import flag, positive
 
 
 class FedSGD(Strategy):
@@ -24,13 +24,8 @@ class FedSGD(Strategy):
     """
 
     def __init__(self, server_lr: float = 0.1, weighted: bool = True) -> None:
-        if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) \
-                or not math.isfinite(server_lr) or server_lr <= 0:
-            raise ValueError(f"server_lr = {server_lr!r}: must be a finite number > 0")
-        if not isinstance(weighted, bool):
-            raise ValueError(f"weighted = {weighted!r}: must be true or false")
-        self.server_lr = float(server_lr)
-        self.weighted = weighted
+        self.server_lr = positive("server_lr", server_lr)
+        self.weighted = flag("weighted", weighted)
 
     def configure(
         self, rnd: int, clients: Sequence[str], rng: np.random.Generator

@@ -11,12 +11,7 @@ from typing import Sequence
 import torch
 
 from fedtrain import ClientUpdate, Strategy, UpdateKind, stack
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} = {value!r}: must be an integer >= {minimum}")
-    return value
+from fedtrain import integer, require_kind
 
 
 def krum_scores(matrix: torch.Tensor, num_byzantine: int) -> torch.Tensor:
@@ -39,12 +34,6 @@ def krum_scores(matrix: torch.Tensor, num_byzantine: int) -> torch.Tensor:
     return torch.sort(dist, dim=1).values[:, :k].sum(dim=1)
 
 
-def _check_deltas(name: str, updates: Sequence[ClientUpdate]) -> None:
-    bad = [u.client_id for u in updates if u.kind != UpdateKind.DELTA]
-    if bad:
-        raise ValueError(f"{name} aggregates model deltas; clients {bad} sent another kind")
-
-
 class Krum(Strategy):
     """``new = params + Δ_j`` for the single update ``j`` with the lowest Krum
     score, tolerating up to ``num_byzantine`` (``f``) adversarial clients.
@@ -58,12 +47,12 @@ class Krum(Strategy):
     needs_individual_updates = True
 
     def __init__(self, num_byzantine: int = 0) -> None:
-        self.num_byzantine = _check_int("num_byzantine", num_byzantine, 0)
+        self.num_byzantine = integer("num_byzantine", num_byzantine, 0)
 
     def aggregate(
         self, rnd: int, params: torch.Tensor, updates: Sequence[ClientUpdate]
     ) -> torch.Tensor:
-        _check_deltas("Krum", updates)
+        require_kind("Krum", updates, UpdateKind.DELTA)
         matrix = stack(updates)
         best = int(torch.argmin(krum_scores(matrix, self.num_byzantine)))
         return params + matrix[best]
@@ -78,14 +67,14 @@ class MultiKrum(Strategy):
     needs_individual_updates = True
 
     def __init__(self, num_byzantine: int = 0, num_selected: int | None = None) -> None:
-        self.num_byzantine = _check_int("num_byzantine", num_byzantine, 0)
-        self.num_selected = None if num_selected is None else _check_int(
+        self.num_byzantine = integer("num_byzantine", num_byzantine, 0)
+        self.num_selected = None if num_selected is None else integer(
             "num_selected", num_selected, 1)
 
     def aggregate(
         self, rnd: int, params: torch.Tensor, updates: Sequence[ClientUpdate]
     ) -> torch.Tensor:
-        _check_deltas("MultiKrum", updates)
+        require_kind("MultiKrum", updates, UpdateKind.DELTA)
         matrix = stack(updates)
         n = matrix.shape[0]
         m = self.num_selected if self.num_selected is not None else n - self.num_byzantine

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from fedtrain import ClientUpdate, Strategy, UpdateKind, stack
+from fedtrain import fraction, require_kind
 
 
 class TrimmedMean(Strategy):
@@ -26,9 +27,7 @@ class TrimmedMean(Strategy):
     needs_individual_updates = True
 
     def __init__(self, beta: float = 0.1) -> None:
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 0.5:
-            raise ValueError(f"beta = {beta!r}: must be in [0, 0.5)")
-        self.beta = float(beta)
+        self.beta = fraction("beta", beta, upper=0.5)
 
     def num_trimmed(self, n: int) -> int:
         """How many values are dropped at each end out of ``n``."""
@@ -39,9 +38,7 @@ class TrimmedMean(Strategy):
     def aggregate(
         self, rnd: int, params: torch.Tensor, updates: Sequence[ClientUpdate]
     ) -> torch.Tensor:
-        bad = [u.client_id for u in updates if u.kind != UpdateKind.DELTA]
-        if bad:
-            raise ValueError(f"TrimmedMean aggregates model deltas; clients {bad} sent another kind")
+        require_kind("TrimmedMean", updates, UpdateKind.DELTA)
         matrix = stack(updates)
         n = matrix.shape[0]
         k = self.num_trimmed(n)

@@ -44,12 +44,10 @@ def per_sample_clipped_sum(
     gradient per parameter and the per-sample norms before clipping.
     """
     batch = grad_samples[0].shape[0]
-    squared = torch.zeros(batch, dtype=grad_samples[0].dtype, device=grad_samples[0].device)
-    for g in grad_samples:
-        squared += g.reshape(batch, -1).pow(2).sum(dim=1)
-    norms = squared.sqrt()
+    flat = [g.reshape(batch, -1) for g in grad_samples]
+    norms = torch.linalg.vector_norm(torch.cat(flat, dim=1) if len(flat) > 1 else flat[0], dim=1)
     factors = clip_factors(norms, bound)
-    summed = [torch.einsum("b,b...->...", factors, g) for g in grad_samples]
+    summed = [(factors @ f).view(g.shape[1:]) for f, g in zip(flat, grad_samples)]
     return summed, norms
 
 

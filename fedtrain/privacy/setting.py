@@ -113,7 +113,7 @@ def build_policy(
         noise_multiplier = user_level_noise(config)
         adaptive = None
         if p.adaptive_clip:
-            stddev = p.clipped_count_stddev or expected_cohort / 20.0
+            stddev = p.clipped_count_stddev or max(expected_cohort / 20.0, noise_multiplier)
             adaptive = AdaptiveClipping(p.target_quantile, p.clip_lr, stddev)
         try:
             return UserLevelDP(
