@@ -174,6 +174,9 @@ class ClientConfig:
     optimizer: Optimizer = Optimizer.SGD
     device: str = field(default="auto", metadata=_rule(doc="auto | cpu | cuda | cuda:N"))
     engine: ClientEngine = ClientEngine.AUTO
+    timeout: float = field(
+        default=0.0, metadata=_rule(0.0, doc="seconds a client may take to load and train; 0 = no limit")
+    )
     max_batch_clients: int = field(
         default=0, metadata=_rule(0, doc="batched engine: clients per chunk; 0 = from a 1 GiB memory estimate")
     )

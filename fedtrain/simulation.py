@@ -153,7 +153,7 @@ def simulate(
     trainer = LocalTrainer(model, layout, device)
     backend: Backend
     if config.client.engine is ClientEngine.SEQUENTIAL:
-        backend = LocalBackend(trainer, clients.data, config.run.seed)
+        backend = LocalBackend(trainer, clients.data, config.run.seed, config.client.timeout)
     else:
         backend = BatchedBackend(
             trainer,
@@ -161,6 +161,7 @@ def simulate(
             config.run.seed,
             max_batch_clients=config.client.max_batch_clients or None,
             strict=config.client.engine is ClientEngine.BATCHED,
+            timeout=config.client.timeout,
         )
     if config.attack.kind is not AttackKind.NONE:
         attackers = choose_attackers(clients.data.ids, config.attack.fraction, config.run.seed)

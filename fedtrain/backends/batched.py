@@ -54,6 +54,7 @@ from fedtrain.backends.local import LocalBackend, client_generator
 from fedtrain.client import LocalTrainer, TrainTask
 from fedtrain.config import Optimizer
 from fedtrain.data.clients import ClientData
+from fedtrain.deadline import ClientTimeout, call_with_timeout
 from fedtrain.engine import ClientFailure, RoundOutcome
 from fedtrain.privacy.dpsgd import sample_rate, steps_per_round
 from fedtrain.privacy.mechanisms import clip_factors, clip_rows_
@@ -121,7 +122,10 @@ class BatchedBackend:
         memory_budget: int = MEMORY_BUDGET,
         min_batch_clients: int = MIN_BATCH_CLIENTS,
         strict: bool = False,
+        timeout: float = 0.0,
     ) -> None:
+        """``timeout`` limits each client's data loading (the batched training
+        itself is fedtrain's own code); see :mod:`fedtrain.deadline`."""
         if max_batch_clients is not None and max_batch_clients < 1:
             raise ValueError(f"max_batch_clients = {max_batch_clients}: must be >= 1")
         if min_batch_clients < 1:
@@ -135,7 +139,8 @@ class BatchedBackend:
         self.memory_budget = memory_budget
         self.min_batch_clients = min_batch_clients
         self.strict = strict
-        self.sequential = LocalBackend(trainer, data, seed)
+        self.timeout = timeout
+        self.sequential = LocalBackend(trainer, data, seed, timeout)
         self.layout = trainer.layout
         # A private copy: Opacus hooks that DP-SGD puts on the trainer's model
         # must not run inside the functional calls.
@@ -215,9 +220,12 @@ class BatchedBackend:
         for slot in chunk:
             cid = clients[slot]
             try:
-                x, y = self.data.load(cid)
+                x, y = call_with_timeout(lambda: self.data.load(cid), self.timeout)
                 if len(y) == 0:
                     raise ValueError("client has no training records")
+            except ClientTimeout:
+                failures[slot] = ClientFailure(cid, f"took longer than client.timeout = {self.timeout} s")
+                continue
             except Exception as exc:  # a failing client must not end the round
                 log.debug("client %s failed to load", cid, exc_info=True)
                 failures[slot] = ClientFailure(cid, f"{type(exc).__name__}: {exc}")

@@ -9,6 +9,7 @@ aggregation is a single ``w @ X`` over memory that is already warm.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from fedtrain.client import LocalTrainer, TrainTask
 from fedtrain.data.clients import ClientData
+from fedtrain.deadline import ClientTimeout, call_with_timeout
 from fedtrain.engine import ClientFailure, RoundOutcome
 from fedtrain.types import ClientUpdate
 
@@ -32,10 +34,11 @@ def client_generator(seed: int, rnd: int, client_index: int) -> torch.Generator:
 class LocalBackend:
     """Trains the planned clients of each round in process, one after another."""
 
-    def __init__(self, trainer: LocalTrainer, data: ClientData, seed: int) -> None:
+    def __init__(self, trainer: LocalTrainer, data: ClientData, seed: int, timeout: float = 0.0) -> None:
         self.trainer = trainer
         self.data = data
         self.seed = seed
+        self.timeout = timeout
         self.index = {cid: i for i, cid in enumerate(data.ids)}
         self._buffer = torch.empty(0)
 
@@ -56,11 +59,17 @@ class LocalBackend:
                 failures.append(ClientFailure(cid, "unknown client id"))
                 continue
             out = rows[len(updates)]
+            started = time.monotonic()
             try:
-                x, y = self.data.load(cid)
+                x, y = call_with_timeout(lambda: self.data.load(cid), self.timeout)
                 result = self.trainer.train(
                     params, x, y, task, client_generator(self.seed, rnd, self.index[cid]), out
                 )
+                if self.timeout and time.monotonic() - started > self.timeout:
+                    raise ClientTimeout
+            except ClientTimeout:
+                failures.append(ClientFailure(cid, f"took longer than client.timeout = {self.timeout} s"))
+                continue
             except Exception as exc:  # a failing client must not end the round
                 log.debug("round %d: client %s failed", rnd, cid, exc_info=True)
                 failures.append(ClientFailure(cid, f"{type(exc).__name__}: {exc}"))
