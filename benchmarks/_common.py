@@ -26,6 +26,21 @@ DEFAULT_RUN: list[str] = [
 ]
 
 
+def revision() -> str:
+    """The fedtrain commit measured (read-only git), ``+dirty`` with local changes to fedtrain/."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedtrain"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown revision"
+    return f"fedtrain {head}{' + uncommitted changes' if dirty else ''}"
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

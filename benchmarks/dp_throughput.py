@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from _common import report, table
+from _common import report, revision, table
 from fedtrain.client import LocalTrainer, TrainTask
 from fedtrain.config import DataConfig, GradSampleMode, ModelConfig
 from fedtrain.data import load_dataset
@@ -63,21 +63,6 @@ MODES = (GradSampleMode.EW, GradSampleMode.HOOKS, GradSampleMode.FUNCTORCH)
 BATCH, LR, CLIP, SIGMA, SEED = 32, 0.3, 0.2, 1.0, 0
 PROFILE_ABOVE = 4.0
 AUTO_SLACK = 1.10  # auto "picks the fastest" when its min time is within 10% of the fastest
-
-
-def revision() -> str:
-    """The fedtrain commit measured (read-only git), ``+dirty`` with local changes to fedtrain/."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedtrain"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown revision"
-    return f"fedtrain {head}{' + uncommitted changes' if dirty else ''}"
 
 
 @dataclass(frozen=True)

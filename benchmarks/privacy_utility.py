@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import RESULTS, report, table
+from _common import RESULTS, report, revision, table
 from fedtrain import config
 from fedtrain.privacy.setting import user_level_noise
 from fedtrain.simulation import simulate
@@ -56,21 +56,6 @@ BASE: list[str] = [
     "client.optimizer=sgd", "model.name=mlp", "model.hidden=128", "strategy.name=fedavg",
     "privacy.delta=1e-5", "privacy.accountant=rdp",
 ]
-
-
-def revision() -> str:
-    """The fedtrain commit measured (read-only git), ``+dirty`` with local changes to fedtrain/."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedtrain"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown revision"
-    return f"fedtrain {head}{' + uncommitted changes' if dirty else ''}"
 
 
 @dataclass(frozen=True)
