@@ -218,27 +218,19 @@ def calibrate_noise(
 def _search_noise(kind: AccountantKind, target: float, delta: float, sample_rate: float, steps: int) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
+    extra: dict[str, Any] = (
+        {"eps_error": PRV_EPS_ERROR} if kind is AccountantKind.PRV else {"alphas": list(RDP_ORDERS)}
+    )
     with _quiet():
-        if kind is AccountantKind.PRV:
-            sigma = get_noise_multiplier(
-                target_epsilon=target,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant="prv",
-                epsilon_tolerance=CALIBRATION_TOLERANCE * target,
-                eps_error=PRV_EPS_ERROR,
-            )
-        else:
-            sigma = get_noise_multiplier(
-                target_epsilon=target,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant="rdp",
-                epsilon_tolerance=CALIBRATION_TOLERANCE * target,
-                alphas=list(RDP_ORDERS),
-            )
+        sigma = get_noise_multiplier(
+            target_epsilon=target,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=kind.value,
+            epsilon_tolerance=CALIBRATION_TOLERANCE * target,
+            **extra,
+        )
     return float(sigma)
 
 

@@ -51,26 +51,22 @@ def user_level_noise(config: Config) -> float:
 def sample_level_noise(config: Config, client_sizes: Mapping[str, int]) -> float:
     """DP-SGD's noise multiplier: configured, or calibrated so that every
     client that takes part in every round stays within the target."""
-    from fedtrain.privacy.accountant import Accountant
+    from fedtrain.privacy.accountant import epsilon_for
     from fedtrain.privacy.dpsgd import client_event
 
     p = config.privacy
     if p.noise_multiplier > 0:
         return p.noise_multiplier
     batch, epochs, rounds = config.client.batch_size, config.client.epochs, config.run.rounds
-    smallest = min(client_sizes.values())
-    worst = client_event(1.0, smallest, batch, epochs)
+    sizes = sorted(set(client_sizes.values()))
+    worst = client_event(1.0, sizes[0], batch, epochs)
     sigma = _calibrate(p.target_epsilon, p.delta, p.accountant, worst.sample_rate, worst.steps * rounds)
     for _ in range(100):
-        over = []
-        for n in sorted(set(client_sizes.values())):
-            event = client_event(sigma, n, batch, epochs)
-            accountant = Accountant(p.accountant)
-            for _ in range(rounds):
-                accountant.compose(event)
-            if accountant.epsilon(p.delta) > p.target_epsilon:
-                over.append(n)
-        if not over:
+        events = [client_event(sigma, n, batch, epochs) for n in sizes]
+        if all(
+            epsilon_for(sigma, e.sample_rate, e.steps * rounds, p.delta, p.accountant) <= p.target_epsilon
+            for e in events
+        ):
             return sigma
         sigma *= 1.01
     raise ConfigError(f"privacy.target_epsilon = {p.target_epsilon}: calibration did not converge")

@@ -145,17 +145,15 @@ class UserLevelDP:
                 rejected.append((u.client_id, f"metric {UNCLIPPED!r} missing or not 0/1 under adaptive clipping"))
             else:
                 accepted.append(u)
-        size = updates[0].vector.numel() if updates else 0
-        if accepted:
-            total = stack(accepted).sum(dim=0)
-        else:
-            total = torch.zeros(size)
-        add_gaussian_(total, self.update_multiplier * self.clip, self.noise)
-        mean = total / self.expected_cohort
+        released: tuple[ClientUpdate, ...] = ()
+        if updates:
+            total = stack(accepted).sum(dim=0) if accepted else torch.zeros_like(updates[0].vector)
+            add_gaussian_(total, self.update_multiplier * self.clip, self.noise)
+            mean = total / self.expected_cohort
+            released = (ClientUpdate(client_id="dp-fedavg", vector=mean, num_examples=1, kind=updates[0].kind),)
         if self.adaptive is not None:
             self._adapt_clip(accepted)
-        release = (ClientUpdate(client_id="dp-fedavg", vector=mean, num_examples=1, kind=updates[0].kind),) if updates else ()
-        return Release(release, tuple(rejected))
+        return Release(released, tuple(rejected))
 
     def _adapt_clip(self, accepted: Sequence[ClientUpdate]) -> None:
         adaptive = self.adaptive
