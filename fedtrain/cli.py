@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Sequence
 
 from fedtrain import config as config_mod
 from fedtrain.checkpoint import CheckpointError
+from fedtrain.deploy import DEFAULT_POLL, DeployError
 
 
 def _default_out(config_path: str | None) -> Path:
@@ -39,6 +41,71 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         f"in {s.wall_seconds:.1f} s{privacy}; results in {out}/"
     )
     return 0
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from fedtrain.certs import create_certificates
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    certs = create_certificates(Path(args.out), hosts, args.clients)
+    keys = ", ".join(p.stem for p in certs.client_keys()) or "none"
+    print(f"CA, server certificate for {', '.join(hosts)} and client keys ({keys}) in {certs.root}/; "
+          "give each client its client-N private key and ca.pem")
+    return 0
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so child SuperLinks and SuperNodes are stopped."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _security(args: argparse.Namespace) -> Path | None:
+    if args.insecure and args.certs:
+        raise ValueError("give either --certs DIR (TLS, authenticated clients) or --insecure, not both")
+    if not args.insecure and not args.certs:
+        raise ValueError("--certs DIR is required (create it with fedtrain certs); "
+                         "--insecure runs without TLS or client authentication")
+    return None if args.insecure else Path(args.certs)
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from fedtrain.deploy import ServerOptions, serve
+    from fedtrain.results import read_summary
+
+    certs = _security(args)
+    if args.resume:
+        if args.config or args.out:
+            raise ValueError("--resume RUN_DIR takes its config from RUN_DIR/config.toml; give no CONFIG or --out")
+        out = Path(args.resume)
+        cfg = config_mod.load(out / "config.toml", args.set)
+    else:
+        cfg = config_mod.load(args.config, args.set)
+        out = Path(args.out) if args.out else _default_out(args.config)
+    _exit_on_sigterm()
+    serve(ServerOptions(cfg, out, certs, args.address, bool(args.resume), args.wait, not args.quiet, args.poll))
+    s = read_summary(out)
+    print(f"final accuracy {s.final_accuracy:.4f} (best {s.best_accuracy:.4f}) after {s.rounds} rounds "
+          f"in {s.wall_seconds:.1f} s; results in {out}/")
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from fedtrain.deploy import ClientOptions, join
+
+    certs = _security(args)
+    if (args.partition is None) == (args.data is None):
+        raise ValueError("give exactly one of --partition N (a share of the run's data set) and --data PATH")
+    _exit_on_sigterm()
+    return join(ClientOptions(
+        server=args.server,
+        certs=certs,
+        key=Path(args.key) if args.key else None,
+        partition=None if args.partition is None else str(args.partition),
+        data=Path(args.data) if args.data else None,
+        device=args.device,
+        connect_seconds=args.connect_timeout,
+        poll_seconds=args.poll,
+    ))
 
 
 def _cmd_privacy(args: argparse.Namespace) -> int:
@@ -101,6 +168,55 @@ def build_parser() -> argparse.ArgumentParser:
     priv.add_argument("--delta", type=float, required=True, help="δ of (ε, δ)-DP")
     priv.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
     priv.set_defaults(func=_cmd_privacy)
+
+    certs = sub.add_parser(
+        "certs", help="create a CA, the coordinator's TLS certificate and client keys",
+        description="Create, with the cryptography package, a CA, a server certificate whose names "
+        "are --hosts, and one P-384 key pair per client for authentication (private keys 0600).",
+    )
+    certs.add_argument("--out", required=True, help="folder to write (refuses to replace an existing CA)")
+    certs.add_argument("--hosts", default="127.0.0.1,localhost",
+                       help="comma-separated host names / IPs clients dial (default: 127.0.0.1,localhost)")
+    certs.add_argument("--clients", type=int, default=3, help="client key pairs to create (default: 3)")
+    certs.set_defaults(func=_cmd_certs)
+
+    server = sub.add_parser(
+        "server", help="run the coordinator of a deployment (Flower SuperLink, TLS, client keys)",
+        description="Start a Flower SuperLink with TLS and client authentication, register the client "
+        "keys of --certs, run CONFIG on the clients that join and write the run folder.",
+    )
+    server.add_argument("config", nargs="?", help="TOML config file (default: the embedded default)")
+    server.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key; repeatable")
+    server.add_argument("--certs", help="folder written by fedtrain certs")
+    server.add_argument("--insecure", action="store_true", help="plain text, no client authentication")
+    server.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT to listen on (default 0.0.0.0:9092)")
+    server.add_argument("--out", help="run folder (default: runs/<config>-<time>)")
+    server.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last valid checkpoint")
+    server.add_argument("--wait", type=float, default=300.0,
+                        help="seconds to wait for every registered client before starting (default 300)")
+    server.add_argument("--quiet", action="store_true", help="no progress bar")
+    server.add_argument("--poll", type=float, default=DEFAULT_POLL,
+                        help=f"seconds between polls for replies (default {DEFAULT_POLL}; 3 = Flower's default)")
+    server.set_defaults(func=_cmd_server)
+
+    client = sub.add_parser(
+        "client", help="join a deployment as one client (Flower SuperNode)",
+        description="Start a Flower SuperNode that trains on this machine's data (CUDA when present) "
+        "for every round it is sampled in, until interrupted.",
+    )
+    client.add_argument("--server", required=True, help="the coordinator's HOST:PORT")
+    client.add_argument("--certs", help="folder holding the deployment's ca.pem")
+    client.add_argument("--key", help="this client's private key (e.g. certs/client-1)")
+    client.add_argument("--insecure", action="store_true", help="plain text, no client authentication")
+    client.add_argument("--partition", type=int, help="train on partition N (0-based) of the run's data set")
+    client.add_argument("--data", help=".npz file with arrays x and y: this client's own data")
+    client.add_argument("--device", default="config", help="auto, cpu, cuda[:N] (default: the run's client.device)")
+    client.add_argument("--connect-timeout", type=float, default=60.0,
+                        help="seconds to keep retrying an unreachable coordinator (default 60)")
+    client.add_argument("--poll", type=float, default=DEFAULT_POLL,
+                        help=f"seconds between polls for work (default {DEFAULT_POLL}; 3 = Flower's default)")
+    client.set_defaults(func=_cmd_client)
     return parser
 
 
@@ -109,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, DeployError) as exc:
         print(f"fedtrain: error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,8 +6,8 @@ a deployed client process, so a round means the same thing in both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,47 @@ class TrainTask:
             kind=plan.kind,
             privacy=privacy,
         )
+
+    def as_json(self) -> dict[str, Any]:
+        """The task as plain JSON data, for clients in other processes."""
+        row = asdict(self)
+        row["optimizer"] = self.optimizer.value
+        row["kind"] = self.kind.value
+        if self.privacy.dp_sgd is not None:
+            row["privacy"]["dp_sgd"]["mode"] = self.privacy.dp_sgd.mode.value
+        return row
+
+    @classmethod
+    def from_json(cls, row: Mapping[str, Any]) -> "TrainTask":
+        """The inverse of :meth:`as_json`; raises ``ValueError`` on a malformed task."""
+        from fedtrain.config import GradSampleMode
+        from fedtrain.privacy.dpsgd import DpSgdTask
+
+        try:
+            privacy = row["privacy"]
+            dp = privacy["dp_sgd"]
+            return cls(
+                epochs=int(row["epochs"]),
+                batch_size=int(row["batch_size"]),
+                lr=float(row["lr"]),
+                momentum=float(row["momentum"]),
+                weight_decay=float(row["weight_decay"]),
+                optimizer=Optimizer(row["optimizer"]),
+                proximal_mu=float(row["proximal_mu"]),
+                kind=UpdateKind(row["kind"]),
+                privacy=ClientPrivacy(
+                    clip=float(privacy["clip"]),
+                    distributed_noise=float(privacy.get("distributed_noise", 0.0)),
+                    dp_sgd=None if dp is None else DpSgdTask(
+                        noise_multiplier=float(dp["noise_multiplier"]),
+                        max_grad_norm=float(dp["max_grad_norm"]),
+                        mode=GradSampleMode(dp["mode"]),
+                        secure_noise=bool(dp["secure_noise"]),
+                    ),
+                ),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed training task: missing or mistyped {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -58,11 +58,15 @@ class PrivacyMode(str, enum.Enum):
 
     ``sample``: each record of each client (DP-SGD on the client, Abadi et al. 2016).
     ``user``: each client's whole contribution (DP-FedAvg, McMahan et al. 2018).
+    ``distributed``: each client's whole contribution, with the noise added by
+    the clients in shares under secure aggregation, so the coordinator never
+    sees a less noisy sum (see :mod:`fedtrain.privacy.distributed`).
     """
 
     NONE = "none"
     SAMPLE = "sample"
     USER = "user"
+    DISTRIBUTED = "distributed"
 
 
 class AccountantKind(str, enum.Enum):
@@ -231,6 +235,31 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecureConfig:
+    """Secure aggregation (SecAgg+, :mod:`fedtrain.secure`): the coordinator sees only the sum."""
+
+    aggregation: bool = False
+    bits: int = field(default=32, metadata=_rule(8, 64, doc="masked sums live in the ring Z_{2^bits}"))
+    clip_range: float = field(
+        default=8.0,
+        metadata=_rule(0.0, exclusive_min=True, doc="each coordinate of a contribution is clamped to ±clip_range"),
+    )
+    max_weight: int = field(
+        default=1000, metadata=_rule(1, doc="a client's weight is min(num_examples, max_weight)")
+    )
+    neighbours: int = field(
+        default=0, metadata=_rule(0, doc="SecAgg+ graph degree; 0 = about 3·log2(clients per round)")
+    )
+    threshold: float = field(
+        default=0.5, metadata=_rule(0.5, 1.0, doc="Shamir threshold: floor(threshold·neighbours) + 1")
+    )
+    simulated_dropout: float = field(
+        default=0.0,
+        metadata=_rule(0.0, 1.0, exclusive_max=True, doc="simulation: share of clients that drop after sharing keys"),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -239,6 +268,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    secure: SecureConfig = field(default_factory=SecureConfig)
 
 
 BUILTIN_DATASETS = ("digits", "mnist", "cifar10", "synthetic")
@@ -359,6 +389,9 @@ def validate(config: Config) -> Config:
             f"strategy.clients_per_round = {config.strategy.clients_per_round}"
         )
     _check_privacy(config)
+    from fedtrain.secure.setting import check_secure
+
+    check_secure(config)
     if (config.attack.kind is AttackKind.NONE) != (config.attack.fraction == 0.0):
         raise ConfigError(
             f"attack.kind = {config.attack.kind.value!r}, attack.fraction = {config.attack.fraction}: "
@@ -379,13 +412,24 @@ def _check_privacy(config: Config) -> None:
             if value != off:
                 raise ConfigError(
                     f"privacy.{key} = {value!r}: has no effect with privacy.mode = 'none'; "
-                    "set privacy.mode to 'sample' or 'user'"
+                    "set privacy.mode to 'sample', 'user' or 'distributed'"
                 )
         return
     if (p.noise_multiplier > 0) == (p.target_epsilon > 0):
         raise ConfigError(
             f"privacy.noise_multiplier = {p.noise_multiplier}, privacy.target_epsilon = {p.target_epsilon}: "
             f"privacy.mode = {p.mode.value!r} needs exactly one of them > 0"
+        )
+    if p.mode is PrivacyMode.DISTRIBUTED and not config.secure.aggregation:
+        raise ConfigError(
+            "privacy.mode = 'distributed' with secure.aggregation = false: each client adds only a share "
+            "of the noise, which protects nothing unless the coordinator sees just the sum; "
+            "set secure.aggregation = true (or use privacy.mode = 'user')"
+        )
+    if p.mode is PrivacyMode.USER and config.secure.aggregation:
+        raise ConfigError(
+            "privacy.mode = 'user' with secure.aggregation = true: DP-FedAvg checks each update's norm and adds "
+            "the noise on the coordinator, which secure aggregation hides; use privacy.mode = 'distributed'"
         )
     if p.adaptive_clip and p.mode is not PrivacyMode.USER:
         raise ConfigError(

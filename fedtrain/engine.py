@@ -131,12 +131,13 @@ class Engine:
         valid = [u for u in valid if u.client_id not in rejected]
         for failure in failures:
             log.warning("round %d: client %s rejected: %s", rnd, failure.client_id, failure.reason)
-        if len(valid) >= self.min_clients and release.updates:
+        contributors = sum(u.contributors for u in valid)
+        if contributors >= self.min_clients and release.updates:
             params = self.strategy.aggregate(rnd, params, release.updates)
         else:
             log.warning(
                 "round %d skipped: %d valid updates, strategy.min_clients = %d; model unchanged",
-                rnd, len(valid), self.min_clients,
+                rnd, contributors, self.min_clients,
             )
         evaluation = self.evaluate(params)
         losses = [u.metrics.get("train_loss") for u in valid]
@@ -149,13 +150,14 @@ class Engine:
             round=rnd,
             accuracy=evaluation.accuracy,
             loss=evaluation.loss,
-            num_clients=len(valid),
+            num_clients=contributors,
             num_failed=len(failures),
             train_loss=train_loss,
             seconds=time.perf_counter() - started,
             epsilon=report.epsilon,
             delta=report.delta,
             privacy=dict(report.extra),
+            failures={f.client_id: f.reason for f in failures},
         )
         return params, record
 

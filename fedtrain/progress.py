@@ -29,7 +29,7 @@ class RoundProgress:
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
 
-    def on_round(self, record: RoundRecord, params: torch.Tensor) -> None:
+    def on_round(self, record: RoundRecord, params: torch.Tensor | None = None) -> None:
         self._progress.update(
             self._task,
             advance=1,

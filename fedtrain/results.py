@@ -120,3 +120,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float | int | None]]:
     """The rows of a run's ``metrics.jsonl``."""
     lines = (Path(run_dir) / METRICS_FILE).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def read_summary(run_dir: str | Path) -> Summary:
+    """A finished run's ``summary.json``."""
+    return Summary(**json.loads((Path(run_dir) / SUMMARY_FILE).read_text(encoding="utf-8")))

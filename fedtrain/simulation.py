@@ -11,13 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedtrain import checkpoint
 from fedtrain.backends.attack import AttackingBackend, choose_attackers
 from fedtrain.backends.batched import BatchedBackend
 from fedtrain.backends.local import LocalBackend
 from fedtrain.client import LocalTrainer, resolve_device
-from fedtrain.config import AttackKind, ClientEngine, Config, ConfigError, KeyColumn, PrivacyMode, to_dict
+from fedtrain.config import (
+    AttackKind, ClientEngine, Config, ConfigError, GradSampleMode, KeyColumn, PrivacyMode, to_dict,
+)
 from fedtrain.data import Dataset, load_dataset, partition
 from fedtrain.data.clients import ClientData, PartitionedData, partitions_by_id
 from fedtrain.data.synthetic import CLASSES, DIMENSION, SyntheticData
@@ -115,6 +118,21 @@ def cpu_threads(requested: int, num_parameters: int) -> int:
     return 1 if num_parameters < SMALL_MODEL_PARAMETERS else max(1, os.cpu_count() or 1)
 
 
+def prepare_model(
+    config: Config, input_shape: tuple[int, ...], num_classes: int, sample: torch.Tensor
+) -> tuple[nn.Module, GradSampleMode]:
+    """The configured model, made DP-SGD ready under sample-level privacy, and
+    the per-sample gradient mode chosen for it (tried on ``sample``)."""
+    model = build_model(config.model, input_shape, num_classes, config.run.seed)
+    grad_sample_mode = config.privacy.grad_sample_mode
+    if config.privacy.mode is PrivacyMode.SAMPLE:
+        from fedtrain.privacy.dpsgd import choose_mode, make_private_model
+
+        model = make_private_model(model, config.privacy.fix_model)
+        grad_sample_mode = choose_mode(model, grad_sample_mode, sample)
+    return model, grad_sample_mode
+
+
 def simulate(
     config: Config,
     out_dir: str | Path | None = None,
@@ -133,13 +151,11 @@ def simulate(
     device = resolve_device(config.client.device)
     clients = client_data(config, device)
     strategy = load_strategy(config.strategy.name, config.strategy.options)
-    model = build_model(config.model, clients.input_shape, clients.num_classes, config.run.seed)
-    grad_sample_mode = config.privacy.grad_sample_mode
-    if config.privacy.mode is PrivacyMode.SAMPLE:
-        from fedtrain.privacy.dpsgd import choose_mode, make_private_model
+    if config.secure.aggregation:
+        from fedtrain.secure.setting import check_strategy
 
-        model = make_private_model(model, config.privacy.fix_model)
-        grad_sample_mode = choose_mode(model, grad_sample_mode, clients.x_test[:2])
+        check_strategy(config, strategy)
+    model, grad_sample_mode = prepare_model(config, clients.input_shape, clients.num_classes, clients.x_test[:2])
     layout = ParamLayout.of(model.state_dict())
     torch.set_num_threads(cpu_threads(config.run.threads, layout.numel))
     sampler = make_sampler(config.strategy.sampling, config.strategy.clients_per_round, config.data.num_clients)
@@ -166,6 +182,17 @@ def simulate(
     if config.attack.kind is not AttackKind.NONE:
         attackers = choose_attackers(clients.data.ids, config.attack.fraction, config.run.seed)
         backend = AttackingBackend(backend, attackers, config.attack.kind, config.attack.scale, config.run.seed)
+    if config.secure.aggregation:
+        from fedtrain.backends.secure import SecureAggregationBackend
+        from fedtrain.secure.setting import SecureSettings
+
+        backend = SecureAggregationBackend(
+            backend,
+            SecureSettings.of(config),
+            config.run.seed,
+            weighted=bool(getattr(strategy, "weighted", True)),
+            secure_noise=config.privacy.secure_noise,
+        )
     x_test, y_test = clients.x_test, clients.y_test
     engine = Engine(
         strategy=strategy,
@@ -179,6 +206,22 @@ def simulate(
         privacy=privacy,
     )
     params = layout.flatten(model.state_dict()).to(device)
+    return run_engine(config, engine, layout, params, out_dir, progress, resume, started)
+
+
+def run_engine(
+    config: Config,
+    engine: Engine,
+    layout: ParamLayout,
+    params: torch.Tensor,
+    out_dir: str | Path | None,
+    progress: bool,
+    resume: bool,
+    started: float,
+) -> SimulationResult:
+    """Run ``engine`` from ``params`` (or from the last checkpoint in
+    ``out_dir`` with ``resume``) and write the run folder: the part of a run
+    that a simulation and a deployed coordinator share."""
     earlier: list[RoundRecord] = []
     if resume:
         if out_dir is None:
@@ -191,7 +234,7 @@ def simulate(
                 f"cannot resume {out_dir}: its checkpoint was written with another config ({'; '.join(changed)})"
             )
         engine.load_state_dict(saved.engine)
-        params = saved.params.to(device)
+        params = saved.params.to(params.device)
         earlier = [RoundRecord.from_json(r) for r in saved.records]
         log.warning("resuming %s after round %d", out_dir, saved.round)
     observers: list[RoundObserver] = []
@@ -210,7 +253,7 @@ def simulate(
         params, new_records, stopped = engine.run(params, remaining, observers, first_round=len(earlier) + 1)
     records = earlier + new_records
     final = engine.evaluate(params) if not records else records[-1]
-    report = privacy.report()
+    report = engine.privacy.report()
     summary = Summary(
         final_accuracy=final.accuracy,
         final_loss=final.loss,

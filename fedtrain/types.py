@@ -56,6 +56,8 @@ class ClientUpdate:
     ``vector`` is a flat ``float32`` tensor in the global model's layout: the
     model delta or the gradient, as ``kind`` says. ``num_examples`` is the
     number of training records behind it (the FedAvg weight).
+    ``contributors`` is how many clients it stands for: 1, or, for the one
+    update secure aggregation yields, the clients whose updates it sums.
     """
 
     client_id: str
@@ -63,6 +65,7 @@ class ClientUpdate:
     num_examples: int
     kind: UpdateKind = UpdateKind.DELTA
     metrics: Mapping[str, float] = field(default_factory=dict)
+    contributors: int = 1
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,13 @@ class RoundRecord:
     epsilon: float | None = None
     delta: float | None = None
     privacy: Mapping[str, float] = field(default_factory=dict)
+    failures: Mapping[str, str] = field(default_factory=dict)
 
-    def as_json(self) -> dict[str, float | int | None]:
+    def as_json(self) -> dict[str, Any]:
         """The ``metrics.jsonl`` row: the same keys every round (``epsilon`` and
-        ``delta`` are null without privacy), plus the privacy setting's own
-        figures (e.g. the adaptive ``clip``) when there is one."""
+        ``delta`` are null without privacy; ``failures`` maps each failed or
+        rejected client to the reason), plus the privacy setting's own figures
+        (e.g. the adaptive ``clip``) when there is one."""
         return {
             "round": self.round,
             "accuracy": self.accuracy,
@@ -103,14 +108,16 @@ class RoundRecord:
             "seconds": self.seconds,
             "epsilon": self.epsilon,
             "delta": self.delta,
+            "failures": dict(self.failures),
             **self.privacy,
         }
 
     @classmethod
     def from_json(cls, row: Mapping[str, Any]) -> "RoundRecord":
         """The record of a ``metrics.jsonl`` row (the inverse of :meth:`as_json`)."""
-        known = {f for f in cls.__dataclass_fields__ if f != "privacy"}
+        known = {f for f in cls.__dataclass_fields__ if f not in ("privacy", "failures")}
         return cls(
             **{k: row[k] for k in known if k in row},
-            privacy={k: float(v) for k, v in row.items() if k not in known},
+            failures={str(k): str(v) for k, v in row.get("failures", {}).items()},
+            privacy={k: float(v) for k, v in row.items() if k not in known and k != "failures"},
         )

@@ -20,10 +20,17 @@ from fedtrain.types import ClientUpdate
 @dataclass(frozen=True)
 class ClientPrivacy:
     """How clients protect a round's work: clip the update (user level) and/or
-    train with DP-SGD (sample level)."""
+    train with DP-SGD (sample level).
+
+    ``distributed_noise`` (distributed DP) is the std ``z·C`` of the Gaussian
+    noise the round's sum must carry; inside secure aggregation each of the
+    ``n`` planned clients adds ``N(0, (distributed_noise / √n)²)`` to its
+    clipped update (see :mod:`fedtrain.privacy.distributed`).
+    """
 
     clip: float = 0.0
     dp_sgd: DpSgdTask | None = None
+    distributed_noise: float = 0.0
 
 
 @dataclass(frozen=True)

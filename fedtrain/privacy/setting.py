@@ -126,6 +126,22 @@ def build_policy(
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+    if p.mode is PrivacyMode.DISTRIBUTED:
+        from fedtrain.privacy.distributed import DistributedDP
+
+        try:
+            return DistributedDP(
+                accountant=Accountant(p.accountant),
+                noise_multiplier=user_level_noise(config),
+                clip=p.clip,
+                sample_rate=config.strategy.clients_per_round / config.data.num_clients,
+                amplified=config.strategy.sampling is Sampling.POISSON,
+                expected_cohort=expected_cohort,
+                delta=p.delta,
+                max_epsilon=p.max_epsilon,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     from fedtrain.privacy.dpsgd import DpSgdTask
     from fedtrain.privacy.sample_level import SampleLevelDP
 

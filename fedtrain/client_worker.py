@@ -1,0 +1,169 @@
+"""The long-lived training process of a deployed client.
+
+Flower's SuperNode starts a fresh ``ClientApp`` process for every message it
+receives. Importing torch, loading the data and building the model in each of
+those would cost seconds per round, so fedtrain's ``ClientApp`` is a thin relay
+(:mod:`fedtrain.backends.flower`) that hands the message to this worker,
+started once by ``fedtrain client``, over a local socket authenticated with a
+random key (``multiprocessing.connection``'s HMAC challenge). The worker keeps
+the data, the model and its optimisers warm across rounds, and runs the same
+:class:`~fedtrain.client.LocalTrainer` as the simulation.
+
+The worker imports nothing from Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from fedtrain.config import Config, ConfigError, from_dict
+from fedtrain.layout import ParamLayout
+from fedtrain.relay import AUTHKEY_BYTES, ClientInfo, Hello, TrainReply
+
+log = logging.getLogger(__name__)
+
+def load_own_data(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's own records from an ``.npz`` file with arrays ``x`` (features,
+    shaped like the model's input) and ``y`` (integer labels)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file")
+    with np.load(path, allow_pickle=False) as f:
+        if "x" not in f or "y" not in f:
+            raise ValueError(f"--data {path}: needs arrays 'x' and 'y', found {sorted(f.files)}")
+        x, y = f["x"], f["y"]
+    if len(x) != len(y) or len(y) == 0:
+        raise ValueError(f"--data {path}: x has {len(x)} rows and y {len(y)}; need the same, at least one")
+    return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
+
+
+class ClientWorker:
+    """Answers :class:`Hello` and train requests for one client's data."""
+
+    def __init__(self, name: str, partition: str | None, data_path: Path | None, device: str) -> None:
+        if (partition is None) == (data_path is None):
+            raise ValueError("give exactly one of --partition and --data")
+        self.name = name
+        self.partition = partition
+        self.data_path = data_path
+        self.device_name = device
+        self._setup: tuple[Mapping[str, Any], Any, torch.Tensor, torch.Tensor, int] | None = None
+        self.lock = threading.Lock()
+
+    def _records(self, config: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.data_path is not None:
+            x, y = load_own_data(self.data_path)
+            return x.to(device), y.to(device)
+        from fedtrain.simulation import client_data
+
+        data = client_data(config, device).data
+        if self.partition not in data.ids:
+            raise ConfigError(
+                f"--partition {self.partition}: the run has data.num_clients = {config.data.num_clients} "
+                f"partitions, numbered 0 to {config.data.num_clients - 1}"
+            )
+        return data.load(self.partition)
+
+    def hello(self, hello: Hello) -> ClientInfo:
+        """Load the data and build the model for the run described by ``hello``
+        (once per config: a repeated hello of the same run costs nothing)."""
+        from fedtrain.client import LocalTrainer, resolve_device
+        from fedtrain.simulation import cpu_threads, prepare_model
+
+        if self._setup is None or self._setup[0] != hello.config:
+            config = from_dict(hello.config)
+            device = resolve_device(self.device_name if self.device_name != "config" else config.client.device)
+            x, y = self._records(config, device)
+            if tuple(x.shape[1:]) != hello.input_shape:
+                raise ValueError(
+                    f"client {self.name}: records are shaped {tuple(x.shape[1:])}, the run's model "
+                    f"expects {hello.input_shape}"
+                )
+            model, _ = prepare_model(config, hello.input_shape, hello.num_classes, x[:2])
+            layout = ParamLayout.of(model.state_dict())
+            torch.set_num_threads(cpu_threads(config.run.threads, layout.numel))
+            trainer = LocalTrainer(model, layout, device)
+            self._setup = (hello.config, trainer, x, y, int(config.run.seed))
+            log.info("client %s: %d records on %s, model of %d parameters", self.name, len(y), device, layout.numel)
+        trainer, y = self._setup[1], self._setup[3]
+        return ClientInfo(self.name, len(y), str(trainer.device))
+
+    def train(self, rnd: int, task_json: str, params: np.ndarray) -> TrainReply:
+        from fedtrain.client import TrainTask
+
+        if self._setup is None:
+            raise RuntimeError(f"client {self.name}: asked to train before the run's hello")
+        _, trainer, x, y, seed = self._setup
+        task = TrainTask.from_json(json.loads(task_json))
+        if params.shape != (trainer.layout.numel,):
+            raise ValueError(
+                f"client {self.name}: global model has {params.shape} values, expected ({trainer.layout.numel},)"
+            )
+        started = time.perf_counter()
+        global_params = torch.from_numpy(np.ascontiguousarray(params, dtype=np.float32)).to(trainer.device)
+        out = torch.empty_like(global_params)
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        result = trainer.train(global_params, x, y, task, generator, out)
+        log.info("round %d: client %s trained on %d records in %.2f s",
+                 rnd, self.name, result.num_examples, time.perf_counter() - started)
+        return TrainReply(out.cpu().numpy(), result.num_examples, dict(result.metrics))
+
+    def handle(self, request: tuple[str, Any]) -> tuple[str, Any]:
+        """One relayed request → ``("ok", result)`` or ``("error", reason)``."""
+        kind, body = request
+        try:
+            with self.lock:
+                if kind == "hello":
+                    return "ok", self.hello(Hello.from_json(body))
+                if kind == "train":
+                    rnd, task_json, params = body
+                    return "ok", self.train(int(rnd), task_json, params)
+            return "error", f"unknown request {kind!r}"
+        except Exception as exc:  # reported to the coordinator as this client's failure
+            log.exception("client %s: %s request failed", self.name, kind)
+            return "error", f"{type(exc).__name__}: {exc}"
+
+
+class WorkerServer:
+    """Serves a :class:`ClientWorker` on a Unix socket in ``folder``; the
+    address and key reach the relay through the SuperNode's node config."""
+
+    def __init__(self, worker: ClientWorker, folder: Path) -> None:
+        self.worker = worker
+        self.address = str(folder / "worker.sock")
+        self.authkey = secrets.token_bytes(AUTHKEY_BYTES)
+        self._listener = Listener(self.address, family="AF_UNIX", authkey=self.authkey)
+        self._thread = threading.Thread(target=self._serve, name="fedtrain-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn = self._listener.accept()
+            except OSError:
+                return
+            except Exception:  # a relay that fails the HMAC challenge
+                log.warning("refused a local connection that did not know the worker key")
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: Connection) -> None:
+        with conn:
+            try:
+                conn.send(self.worker.handle(conn.recv()))
+            except (EOFError, OSError):
+                log.warning("relay went away before its answer")
+
+    def close(self) -> None:
+        self._listener.close()

@@ -1,0 +1,70 @@
+"""What passes between fedtrain's Flower ``ClientApp`` relay and the client's
+warm worker process (:mod:`fedtrain.client_worker`).
+
+This module imports neither torch nor Flower: the relay runs in a fresh
+process for every message, so what it imports is paid every round.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from multiprocessing.connection import Client
+from typing import Any, Mapping
+
+import numpy as np
+
+NODE_WORKER = "fedtrain-worker"
+"""SuperNode ``--node-config`` key: the worker's Unix socket."""
+
+NODE_KEY_FILE = "fedtrain-key-file"
+"""SuperNode ``--node-config`` key: the file (0600) holding the worker's key."""
+
+AUTHKEY_BYTES = 32
+"""256-bit key for the relay's HMAC challenge (``multiprocessing.connection``)."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What the coordinator tells a client before its first round: the run's
+    config and the model's shape."""
+
+    config: Mapping[str, Any]
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def as_json(self) -> str:
+        return json.dumps(
+            {"config": self.config, "input_shape": list(self.input_shape), "num_classes": self.num_classes}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Hello":
+        row = json.loads(text)
+        return cls(row["config"], tuple(int(d) for d in row["input_shape"]), int(row["num_classes"]))
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """A client's answer to :class:`Hello`: the id the engine knows it by and
+    its record count (public, as in the simulation)."""
+
+    name: str
+    num_records: int
+    device: str
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """One round's result of a deployed client."""
+
+    update: np.ndarray
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def relay(address: str, authkey_hex: str, request: tuple[str, Any]) -> tuple[str, Any]:
+    """Send ``request`` to the worker at ``address`` and wait for its answer."""
+    with Client(address, family="AF_UNIX", authkey=bytes.fromhex(authkey_hex)) as conn:
+        conn.send(request)
+        return conn.recv()

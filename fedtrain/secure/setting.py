@@ -1,0 +1,134 @@
+"""A run's secure-aggregation setting, built from its config and checked
+before training: the ring must hold every possible sum, and the strategy must
+be one that works on a sum.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+from fedtrain.config import Config, ConfigError, PrivacyMode, Sampling
+from fedtrain.secure.graph import NeighbourGraph, default_degree, threshold_for
+from fedtrain.secure.messages import SESSION_BYTES, SecureSetup
+from fedtrain.secure.quantize import MIN_LEVELS, Ring
+from fedtrain.strategy import Strategy
+
+ROUNDING_TO_NOISE = 0.01
+"""Under distributed DP, the largest worst-case rounding error of a sum
+(``n · step / 2`` per coordinate) allowed, relative to the std ``z·C`` of
+its noise. At 1% the discretisation is negligible next to the noise, which is
+what justifies adding continuous Gaussian noise before quantising instead of
+a discrete Gaussian (Canonne et al. 2020) or Skellam (Agarwal et al. 2021)
+mechanism, whose analyses matter only when the ring is too small for that."""
+
+
+@dataclass(frozen=True)
+class SecureSettings:
+    """The ``[secure]`` table as the protocol uses it."""
+
+    bits: int
+    clip_range: float
+    max_weight: int
+    neighbours: int
+    threshold: float
+    simulated_dropout: float
+
+    @classmethod
+    def of(cls, config: Config) -> "SecureSettings":
+        s = config.secure
+        return cls(s.bits, s.clip_range, s.max_weight, s.neighbours, s.threshold, s.simulated_dropout)
+
+    def degree(self, num_clients: int) -> int:
+        """Graph degree for a round of ``num_clients``: configured, or ~3·log₂ n."""
+        chosen = self.neighbours or default_degree(num_clients)
+        return max(1, min(chosen, num_clients - 1)) if num_clients > 1 else 1
+
+    def graph(self, num_clients: int) -> NeighbourGraph:
+        if num_clients == 1:
+            return NeighbourGraph(((),))
+        return NeighbourGraph.harary(num_clients, self.degree(num_clients))
+
+    def setup(self, num_clients: int, vector_length: int, noise_stddev: float, weighted: bool) -> SecureSetup:
+        """The public parameters of a round of ``num_clients`` (fresh session id).
+
+        A round of one client aborts in the protocol (it has no neighbour to
+        share with), which is right: the sum of one update is that update.
+        """
+        threshold = threshold_for(self.degree(num_clients), self.threshold) if num_clients > 1 else 1
+        return SecureSetup(
+            session=secrets.token_bytes(SESSION_BYTES),
+            num_clients=num_clients,
+            vector_length=vector_length,
+            bits=self.bits,
+            clip_range=self.clip_range,
+            max_weight=self.max_weight if weighted else 1,
+            threshold=threshold,
+            noise_stddev=noise_stddev,
+        )
+
+
+def max_cohort(config: Config) -> int:
+    """The most clients a round can have: ``clients_per_round``, or every
+    client under Poisson sampling."""
+    if config.strategy.sampling is Sampling.POISSON:
+        return config.data.num_clients
+    return config.strategy.clients_per_round
+
+
+def check_secure(config: Config) -> None:
+    """Refuse a ``[secure]`` table whose ring could overflow or is too coarse."""
+    s = config.secure
+    if not s.aggregation:
+        if s.simulated_dropout:
+            raise ConfigError(
+                f"secure.simulated_dropout = {s.simulated_dropout}: has no effect with secure.aggregation = false"
+            )
+        return
+    if config.strategy.clients_per_round < 2:
+        raise ConfigError(
+            f"strategy.clients_per_round = {config.strategy.clients_per_round} with secure.aggregation = true: "
+            "the sum of one update is that update; allowed: >= 2"
+        )
+    ring = Ring(s.bits)
+    n = max_cohort(config)
+    why = "num_clients, under Poisson sampling" if config.strategy.sampling is Sampling.POISSON else "clients_per_round"
+    if n * s.max_weight > ring.max_signed:
+        raise ConfigError(
+            f"secure.max_weight = {s.max_weight}: up to {n} clients per round ({why}) could sum their weights "
+            f"to {n * s.max_weight}, past {ring.max_signed}, the largest sum Z_2^{s.bits} holds; "
+            f"allowed: secure.max_weight <= {ring.max_signed // n}, or a larger secure.bits"
+        )
+    levels = ring.max_signed // n
+    if levels < MIN_LEVELS:
+        needed = math.ceil(math.log2(MIN_LEVELS * n + 1)) + 1
+        raise ConfigError(
+            f"secure.bits = {s.bits}: up to {n} clients per round ({why}) leave each client {levels} "
+            f"quantisation levels, fewer than {MIN_LEVELS}; allowed: secure.bits >= {needed}"
+        )
+    if s.neighbours == 1:
+        raise ConfigError("secure.neighbours = 1: allowed are 0 (automatic) or >= 2")
+    p = config.privacy
+    if p.mode is PrivacyMode.DISTRIBUTED:
+        if s.clip_range < p.clip:
+            raise ConfigError(
+                f"secure.clip_range = {s.clip_range}: must be >= privacy.clip = {p.clip}, "
+                "or clipped updates would be clamped again"
+            )
+        rounding = n * (s.clip_range / levels) / 2.0
+        if p.noise_multiplier > 0 and rounding > ROUNDING_TO_NOISE * p.noise_multiplier * p.clip:
+            raise ConfigError(
+                f"secure.bits = {s.bits}: the rounding error of a sum, up to {rounding:.3g}, exceeds "
+                f"{ROUNDING_TO_NOISE:.0%} of the noise std {p.noise_multiplier * p.clip:.3g}; raise secure.bits"
+            )
+
+
+def check_strategy(config: Config, strategy: Strategy) -> None:
+    """Refuse strategies that need each update on its own under secure aggregation."""
+    if config.secure.aggregation and strategy.needs_individual_updates:
+        raise ConfigError(
+            f"strategy.name = {config.strategy.name!r} with secure.aggregation = true: the strategy looks at "
+            "each client's update on its own (needs_individual_updates), but secure aggregation reveals only "
+            "their sum; use fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox or fedsgd"
+        )
