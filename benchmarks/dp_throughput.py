@@ -28,7 +28,12 @@ timed on its own and as the end-to-end difference to seeded noise).
 With the digits MLP's DP/plain above ``PROFILE_ABOVE`` (or ``--profile``) one
 DP round of it is run under cProfile and the top costs are added to the report.
 
-    python benchmarks/dp_throughput.py [--quick] [--repeats N] [--profile]
+With ``--device cuda`` the variants train on the GPU (records and model
+there, noise drawn for that device) and the report goes to
+``results/dp_throughput_cuda.md``; the CPU-only step breakdown and profile
+are left out.
+
+    python benchmarks/dp_throughput.py [--quick] [--repeats N] [--profile] [--device cuda]
 """
 
 from __future__ import annotations
@@ -94,12 +99,12 @@ class Variant:
     """One trainer (its own model instance) and the task it runs."""
 
     def __init__(self, wl: Workload, mode: GradSampleMode | None, secure: bool, epochs: int,
-                 trainer: LocalTrainer | None = None) -> None:
+                 trainer: LocalTrainer | None = None, device: torch.device = torch.device("cpu")) -> None:
         self.mode, self.secure = mode, secure
         if trainer is None:
             model = build_model(wl.model, wl.input_shape, 10, SEED)
             layout = ParamLayout.of(model.state_dict())
-            trainer = LocalTrainer(model, layout, torch.device("cpu"))
+            trainer = LocalTrainer(model, layout, device)
         self.trainer = trainer
         self.params = trainer.layout.flatten(trainer.model.state_dict()).clone()
         self.out = torch.empty_like(self.params)
@@ -107,7 +112,7 @@ class Variant:
         if mode is not None:
             privacy = ClientPrivacy(dp_sgd=DpSgdTask(SIGMA, CLIP, mode, secure_noise=secure))
         self.task = TrainTask(epochs=epochs, batch_size=BATCH, lr=LR, privacy=privacy)
-        self.x, self.y = wl.x, wl.y
+        self.x, self.y = wl.x.to(trainer.device), wl.y.to(trainer.device)
         self.times: list[float] = []
 
     @property
@@ -123,6 +128,8 @@ class Variant:
     def timed(self) -> None:
         started = time.perf_counter()
         self.run()
+        if self.trainer.device.type == "cuda":
+            torch.cuda.synchronize(self.trainer.device)
         self.times.append(time.perf_counter() - started)
 
 
@@ -223,7 +230,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer epochs, 2 repeats: a smoke run")
     ap.add_argument("--repeats", type=int, default=0, help="timings per variant (default 7, quick 2)")
     ap.add_argument("--profile", action="store_true", help="profile a DP round of the MLP whatever its ratio")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args()
+    device = torch.device(args.device)
     repeats = args.repeats or (2 if args.quick else 7)
     # hooks mode on a model whose input needs no grad: harmless, printed once per model
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -236,13 +245,13 @@ def main() -> None:
     profile_lines: list[str] = []
     for wl in workloads():
         epochs = wl.quick_epochs if args.quick else wl.epochs
-        plain = Variant(wl, None, True, epochs)
+        plain = Variant(wl, None, True, epochs, device=device)
         numel = plain.params.numel()
         torch.set_num_threads(cpu_threads(0, numel))
         variants = [plain]
         for mode in MODES:
-            secure = Variant(wl, mode, True, epochs)
-            variants += [secure, Variant(wl, mode, False, epochs, trainer=secure.trainer)]
+            secure = Variant(wl, mode, True, epochs, device=device)
+            variants += [secure, Variant(wl, mode, False, epochs, trainer=secure.trainer, device=device)]
 
         # the three modes must compute the same update from the same seeded noise and batches
         seeded = {v.mode: v.run(seed=7).clone() for v in variants if v.mode is not None and not v.secure}
@@ -278,9 +287,8 @@ def main() -> None:
         # secure noise: its own cost per step vs a DP step, and the end-to-end difference
         steps = steps_per_round(len(wl.y), BATCH, epochs)
         sec, sed = SecureGaussian(), SeededGaussian(0)
-        cpu = torch.device("cpu")
-        t_sec = best(lambda: sec.gaussian(numel, 1.0, cpu), repeats, 20)
-        t_sed = best(lambda: sed.gaussian(numel, 1.0, cpu), repeats, 20)
+        t_sec = best(lambda: sec.gaussian(numel, 1.0, device), repeats, 20)
+        t_sed = best(lambda: sed.gaussian(numel, 1.0, device), repeats, 20)
         gen = torch.Generator().manual_seed(0)
         t_randn = best(lambda: torch.randn(numel, generator=gen), repeats, 20)
         auto_secure = next(v for v in variants if v.mode is auto and v.secure)
@@ -293,22 +301,23 @@ def main() -> None:
             f"{100 * (min(auto_secure.times) - min(auto_seeded.times)) / min(auto_secure.times):.1f}%",
         ])
 
-        parts = step_breakdown(wl, auto, repeats)
-        plain_step = ref_min / steps
-        inside = ["per-sample fwd+bwd (Opacus)", "clip + sum (fedtrain)", "secure noise draw (fedtrain)"]
-        total = parts["noisy_gradient"]
+        if device.type == "cpu":  # the breakdown and profile time CPU code paths
+            parts = step_breakdown(wl, auto, repeats)
+            plain_step = ref_min / steps
+            inside = ["per-sample fwd+bwd (Opacus)", "clip + sum (fedtrain)", "secure noise draw (fedtrain)"]
+            total = parts["noisy_gradient"]
 
-        def ms(v: float) -> str:
-            return f"{v * 1e3:.2f} ({100 * v / total:.0f}%)"
+            def ms(v: float) -> str:
+                return f"{v * 1e3:.2f} ({100 * v / total:.0f}%)"
 
-        breakdown_rows.append(
-            [wl.name, auto.value, f"{dp_step * 1e3:.2f}", f"{total * 1e3:.2f}"]
-            + [ms(parts[k]) for k in inside]
-            + [ms(total - sum(parts[k] for k in inside)), f"{(dp_step - total) * 1e3:.2f}",
-               f"{plain_step * 1e3:.2f}", f"{parts['plain fwd+bwd'] * 1e3:.2f}"])
+            breakdown_rows.append(
+                [wl.name, auto.value, f"{dp_step * 1e3:.2f}", f"{total * 1e3:.2f}"]
+                + [ms(parts[k]) for k in inside]
+                + [ms(total - sum(parts[k] for k in inside)), f"{(dp_step - total) * 1e3:.2f}",
+                   f"{plain_step * 1e3:.2f}", f"{parts['plain fwd+bwd'] * 1e3:.2f}"])
 
-        if wl.model.name == "mlp" and (args.profile or by_mode[auto] / ref_min > PROFILE_ABOVE):
-            profile_lines = profile_round(auto_secure)
+            if wl.model.name == "mlp" and (args.profile or by_mode[auto] / ref_min > PROFILE_ABOVE):
+                profile_lines = profile_round(auto_secure)
         if not ok:
             notes_extra.append(
                 f"{wl.name}: auto picks {auto.value} (MODE_PREFERENCE = "
@@ -336,10 +345,10 @@ def main() -> None:
         table(["workload", "mode", "DP step ms", "noisy_gradient ms", "per-sample fwd+bwd (Opacus)",
                "clip + sum (mechanisms.per_sample_clipped_sum)", "secure noise (noise.SecureGaussian)",
                "other in noisy_gradient", "rest of step ms", "plain step ms", "plain fwd+bwd ms"],
-              breakdown_rows),
+              breakdown_rows) if breakdown_rows else "(no step breakdown off the CPU)",
     ] + (["\n".join(profile_lines)] if profile_lines else []))
     report(
-        "dp_throughput" + ("_quick" if args.quick else ""),
+        "dp_throughput" + ("" if device.type == "cpu" else f"_{device.type}") + ("_quick" if args.quick else ""),
         "DP-SGD vs plain local training throughput" + (" (--quick)" if args.quick else ""),
         body,
         [

@@ -4,20 +4,26 @@
 another; with many small clients a round is then mostly Python and dispatcher
 overhead (a few-kilobyte MLP step costs ~1 ms, whatever the batch). Here the
 parameters of ``k`` clients are stacked (one row per client) and a local step
-of all of them is one ``vmap`` of ``functional_call`` and one backward pass:
-the per-client matrix products become batched ones and the overhead is paid
-once per step of the cohort, not once per step of each client. The clients'
-losses are independent, so the gradient of their sum with respect to the
-stacked parameters is each client's own gradient (plain autograd here: ~20%
-faster than ``vmap(grad(...))``, which DP-SGD's per-sample gradients and
-FedSGD's gradients at the shared global parameters use).
+of all of them is one stacked forward pass and one backward pass: the
+per-client matrix products become batched ones and the overhead is paid once
+per step of the cohort, not once per step of each client. The stacked forward
+is :class:`~fedtrain.backends.stacked.StackedSequential` (batched tensor ops
+written out) for a ``Sequential`` of common layers, else ``vmap`` of
+``functional_call`` (any model ``torch.func`` runs, with ~1 ms more overhead
+per step). The clients' losses are independent, so the gradient of their sum
+with respect to the stacked parameters is each client's own gradient (plain
+autograd here: ~20% faster than ``vmap(grad(...))``, which DP-SGD's
+per-sample gradients and FedSGD's gradients at the shared global parameters
+use).
 
 The math is the sequential one (:class:`~fedtrain.client.LocalTrainer`), so
 the same seeds give the same updates up to float rounding:
 
 * each client draws its batches from its own ``client_generator(seed, rnd,
   index)`` with the same calls in the same order (``randperm`` per epoch;
-  under DP-SGD the noise seed, then one Poisson mask per step);
+  under DP-SGD the noise seed, then one Poisson mask per step); a client
+  whose records all fit in one batch draws nothing, since every step then
+  sees all its records and their order only changes float rounding;
 * clients have different numbers of records, so batches are padded to a common
   width with a mask (loss ``sum(mask · ce) / count``), and clients are sorted
   by their number of steps: at step ``t`` the clients still training are a
@@ -40,17 +46,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from fedtrain.backends.local import LocalBackend, client_generator
+from fedtrain.backends.stacked import StackedSequential
 from fedtrain.client import LocalTrainer, TrainTask
 from fedtrain.config import Optimizer
 from fedtrain.data.clients import ClientData
@@ -78,9 +87,19 @@ ADAM_EPS = 1e-8
 """``torch.optim.Adam``'s defaults, which :class:`LocalTrainer` uses."""
 
 MIN_BATCH_CLIENTS = 4
-"""Below this many clients a chunk trains one by one: a batched step costs
-~1.5 ms more than a sequential one (``torch.func`` and pytree overhead), which
-4–5 clients pay back (measured on the digits MLP, 1 thread)."""
+"""Below this many clients a chunk trains one by one when its forward pass
+needs ``vmap``: such a batched step costs ~1.5 ms more than a sequential one
+(``torch.func`` and pytree overhead), which 4–5 clients pay back (measured on
+the digits MLP, 1 thread)."""
+
+MIN_STACKED_CLIENTS = 2
+"""The same for models with a :class:`StackedSequential` form: 2 clients
+trained together already take 0.65–0.75× the time of one after the other
+(3 clients 0.5×; digits MLP, 1 thread)."""
+
+GATHER_BYTES = 64 << 20
+"""Up to this many bytes, a chunk's records for all its steps are gathered at
+once (see :meth:`_Batches.gathered`)."""
 
 PROBE_RECORDS = 5
 """Records of the largest client that make the two probe clients: 5 records in
@@ -105,8 +124,9 @@ class BatchedBackend:
 
     ``max_batch_clients`` caps the clients per chunk; chunks are otherwise
     sized so that their estimated memory stays within ``memory_budget``
-    bytes; chunks of fewer than ``min_batch_clients`` clients train one by
-    one, which is faster for them. With ``strict`` a model that cannot run
+    bytes; chunks of fewer than ``min_batch_clients`` clients (default:
+    :data:`MIN_STACKED_CLIENTS` or :data:`MIN_BATCH_CLIENTS`, by the model)
+    train one by one, which is faster for them. With ``strict`` a model that cannot run
     batched is an error (``ValueError`` at its first round) instead of a
     logged fallback. Everything runs on ``trainer.device``. Update vectors
     are rows of one preallocated ``(cohort, P)`` buffer, as with
@@ -120,7 +140,7 @@ class BatchedBackend:
         seed: int,
         max_batch_clients: int | None = None,
         memory_budget: int = MEMORY_BUDGET,
-        min_batch_clients: int = MIN_BATCH_CLIENTS,
+        min_batch_clients: int | None = None,
         strict: bool = False,
         timeout: float = 0.0,
     ) -> None:
@@ -128,7 +148,7 @@ class BatchedBackend:
         itself is fedtrain's own code); see :mod:`fedtrain.deadline`."""
         if max_batch_clients is not None and max_batch_clients < 1:
             raise ValueError(f"max_batch_clients = {max_batch_clients}: must be >= 1")
-        if min_batch_clients < 1:
+        if min_batch_clients is not None and min_batch_clients < 1:
             raise ValueError(f"min_batch_clients = {min_batch_clients}: must be >= 1")
         if memory_budget <= 0:
             raise ValueError(f"memory_budget = {memory_budget}: must be > 0")
@@ -137,7 +157,6 @@ class BatchedBackend:
         self.seed = seed
         self.max_batch_clients = max_batch_clients
         self.memory_budget = memory_budget
-        self.min_batch_clients = min_batch_clients
         self.strict = strict
         self.timeout = timeout
         self.sequential = LocalBackend(trainer, data, seed, timeout)
@@ -148,6 +167,10 @@ class BatchedBackend:
         named = dict(self._model.named_parameters())
         self._trainable = tuple(n for n in self.layout.names if n in named and named[n].requires_grad)
         self._trainable_numel = sum(s for n, s in zip(self.layout.names, self.layout.sizes) if n in self._trainable)
+        self._stacked = StackedSequential.of(self._model)
+        if min_batch_clients is None:
+            min_batch_clients = MIN_STACKED_CLIENTS if self._stacked is not None else MIN_BATCH_CLIENTS
+        self.min_batch_clients = min_batch_clients
         self._support: dict[str, str | None] = {}
         self._buffer = torch.empty(0)
         self._activations = 0  # per-sample activation numel, measured by the probe
@@ -247,7 +270,8 @@ class BatchedBackend:
         """Train one chunk, batched, or one by one when it is small or cannot be batched."""
         slots = [s for s, _, _ in loaded]
         if len(slots) >= self.min_batch_clients:
-            gens = [client_generator(self.seed, rnd, self.sequential.index[clients[s]]) for s in slots]
+            indices = [self.sequential.index[clients[s]] for s in slots]
+            gens = [functools.partial(client_generator, self.seed, rnd, i) for i in indices]
             try:
                 metrics = self._train_chunk(
                     task, params, [x for _, x, _ in loaded], [y for _, _, y in loaded], gens, rows, slots
@@ -341,7 +365,7 @@ class BatchedBackend:
             self.trainer.model.load_state_dict(saved)
         got_rows = torch.empty_like(expected)
         try:
-            gens = [torch.Generator().manual_seed(i) for i in range(2)]
+            gens = [functools.partial(torch.Generator().manual_seed, i) for i in range(2)]
             got = self._train_chunk(probe, params, xs, ys, gens, got_rows, [0, 1])
         except Exception as exc:
             return f"torch.func cannot run the model ({type(exc).__name__}: {exc})"
@@ -381,12 +405,14 @@ class BatchedBackend:
         params: torch.Tensor,
         xs: list[torch.Tensor],
         ys: list[torch.Tensor],
-        gens: list[torch.Generator],
+        gens: list[Callable[[], torch.Generator]],
         rows: torch.Tensor,
         slots: list[int],
     ) -> list[dict[str, float]]:
         """Train clients ``(xs[i], ys[i])`` together; write client ``i``'s update
-        into ``rows[slots[i]]``; return each client's metrics."""
+        into ``rows[slots[i]]``; return each client's metrics. ``gens[i]()``
+        makes client ``i``'s generator, called only when its draws are needed
+        (deriving one costs ~50 µs, a tenth of a small batched step)."""
         bs = task.batch_size
         gradient = task.kind is UpdateKind.GRADIENT
         steps = [math.ceil(len(y) / bs) if gradient else steps_per_round(len(y), bs, task.epochs) for y in ys]
@@ -399,9 +425,10 @@ class BatchedBackend:
         elif dp is None:
             plan = [_epoch_batches(n[i], task, gens[order[i]]) for i in range(k)]
         else:  # LocalTrainer._train_dp_sgd's generator calls: the noise seed, then one mask per step
-            noises = [self.trainer._noise(dp.secure_noise, gens[i]) for i in order]
+            made = [gens[i]() for i in order]
+            noises = [self.trainer._noise(dp.secure_noise, g) for g in made]
             plan = [
-                [torch.nonzero(torch.rand(n[i], generator=gens[order[i]]) < sample_rate(n[i], bs)).squeeze(1)
+                [torch.nonzero(torch.rand(n[i], generator=made[i]) < sample_rate(n[i], bs)).squeeze(1)
                  for _ in range(steps[order[i]])]
                 for i in range(k)
             ]
@@ -448,6 +475,38 @@ class BatchedBackend:
         total = (ce * m).sum()
         return total / count, total.detach()
 
+    def _stacked_objective(
+        self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sum over the ``j`` stacked clients of their batch losses
+        ``sum(weight · ce)`` (weight = mask / count, so each is
+        :meth:`_client_loss`), through
+        :class:`~fedtrain.backends.stacked.StackedSequential` instead of
+        ``vmap``; and every record's loss, detached."""
+        if self._stacked is None:
+            raise ValueError("the model has no stacked form")
+        if consts:
+            p = {**p, **{name: c.expand(weight.shape[0], *c.shape) for name, c in consts.items()}}
+        logits = self._stacked(p, x)  # (j, batch, classes), a view of (j, classes, batch) for a Linear head
+        ce = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+        return (ce * weight).sum(), ce.detach()
+
+    def _vmap_objective(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`_stacked_objective` for any model ``torch.func`` runs: ``vmap`` of
+        every record's loss."""
+        losses_of = vmap(self._record_losses, in_dims=(0, None, 0, 0))
+
+        def objective(p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor,
+                      weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            ce = losses_of(p, consts, x, y)
+            return (ce * weight).sum(), ce.detach()
+
+        return objective
+
+    def _record_losses(self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One client's loss of each record of a batch."""
+        return F.cross_entropy(functional_call(self._model, (p, consts), (x,)), y, reduction="none")
+
     def _sample_loss(self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One record's loss, for per-sample gradients."""
         return F.cross_entropy(functional_call(self._model, (p, consts), (x.unsqueeze(0),)), y.unsqueeze(0))
@@ -459,17 +518,17 @@ class BatchedBackend:
         """Local SGD/Adam epochs on the stacked ``weights``; returns each client's
         summed loss. The gradient of the sum of the clients' losses is each
         client's gradient in its own row."""
-        losses_of = vmap(self._client_loss, in_dims=(0, None, 0, 0, 0, 0))
+        objective = self._stacked_objective if self._stacked is not None else self._vmap_objective()
         step = _optimizer(task, weights, anchor)
-        loss = torch.zeros(len(batches.idx), device=x.device)
-        for t, j, idx, mask in batches:
+        ce = torch.zeros(batches.mask.shape, device=x.device)
+        for t, j, xb, yb, weight in batches.gathered(x, y):
             current = {name: w[:j].detach().requires_grad_() for name, w in weights.items()}
             with torch.enable_grad():
-                losses, summed = losses_of(current, consts, x[idx], y[idx], mask, mask.sum(dim=1).clamp_min(1.0))
-                grads = torch.autograd.grad(losses.sum(), list(current.values()))
-            loss[:j] += summed
+                total, losses = objective(current, consts, xb, yb, weight)
+                grads = torch.autograd.grad(total, list(current.values()))
+            ce[t, :j] = losses
             step(t, j, dict(zip(current, grads)))
-        return loss
+        return (ce * batches.mask).sum(dim=(0, 2))
 
     def _train_dp(
         self, task: TrainTask, weights: Tensors, anchor: Tensors, consts: Tensors,
@@ -517,46 +576,78 @@ class BatchedBackend:
 
 @dataclass(frozen=True)
 class _Batches:
-    """Every client's batches, padded to one width: ``idx[i, t]`` indexes the
+    """Every client's batches, padded to one width, step-major (so the running
+    clients of a step are one contiguous block): ``idx[t, i]`` indexes the
     chunk's concatenated records (padding points at the client's first record,
-    with ``mask`` 0); ``running[t]`` clients (a prefix: clients are sorted by
-    their number of steps, longest first) take step ``t``."""
+    with ``mask`` 0); ``weight`` is ``mask`` over the batch's record count (at
+    least 1); ``running[t]`` clients (a prefix: clients are sorted by their
+    number of steps, longest first) take step ``t``."""
 
     idx: torch.Tensor
     mask: torch.Tensor
+    weight: torch.Tensor
     running: list[int]
 
     def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """``(t, j, indices, mask)`` of each step, for the ``j`` running clients."""
         for t, j in enumerate(self.running):
-            yield t, j, self.idx[:j, t], self.mask[:j, t]
+            yield t, j, self.idx[t, :j], self.mask[t, :j]
+
+    def gathered(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(t, j, x, y, weight)`` of each step's running clients. The
+        records of all steps are gathered in one indexing call when they fit in
+        :data:`GATHER_BYTES` (one call per step costs more than the step's
+        arithmetic on small models), else step by step."""
+        if self.idx.numel() * (x[:1].numel() * x.element_size() + y.element_size()) <= GATHER_BYTES:
+            xs, ys = x[self.idx], y[self.idx]
+            for t, j in enumerate(self.running):
+                yield t, j, xs[t, :j], ys[t, :j], self.weight[t, :j]
+            return
+        for t, j in enumerate(self.running):
+            idx = self.idx[t, :j]
+            yield t, j, x[idx], y[idx], self.weight[t, :j]
 
 
-def _epoch_batches(n: int, task: TrainTask, generator: torch.Generator) -> list[torch.Tensor]:
-    """The record indices of each step, as LocalTrainer._train_sgd draws them."""
+def _epoch_batches(n: int, task: TrainTask, generator: Callable[[], torch.Generator]) -> list[torch.Tensor]:
+    """The record indices of each step, as LocalTrainer._train_sgd draws them.
+    When one batch holds all ``n`` records, every step is the whole client in
+    some order, and the order changes a batch's loss only by float rounding:
+    the records are then taken in order and no permutation is drawn."""
+    if n <= task.batch_size:
+        return [torch.arange(n)] * task.epochs
+    g = generator()
     batches: list[torch.Tensor] = []
     for _ in range(task.epochs):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=g)
         batches.extend(order[s:s + task.batch_size] for s in range(0, n, task.batch_size))
     return batches
 
 
 def _pad(plan: list[list[torch.Tensor]], offsets: list[int], device: torch.device) -> _Batches:
-    """Per-client lists of per-step record indices → :class:`_Batches`."""
-    k, steps = len(plan), max(len(p) for p in plan)
+    """Per-client lists of per-step record indices → :class:`_Batches`, built
+    with a fixed number of numpy operations whatever the number of batches (on
+    arrays this small a numpy call costs a fraction of a torch one)."""
+    k, counts = len(plan), np.array([len(p) for p in plan])
+    steps = int(counts.max())
     flat = [b for p in plan for b in p]
-    padded = torch.nn.utils.rnn.pad_sequence(flat, batch_first=True)
-    if padded.shape[1] == 0:  # every batch empty (DP-SGD's Poisson sampling can do that)
-        padded = torch.zeros((len(flat), 1), dtype=torch.long)
-    width = padded.shape[1]
-    position = torch.tensor([i * steps + t for i, p in enumerate(plan) for t in range(len(p))])
-    shift = torch.tensor([offsets[i] for i, p in enumerate(plan) for _ in p]).unsqueeze(1)
-    idx = torch.tensor(offsets).repeat_interleave(steps).unsqueeze(1).repeat(1, width)
-    idx[position] = padded + shift
-    mask = torch.zeros((k * steps, width))
-    mask[position] = (torch.arange(width) < torch.tensor([len(b) for b in flat]).unsqueeze(1)).float()
-    running = [sum(1 for p in plan if len(p) > t) for t in range(steps)]
-    return _Batches(idx.view(k, steps, width).to(device), mask.view(k, steps, width).to(device), running)
+    lengths = np.array([len(b) for b in flat], dtype=np.int64)
+    width = max(1, int(lengths.max(initial=0)))  # every batch may be empty under DP-SGD's Poisson sampling
+    client = np.repeat(np.arange(k), counts)  # of each batch
+    step = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
+    rows = np.repeat(client * steps + step, lengths)  # of each record index, in the (k · steps, width) layout
+    cols = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    start = np.asarray(offsets, dtype=np.int64)
+    idx = np.repeat(start, steps * width).reshape(k, steps, width)
+    mask = np.zeros((k, steps, width), dtype=np.float32)
+    if flat:
+        idx.reshape(k * steps, width)[rows, cols] = torch.cat(flat).numpy() + np.repeat(start[client], lengths)
+        mask.reshape(k * steps, width)[rows, cols] = 1.0
+    idx, mask = idx.transpose(1, 0, 2).copy(), mask.transpose(1, 0, 2).copy()
+    weight = mask / np.maximum(mask.sum(axis=2, keepdims=True), 1.0)
+    running = (counts[None, :] > np.arange(steps)[:, None]).sum(axis=1).tolist()
+    return _Batches(*(torch.from_numpy(a).to(device) for a in (idx, mask, weight)), running)
 
 
 def _optimizer(task: TrainTask, weights: Tensors, anchor: Tensors) -> Callable[[int, int, Tensors], None]:
@@ -570,21 +661,30 @@ def _optimizer(task: TrainTask, weights: Tensors, anchor: Tensors) -> Callable[[
     beta1, beta2 = ADAM_BETAS
 
     def step(t: int, j: int, grads: Tensors) -> None:
-        for name, g in grads.items():
-            p = weights[name][:j]
-            if mu > 0:
-                g = g + mu * (p - anchor[name])
-            if wd != 0:
-                g = g.add(p, alpha=wd)
-            if adam:
-                m, v = first[name][:j], second[name][:j]
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / (1 - beta2 ** (t + 1)) ** 0.5).add_(ADAM_EPS)
-                p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** (t + 1)))
-            else:
-                if task.momentum:
-                    g = first[name][:j].mul_(task.momentum).add_(g)  # zero start: first step buf = g
-                p.add_(g, alpha=-lr)
+        names = list(grads)
+        p = [weights[name][:j] for name in names]
+        g = list(grads.values())
+        if mu > 0:
+            pull = torch._foreach_sub(p, [anchor[name] for name in names])
+            torch._foreach_mul_(pull, mu)
+            g = torch._foreach_add(g, pull)
+        if wd != 0:
+            g = torch._foreach_add(g, p, alpha=wd)
+        if adam:
+            m, v = [first[name][:j] for name in names], [second[name][:j] for name in names]
+            torch._foreach_lerp_(m, g, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, (1 - beta2 ** (t + 1)) ** 0.5)
+            torch._foreach_add_(denom, ADAM_EPS)
+            torch._foreach_addcdiv_(p, m, denom, value=-lr / (1 - beta1 ** (t + 1)))
+            return
+        if task.momentum:
+            buffers = [first[name][:j] for name in names]  # zero start: the first step's buffer is g
+            torch._foreach_mul_(buffers, task.momentum)
+            torch._foreach_add_(buffers, g)
+            g = buffers
+        torch._foreach_add_(p, g, alpha=-lr)
 
     return step
