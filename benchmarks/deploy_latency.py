@@ -57,20 +57,24 @@ def deployed_rounds(root: Path, tls: bool, poll: float, rounds: int, clients: in
     security = ["--certs", str(root / "certs")] if tls else ["--insecure"]
     sets = [x for o in _overrides(rounds, clients) for x in ("--set", o)]
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", MPLBACKEND="Agg")
-    procs = [subprocess.Popen(
-        _cli("server", *security, "--address", address, "--out", str(run_dir), "--quiet",
-             "--poll", str(poll), *sets),
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )]
+    logs = root / f"logs-{'tls' if tls else 'plain'}-{poll}"
+    logs.mkdir()
+
+    def start(name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        with open(logs / f"{name}.log", "wb") as out:
+            return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    procs = [start("server", _cli(
+        "server", *security, "--address", address, "--out", str(run_dir), "--quiet", "--poll", str(poll), *sets
+    ))]
     for i in range(clients):
         key = ["--key", str(root / "certs" / f"client-{i + 1}")] if tls else []
-        procs.append(subprocess.Popen(
-            _cli("client", "--server", address, *security, *key, "--partition", str(i), "--poll", str(poll)),
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        ))
+        procs.append(start(f"client-{i}", _cli(
+            "client", "--server", address, *security, *key, "--partition", str(i), "--poll", str(poll)
+        )))
     try:
         if procs[0].wait(900) != 0:
-            raise RuntimeError(f"fedtrain server failed; see {run_dir}/flower/superlink.log")
+            raise RuntimeError(f"fedtrain server failed:\n{(logs / 'server.log').read_text()[-3000:]}")
     finally:
         for proc in procs:
             if proc.poll() is None:

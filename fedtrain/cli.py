@@ -228,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, DeployError) as exc:
         print(f"fedtrain: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fedtrain: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

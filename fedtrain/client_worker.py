@@ -9,6 +9,11 @@ random key (``multiprocessing.connection``'s HMAC challenge). The worker keeps
 the data, the model and its optimisers warm across rounds, and runs the same
 :class:`~fedtrain.client.LocalTrainer` as the simulation.
 
+Under secure aggregation the worker trains but keeps its update, and plays
+its :class:`~fedtrain.secure.protocol.SecureClient` for the round: only the
+masked vector ever leaves it. The stage messages arrive as bytes from the
+network and are decoded by :mod:`fedtrain.secure.wire` (never unpickled).
+
 The worker imports nothing from Flower.
 """
 
@@ -19,18 +24,42 @@ import logging
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
 
 from fedtrain.config import Config, ConfigError, from_dict
 from fedtrain.layout import ParamLayout
-from fedtrain.relay import AUTHKEY_BYTES, ClientInfo, Hello, TrainReply
+from fedtrain.relay import (
+    AUTHKEY_BYTES,
+    ClientInfo,
+    Hello,
+    RequestKind,
+    SecureRequest,
+    SecureStage,
+    TrainReply,
+)
+
+if TYPE_CHECKING:
+    from fedtrain.secure.protocol import SecureClient
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class HeldUpdate:
+    """A secure round's state on the client: the clear update (until it is
+    masked), the records it was trained on, and the round's protocol state
+    machine. Mutable: the protocol advances it stage by stage."""
+
+    update: np.ndarray | None
+    num_examples: int
+    client: SecureClient
+
 
 def load_own_data(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """A client's own records from an ``.npz`` file with arrays ``x`` (features,
@@ -57,6 +86,7 @@ class ClientWorker:
         self.data_path = data_path
         self.device_name = device
         self._setup: tuple[Mapping[str, Any], Any, torch.Tensor, torch.Tensor, int] | None = None
+        self._held: dict[int, HeldUpdate] = {}
         self.lock = threading.Lock()
 
     def _records(self, config: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,17 +147,96 @@ class ClientWorker:
                  rnd, self.name, result.num_examples, time.perf_counter() - started)
         return TrainReply(out.cpu().numpy(), result.num_examples, dict(result.metrics))
 
-    def handle(self, request: tuple[str, Any]) -> tuple[str, Any]:
+    def train_secure(self, rnd: int, task_json: str, params: np.ndarray, opening: bytes) -> bytes:
+        """Train for a secure round, keep the update, and open the round's
+        protocol run with ``opening`` (an encoded ``AdvertiseRequest``, from
+        the network); the answer is the encoded ``KeyAdvert``. Every earlier
+        round's state is forgotten (a new round means the coordinator gave up
+        on it).
+
+        The update is checked here (:func:`fedtrain.validation.rejection_reason`),
+        since the coordinator will only ever see it masked.
+        """
+        from fedtrain.client import TrainTask
+        from fedtrain.privacy.noise import SecureGaussian
+        from fedtrain.secure import wire
+        from fedtrain.secure.messages import AdvertiseRequest
+        from fedtrain.secure.protocol import SecureClient
+        from fedtrain.types import ClientUpdate
+        from fedtrain.validation import rejection_reason
+
+        self._held.clear()
+        request = wire.decode(opening, AdvertiseRequest)
+        setup = request.setup
+        task = TrainTask.from_json(json.loads(task_json))
+        if setup.vector_length != params.size:
+            raise ValueError(
+                f"client {self.name}: setup.vector_length = {setup.vector_length}, the model has {params.size} values"
+            )
+        if task.privacy.distributed_noise > 0 and setup.noise_stddev <= 0:
+            raise ValueError(
+                f"client {self.name}: the task asks for distributed noise, the setup has noise_stddev = "
+                f"{setup.noise_stddev}; refusing to send an update without its noise share"
+            )
+        client = SecureClient(request.recipient, setup, SecureGaussian() if setup.noise_stddev > 0 else None)
+        reply = self.train(rnd, task_json, params)
+        vector = torch.from_numpy(np.ascontiguousarray(reply.update, dtype=np.float32))
+        update = ClientUpdate(self.name, vector, reply.num_examples, task.kind)
+        reason = rejection_reason(update, vector.numel(), task.kind)
+        if reason is not None:
+            raise ValueError(f"client refused to mask its update: {reason}")
+        self._held[rnd] = HeldUpdate(reply.update, reply.num_examples, client)
+        return wire.encode(client.advertise())
+
+    def secure(self, request: SecureRequest) -> bytes:
+        """Answer one stage of round ``request.round``'s secure aggregation:
+        decode the coordinator's message safely, advance the round's
+        :class:`SecureClient`, return its encoded reply. The clear update is
+        dropped as soon as it is masked, the round's state after unmasking."""
+        from fedtrain.secure import wire
+        from fedtrain.secure.messages import Neighbourhood, ShareDelivery, UnmaskRequest
+
+        held = self._held.get(request.round)
+        if held is None:
+            raise RuntimeError(
+                f"client {self.name}: no update kept for round {request.round} "
+                f"(kept: {sorted(self._held) or 'none'}); it must train for the round first"
+            )
+        client = held.client
+        if request.stage is SecureStage.SHARE_KEYS:
+            return wire.encode(client.share_keys(wire.decode(request.payload, Neighbourhood)))
+        if request.stage is SecureStage.MASKED_INPUT:
+            if held.update is None:
+                raise RuntimeError(f"client {self.name}: round {request.round}'s update was already masked")
+            delivery = wire.decode(request.payload, ShareDelivery)
+            weight = min(held.num_examples, client.setup.max_weight)
+            masked = client.masked_input(delivery, held.update, weight)
+            held.update = None
+            return wire.encode(masked)
+        if request.stage is SecureStage.UNMASK:
+            response = client.unmask(wire.decode(request.payload, UnmaskRequest))
+            del self._held[request.round]
+            return wire.encode(response)
+        raise ValueError(f"stage {request.stage!r}: allowed: {[s.value for s in SecureStage]}")
+
+    def handle(self, request: tuple[RequestKind, Any]) -> tuple[str, Any]:
         """One relayed request → ``("ok", result)`` or ``("error", reason)``."""
         kind, body = request
         try:
             with self.lock:
-                if kind == "hello":
+                if kind is RequestKind.HELLO:
                     return "ok", self.hello(Hello.from_json(body))
-                if kind == "train":
+                if kind is RequestKind.TRAIN:
                     rnd, task_json, params = body
                     return "ok", self.train(int(rnd), task_json, params)
-            return "error", f"unknown request {kind!r}"
+                if kind is RequestKind.TRAIN_SECURE:
+                    rnd, task_json, params, opening = body
+                    return "ok", self.train_secure(int(rnd), task_json, params, opening)
+                if kind is RequestKind.SECURE:
+                    if not isinstance(body, SecureRequest):
+                        raise TypeError(f"secure request body is a {type(body).__name__}, expected SecureRequest")
+                    return "ok", self.secure(body)
+            return "error", f"unknown request {kind!r}; allowed: {[k.value for k in RequestKind]}"
         except Exception as exc:  # reported to the coordinator as this client's failure
             log.exception("client %s: %s request failed", self.name, kind)
             return "error", f"{type(exc).__name__}: {exc}"

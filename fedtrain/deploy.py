@@ -34,11 +34,14 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 from fedtrain.certs import CertificateSet
 from fedtrain.config import Config, ConfigError, from_dict, to_dict
 from fedtrain.relay import NODE_KEY_FILE, NODE_WORKER, ClientInfo, Hello
+
+if TYPE_CHECKING:
+    from fedtrain.secure.setting import SecureSettings
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,16 @@ class DeployRequest:
         return cls(**json.loads((run_dir / REQUEST_FILE).read_text()))
 
 
+@dataclass(frozen=True)
+class SecureDeployment:
+    """Secure aggregation for a deployed run (``secure.aggregation = true``):
+    the protocol's settings, and whether clients are weighted by their record
+    counts (the strategy's ``weighted``; distributed DP always counts each once)."""
+
+    settings: SecureSettings
+    weighted: bool
+
+
 class RoundBackend(Protocol):
     """The part of :class:`fedtrain.backends.flower.FlowerBackend` the
     coordinator uses besides training rounds."""
@@ -99,9 +112,15 @@ class RoundBackend(Protocol):
     def wait_for_clients(self, expected: int, minimum: int, wait: float) -> list[str]: ...
 
 
-def coordinate(request: DeployRequest, make_backend: Callable[[Hello], RoundBackend]) -> None:
+def coordinate(
+    request: DeployRequest, make_backend: Callable[[Hello, SecureDeployment | None], RoundBackend]
+) -> None:
     """The coordinator's side of a deployed run, inside Flower's ServerApp:
-    the same engine, strategy, privacy policy and run folder as a simulation."""
+    the same engine, strategy, privacy policy and run folder as a simulation.
+
+    With ``secure.aggregation = true`` the backend is asked for secure
+    aggregation (the clients mask their updates and the coordinator learns
+    only their sum), after the strategy was checked to work on a sum alone."""
     from fedtrain.client import LocalTrainer, resolve_device
     from fedtrain.engine import Engine, RngStreams
     from fedtrain.layout import ParamLayout
@@ -115,10 +134,20 @@ def coordinate(request: DeployRequest, make_backend: Callable[[Hello], RoundBack
     device = resolve_device(config.client.device)
     data = client_data(config, device)
     strategy = load_strategy(config.strategy.name, config.strategy.options)
+    secure: SecureDeployment | None = None
+    if config.secure.aggregation:
+        from fedtrain.secure.setting import SecureSettings, check_strategy
+
+        check_strategy(config, strategy)
+        if config.secure.simulated_dropout:
+            raise ConfigError(
+                f"secure.simulated_dropout = {config.secure.simulated_dropout}: allowed in a deployment: 0"
+            )
+        secure = SecureDeployment(SecureSettings.of(config), bool(getattr(strategy, "weighted", True)))
     model, grad_sample_mode = prepare_model(config, data.input_shape, data.num_classes, data.x_test[:2])
     layout = ParamLayout.of(model.state_dict())
     trainer = LocalTrainer(model, layout, device)
-    backend = make_backend(Hello(to_dict(config), data.input_shape, data.num_classes))
+    backend = make_backend(Hello(to_dict(config), data.input_shape, data.num_classes), secure)
     names = backend.wait_for_clients(request.expected_clients, config.strategy.min_clients, request.wait_seconds)
     sampler = make_sampler(
         config.strategy.sampling, min(config.strategy.clients_per_round, len(names)), len(names)
@@ -146,6 +175,24 @@ def coordinate(request: DeployRequest, make_backend: Callable[[Hello], RoundBack
 # ---------------------------------------------------------------- processes
 
 
+def check_secure_deployment(config: Config) -> None:
+    """Refuse, before anything starts, a ``[secure]`` table a deployment
+    cannot honour: a strategy that needs each update on its own, or
+    ``secure.simulated_dropout`` (a simulation knob; deployed clients drop
+    out for real)."""
+    from fedtrain.secure.setting import check_strategy
+    from fedtrain.strategy import load_strategy
+
+    if not config.secure.aggregation:
+        return
+    if config.secure.simulated_dropout:
+        raise ConfigError(
+            f"secure.simulated_dropout = {config.secure.simulated_dropout}: only a simulation drops clients "
+            "on purpose; allowed in a deployment: 0"
+        )
+    check_strategy(config, load_strategy(config.strategy.name, config.strategy.options))
+
+
 def _flower_env(home: Path, poll_seconds: float = DEFAULT_POLL) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -165,6 +212,11 @@ def _program(name: str) -> str:
     if found is None:
         raise DeployError(f"{name} not found: install Flower (pip install 'flwr>=1.41,<2')")
     return found
+
+
+def _check_positive(parameter: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{parameter} {value}: must be a positive number of seconds")
 
 
 def split_address(address: str, parameter: str) -> tuple[str, int]:
@@ -193,6 +245,37 @@ def _die_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 
 
+def _children() -> dict[int, list[int]]:
+    """Parent pid → child pids, read from /proc (empty where there is none)."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        tree.setdefault(int(fields[1]), []).append(int(entry.name))
+    return tree
+
+
+def _descendants(pid: int) -> list[int]:
+    tree = _children()
+    found: list[int] = []
+    stack = list(tree.get(pid, []))
+    while stack:
+        child = stack.pop()
+        found.append(child)
+        stack.extend(tree.get(child, []))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 class Processes:
     """Child processes that end with this object: each in its own session,
     so its own children (a SuperLink's ServerApp, a SuperNode's ClientApps)
@@ -212,18 +295,27 @@ class Processes:
         return proc
 
     def stop(self, grace: float = 10.0) -> None:
-        for proc in self._procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
+        """SIGTERM every child and everything it started (Flower's SuperExec
+        starts ServerApps and ClientApps in sessions of their own), then
+        SIGKILL whatever is left after ``grace`` seconds."""
+        targets = [pid for proc in self._procs if proc.poll() is None for pid in (proc.pid, *_descendants(proc.pid))]
+        targets += [pid for proc in self._procs if proc.poll() is not None for pid in _descendants(proc.pid)]
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in self._procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                pass
+        while time.monotonic() < deadline and any(_alive(pid) for pid in targets):
+            time.sleep(0.1)
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        for proc in self._procs:
+            proc.wait()
 
     def __enter__(self) -> "Processes":
         return self
@@ -302,6 +394,10 @@ class ServerOptions:
     progress: bool = True
     poll_seconds: float = DEFAULT_POLL
 
+    def __post_init__(self) -> None:
+        _check_positive("--wait", self.wait_seconds)
+        _check_positive("--poll", self.poll_seconds)
+
 
 def _connection_toml(dial: str, certs: CertificateSet | None) -> str:
     security = "insecure = true" if certs is None else f"root-certificates = {json.dumps(str(certs.ca.resolve()))}"
@@ -331,6 +427,7 @@ def serve(options: ServerOptions) -> dict[str, Any]:
     from fedtrain.results import METRICS_FILE
 
     host, port = split_address(options.address, "--address")
+    check_secure_deployment(options.config)
     certs = None if options.certs is None else CertificateSet(options.certs)
     if certs is not None:
         certs.require_server()
@@ -390,7 +487,7 @@ def _follow(
     from fedtrain.progress import RoundProgress
     from fedtrain.types import RoundRecord
 
-    done = sum(1 for _ in open(metrics)) if options.resume and metrics.exists() else 0
+    done = len(metrics.read_text().splitlines()) if options.resume and metrics.exists() else 0
     bar = RoundProgress(options.config.run.rounds, done) if options.progress else None
     offset = metrics.stat().st_size if metrics.exists() else 0
     last_check = 0.0
@@ -430,6 +527,10 @@ class ClientOptions:
     device: str = "config"
     connect_seconds: float = 60.0
     poll_seconds: float = DEFAULT_POLL
+
+    def __post_init__(self) -> None:
+        _check_positive("--connect-timeout", self.connect_seconds)
+        _check_positive("--poll", self.poll_seconds)
 
 
 REFUSAL_HINTS = (

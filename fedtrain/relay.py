@@ -7,6 +7,7 @@ process for every message, so what it imports is paid every round.
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass
 from multiprocessing.connection import Client
@@ -22,6 +23,45 @@ NODE_KEY_FILE = "fedtrain-key-file"
 
 AUTHKEY_BYTES = 32
 """256-bit key for the relay's HMAC challenge (``multiprocessing.connection``)."""
+
+
+class RequestKind(enum.Enum):
+    """What the relay asks of the worker: the first element of a request."""
+
+    HELLO = "hello"
+    """Body: the :class:`Hello` as JSON; answer: :class:`ClientInfo`."""
+    TRAIN = "train"
+    """Body: ``(round, task JSON, flat global model)``; answer: :class:`TrainReply`."""
+    TRAIN_SECURE = "train_secure"
+    """Body: ``(round, task JSON, flat global model, encoded AdvertiseRequest)``:
+    the worker trains, keeps the update for the round's secure aggregation and
+    answers with its encoded ``KeyAdvert`` (bytes)."""
+    SECURE = "secure"
+    """Body: a :class:`SecureRequest`; answer: the encoded reply message (bytes)."""
+
+
+class SecureStage(enum.Enum):
+    """The stage of a secure-aggregation round a coordinator's message opens
+    after training (which carries the first, ``AdvertiseRequest`` →
+    ``KeyAdvert``); payload and reply are encoded by :mod:`fedtrain.secure.wire`."""
+
+    SHARE_KEYS = "share_keys"
+    """``Neighbourhood`` → ``SharedKeys``."""
+    MASKED_INPUT = "masked_input"
+    """``ShareDelivery`` → ``MaskedInput``."""
+    UNMASK = "unmask"
+    """``UnmaskRequest`` → ``UnmaskResponse``."""
+
+
+@dataclass(frozen=True)
+class SecureRequest:
+    """One stage message of a secure-aggregation round, as it came from the
+    network: ``payload`` is decoded by the worker with the safe decoder of
+    :mod:`fedtrain.secure.wire`, never unpickled."""
+
+    round: int
+    stage: SecureStage
+    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -63,7 +103,7 @@ class TrainReply:
     metrics: dict[str, float]
 
 
-def relay(address: str, authkey_hex: str, request: tuple[str, Any]) -> tuple[str, Any]:
+def relay(address: str, authkey_hex: str, request: tuple[RequestKind, Any]) -> tuple[str, Any]:
     """Send ``request`` to the worker at ``address`` and wait for its answer."""
     with Client(address, family="AF_UNIX", authkey=bytes.fromhex(authkey_hex)) as conn:
         conn.send(request)

@@ -16,6 +16,16 @@ Messages (Flower's Message API, ``flwr.app``):
   :class:`~fedtrain.client.TrainTask` as JSON; reply: the flat update, the
   record count and the metrics, or ``status = "error"`` with a reason.
 
+Under secure aggregation (:class:`SecureFlowerBackend`) ``train`` becomes:
+
+- ``train.secure`` → the model, the task and the round's encoded
+  ``AdvertiseRequest``; the client trains, keeps its update, and replies
+  with its encoded ``KeyAdvert``;
+- ``query.secure`` (``stage`` = share keys, masked input, unmask) → the
+  coordinator's stage message; reply: the client's. Payloads are bytes in
+  :mod:`fedtrain.secure.wire`'s JSON encoding, decoded without trust on both
+  sides; the clear update never leaves the client.
+
 Flower's own ``Grid.send_and_receive`` polls every 3 s; the backend pushes
 with ``push_messages`` and polls ``pull_messages`` every ``--poll`` seconds
 instead (:data:`fedtrain.deploy.DEFAULT_POLL`). torch and the engine are imported inside the
@@ -27,25 +37,40 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedtrain.relay import NODE_KEY_FILE, NODE_WORKER, ClientInfo, Hello, TrainReply, relay
+from fedtrain.relay import (
+    NODE_KEY_FILE,
+    NODE_WORKER,
+    ClientInfo,
+    Hello,
+    RequestKind,
+    SecureRequest,
+    SecureStage,
+    TrainReply,
+    relay,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from fedtrain.client import TrainTask
+    from fedtrain.deploy import SecureDeployment
     from fedtrain.engine import ClientFailure, RoundOutcome
+    from fedtrain.secure.setting import SecureSettings
     from fedtrain.types import ClientUpdate, UpdateKind
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M")
 
 HELLO_SECONDS = 120.0
 """How long a client may take to load its data and build the model."""
@@ -137,7 +162,9 @@ class FlowerBackend:
             )
         return sorted(self.clients, key=lambda c: (len(c), c))
 
-    def _decode(self, cid: str, reply: Message, kind: UpdateKind) -> ClientUpdate | ClientFailure:
+    def _decode(
+        self, cid: str, reply: Message, kind: UpdateKind, device: torch.device
+    ) -> ClientUpdate | ClientFailure:
         import torch
 
         from fedtrain.engine import ClientFailure
@@ -149,7 +176,7 @@ class FlowerBackend:
             result = reply.content["result"]
             if result.get("status") != "ok":
                 return ClientFailure(cid, f"client error: {result.get('reason')}")
-            vector = torch.from_numpy(np.ascontiguousarray(reply.content["update"]["update"].numpy()))
+            vector = torch.from_numpy(np.ascontiguousarray(reply.content["update"]["update"].numpy())).to(device)
             num_examples = int(result["num_examples"])
             metrics = {str(k): float(v) for k, v in json.loads(str(result["metrics"])).items()}
         except Exception as exc:  # a malformed reply is this client's failure, not the round's
@@ -161,37 +188,47 @@ class FlowerBackend:
             )
         return ClientUpdate(cid, vector, num_examples, kind, metrics)
 
+    def _connected(self, clients: Sequence[str]) -> tuple[dict[str, int], list[ClientFailure]]:
+        """The node of each of ``clients`` that is connected, and a failure for each that is not."""
+        from fedtrain.engine import ClientFailure
+
+        self.discover()
+        live = set(self.grid.get_node_ids())
+        nodes: dict[str, int] = {}
+        failures: list[ClientFailure] = []
+        for cid in clients:
+            node = self._node_of.get(cid)
+            if node is None or node not in live:
+                failures.append(ClientFailure(cid, "not connected"))
+            else:
+                nodes[cid] = node
+        return nodes, failures
+
+    def _train_content(self, rnd: int, task: TrainTask, params: torch.Tensor) -> RecordDict:
+        return RecordDict({
+            "params": ArrayRecord({"params": Array(params.detach().cpu().numpy())}),
+            "task": ConfigRecord({"round": rnd, "task": json.dumps(task.as_json())}),
+        })
+
     def train_round(
         self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
     ) -> RoundOutcome:
         from fedtrain.engine import ClientFailure, RoundOutcome
         from fedtrain.types import ClientUpdate
 
-        self.discover()
-        live = set(self.grid.get_node_ids())
-        content = RecordDict({
-            "params": ArrayRecord({"params": Array(params.detach().cpu().numpy())}),
-            "task": ConfigRecord({"round": rnd, "task": json.dumps(task.as_json())}),
-        })
-        failures: list[ClientFailure] = []
-        messages: list[Message] = []
-        client_of_node: dict[int, str] = {}
-        for cid in clients:
-            node = self._node_of.get(cid)
-            if node is None or node not in live:
-                failures.append(ClientFailure(cid, "not connected"))
-                continue
-            client_of_node[node] = cid
-            messages.append(Message(
-                content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.timeout, group_id=str(rnd)
-            ))
+        nodes, failures = self._connected(clients)
+        content = self._train_content(rnd, task, params)
+        messages = [
+            Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.timeout, group_id=str(rnd))
+            for node in nodes.values()
+        ]
         replies = self._exchange(messages, self.timeout)
         updates: list[ClientUpdate] = []
-        for node, cid in client_of_node.items():
+        for cid, node in nodes.items():
             reply = replies.get(node)
             outcome = (
                 ClientFailure(cid, f"no reply within {self.timeout:g} s")
-                if reply is None else self._decode(cid, reply, task.kind)
+                if reply is None else self._decode(cid, reply, task.kind, params.device)
             )
             if isinstance(outcome, ClientUpdate):
                 updates.append(outcome)
@@ -199,6 +236,192 @@ class FlowerBackend:
                 failures.append(outcome)
                 self._greeted.discard(node)
         return RoundOutcome(tuple(updates), tuple(failures))
+
+
+TRAIN_SECURE = f"{MessageType.TRAIN}.secure"
+"""Message type of a secure round's first message: the training task and the
+round's :class:`~fedtrain.secure.messages.AdvertiseRequest`; the client
+trains, keeps its update and answers with its key advert."""
+
+QUERY_SECURE = f"{MessageType.QUERY}.secure"
+"""Message type of the later secure-aggregation stages (:class:`SecureStage`)."""
+
+STAGE_SECONDS = 120.0
+"""Longest wait for one protocol stage's replies after training (or
+``client.timeout`` when shorter); a client that misses it is a dropout."""
+
+
+def _secure_record(rnd: int, stage: SecureStage | None, payload: bytes) -> ConfigRecord:
+    row: dict[str, int | str | bytes] = {"round": rnd, "payload": payload}
+    if stage is not None:
+        row["stage"] = stage.value
+    return ConfigRecord(row)
+
+
+def _reply_error(reply: Message) -> str | None:
+    """Why ``reply`` carries no result, or None."""
+    if reply.has_error():
+        return f"client error: {reply.error.reason}"
+    try:
+        result = reply.content["result"]
+        status = result.get("status")
+    except Exception as exc:  # a malformed reply is this client's failure
+        return f"malformed reply: {type(exc).__name__}: {exc}"
+    if status != "ok":
+        return f"client error: {result.get('reason')}"
+    return None
+
+
+class SecureFlowerBackend(FlowerBackend):
+    """:class:`FlowerBackend` with SecAgg+: the coordinator drives
+    :class:`~fedtrain.secure.protocol.SecureServer` over Flower messages and
+    the engine gets the same single aggregate as from
+    :class:`fedtrain.backends.secure.SecureAggregationBackend` in a
+    simulation: ``client_id = "secure-aggregate"``, the survivors' weighted
+    mean, ``num_examples`` their summed weight, ``contributors`` their count,
+    and a failure for each client left out.
+
+    A round is four exchanges: ``train.secure`` (the task and the round's
+    public setup; the client trains, keeps its update, answers with its key
+    advert), then ``query.secure`` for sharing keys, the masked input and
+    unmasking. The round's clients are those connected when it starts; one
+    whose training fails is a dropout before it shared anything. After
+    training, each stage waits at most :data:`STAGE_SECONDS` (or the client
+    timeout); a client that misses it, answers with an error or sends a
+    message that does not decode (:mod:`fedtrain.secure.wire`) is a dropout.
+    Distributed DP noise is drawn by each client
+    (:class:`fedtrain.privacy.noise.SecureGaussian`, whatever
+    ``privacy.secure_noise`` says: a deployment is not reproducible anyway).
+    """
+
+    def __init__(
+        self, grid: Grid, hello: Hello, timeout: float, poll_seconds: float,
+        settings: SecureSettings, weighted: bool,
+    ) -> None:
+        super().__init__(grid, hello, timeout, poll_seconds)
+        self.settings = settings
+        self.weighted = weighted
+
+    def _gather(
+        self, messages: dict[int, Message], seconds: float, stage: str, expected: type[M], why: dict[int, str],
+    ) -> list[M]:
+        """Send each client index its message; the decoded replies that came
+        in time, each checked to come from the index it was sent to. A client
+        that did not answer properly gets its reason in ``why``."""
+        from fedtrain.secure import wire
+
+        index_of_node = {m.metadata.dst_node_id: index for index, m in messages.items()}
+        started = time.perf_counter()
+        replies = self._exchange(list(messages.values()), seconds)
+        log.info("secure aggregation, %s: %d of %d replies in %.2f s",
+                 stage, len(replies), len(messages), time.perf_counter() - started)
+        out: list[M] = []
+        for node, index in index_of_node.items():
+            reply = replies.get(node)
+            error = f"no reply within {seconds:g} s" if reply is None else _reply_error(reply)
+            if reply is not None and error is None:
+                try:
+                    payload = reply.content["result"]["payload"]
+                    if not isinstance(payload, bytes):
+                        raise ValueError(f"payload is a {type(payload).__name__}, expected bytes")
+                    decoded = wire.decode(payload, expected)
+                    sender = getattr(decoded, "sender")
+                    if sender != index:
+                        raise ValueError(f"sender {sender}, but the message went to client {index}")
+                    out.append(decoded)
+                except Exception as exc:  # anything malformed leaves this client out, never the round
+                    error = f"malformed reply: {exc}"
+            if error is not None:
+                why.setdefault(index, f"{stage}: {error}")
+        return out
+
+    def _stage(
+        self, rnd: int, stage: SecureStage, outgoing: Mapping[int, object], nodes: Mapping[int, int],
+        expected: type[M], why: dict[int, str],
+    ) -> list[M]:
+        """One ``query.secure`` stage: each client's ``outgoing`` message out, the replies back."""
+        from fedtrain.secure import wire
+
+        seconds = min(self.timeout, STAGE_SECONDS)
+        messages = {
+            index: Message(
+                RecordDict({"secure": _secure_record(rnd, stage, wire.encode(message))}),
+                dst_node_id=nodes[index], message_type=QUERY_SECURE, ttl=seconds, group_id=str(rnd),
+            )
+            for index, message in outgoing.items()
+        }
+        return self._gather(messages, seconds, stage.value, expected, why)
+
+    def train_round(
+        self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
+    ) -> RoundOutcome:
+        import torch
+
+        from fedtrain.backends.secure import AGGREGATE_ID
+        from fedtrain.engine import ClientFailure, RoundOutcome
+        from fedtrain.secure import wire
+        from fedtrain.secure.messages import AdvertiseRequest, KeyAdvert, MaskedInput, SharedKeys, UnmaskResponse
+        from fedtrain.secure.protocol import SecureAggregationAborted, SecureServer
+        from fedtrain.types import ClientUpdate
+
+        connected, failures = self._connected(clients)
+        if not connected:
+            return RoundOutcome((), tuple(failures))
+        ids = sorted(connected, key=lambda c: (len(c), c))
+        nodes = {i: connected[cid] for i, cid in enumerate(ids)}
+        noise = task.privacy.distributed_noise
+        setup = self.settings.setup(
+            num_clients=len(ids),
+            vector_length=params.numel(),
+            noise_stddev=noise / math.sqrt(len(clients)) if noise > 0 else 0.0,
+            weighted=self.weighted and noise == 0,
+        )
+        server = SecureServer(setup, self.settings.graph(len(ids)))
+        why: dict[int, str] = {}
+        train = self._train_content(rnd, task, params)
+        opening = {
+            i: Message(
+                RecordDict({**train, "secure": _secure_record(rnd, None, wire.encode(AdvertiseRequest(i, setup)))}),
+                dst_node_id=node, message_type=TRAIN_SECURE, ttl=self.timeout, group_id=str(rnd),
+            )
+            for i, node in nodes.items()
+        }
+        adverts = self._gather(opening, self.timeout, "training", KeyAdvert, why)
+        untrained = set(why)
+        for index in sorted(untrained):
+            failures.append(ClientFailure(ids[index], why[index].removeprefix("training: ")))
+            self._greeted.discard(nodes[index])
+        try:
+            neighbourhoods = server.collect_adverts(adverts)
+            shared = self._stage(rnd, SecureStage.SHARE_KEYS, neighbourhoods, nodes, SharedKeys, why)
+            deliveries = server.collect_shares(shared)
+            masked = self._stage(rnd, SecureStage.MASKED_INPUT, deliveries, nodes, MaskedInput, why)
+            requests = server.collect_masked(masked)
+            responses = self._stage(rnd, SecureStage.UNMASK, requests, nodes, UnmaskResponse, why)
+            result = server.collect_unmask(responses)
+        except SecureAggregationAborted as exc:
+            log.warning("round %d: secure aggregation aborted, round skipped: %s", rnd, exc)
+            failures.extend(
+                ClientFailure(cid, f"secure aggregation aborted: {exc}")
+                for i, cid in enumerate(ids) if i not in untrained
+            )
+            for index in why:
+                self._greeted.discard(nodes[index])
+            return RoundOutcome((), tuple(failures))
+        for index, reason in result.excluded:
+            if index in untrained:
+                continue
+            failures.append(ClientFailure(ids[index], f"secure aggregation: {why.get(index, reason)}"))
+            self._greeted.discard(nodes[index])
+        mean = result.total * (setup.max_weight / result.weight)
+        aggregate = ClientUpdate(
+            client_id=AGGREGATE_ID,
+            vector=torch.from_numpy(mean).to(dtype=torch.float32, device=params.device),
+            num_examples=result.weight,
+            kind=task.kind,
+            contributors=len(result.contributors),
+        )
+        return RoundOutcome((aggregate,), tuple(failures))
 
 
 server_app = ServerApp()
@@ -209,13 +432,21 @@ def _serve(grid: Grid, context: Context) -> None:
     from fedtrain.deploy import DeployRequest, coordinate
 
     request = DeployRequest.read(Path(str(context.run_config["run-dir"])))
-    coordinate(request, lambda hello: FlowerBackend(grid, hello, request.timeout, request.poll_seconds))
+
+    def make_backend(hello: Hello, secure: SecureDeployment | None) -> FlowerBackend:
+        if secure is None:
+            return FlowerBackend(grid, hello, request.timeout, request.poll_seconds)
+        return SecureFlowerBackend(
+            grid, hello, request.timeout, request.poll_seconds, secure.settings, secure.weighted
+        )
+
+    coordinate(request, make_backend)
 
 
 client_app = ClientApp()
 
 
-def _relay(context: Context, request: tuple[str, object]) -> tuple[str, object]:
+def _relay(context: Context, request: tuple[RequestKind, object]) -> tuple[str, object]:
     worker = str(context.node_config[NODE_WORKER])
     key = Path(str(context.node_config[NODE_KEY_FILE])).read_text().strip()
     return relay(worker, key, request)
@@ -223,7 +454,7 @@ def _relay(context: Context, request: tuple[str, object]) -> tuple[str, object]:
 
 @client_app.query()
 def _hello(message: Message, context: Context) -> Message:
-    status, answer = _relay(context, ("hello", str(message.content["hello"]["hello"])))
+    status, answer = _relay(context, (RequestKind.HELLO, str(message.content["hello"]["hello"])))
     if status != "ok" or not isinstance(answer, ClientInfo):
         return Message(_status_error(str(answer)), reply_to=message)
     return Message(RecordDict({"result": ConfigRecord({
@@ -235,7 +466,7 @@ def _hello(message: Message, context: Context) -> Message:
 def _train(message: Message, context: Context) -> Message:
     task = message.content["task"]
     params = message.content["params"]["params"].numpy()
-    status, answer = _relay(context, ("train", (int(task["round"]), str(task["task"]), params)))
+    status, answer = _relay(context, (RequestKind.TRAIN, (int(task["round"]), str(task["task"]), params)))
     if status != "ok" or not isinstance(answer, TrainReply):
         return Message(_status_error(str(answer)), reply_to=message)
     return Message(RecordDict({
@@ -244,6 +475,45 @@ def _train(message: Message, context: Context) -> Message:
             "status": "ok", "num_examples": answer.num_examples, "metrics": json.dumps(answer.metrics),
         }),
     }), reply_to=message)
+
+
+@client_app.train("secure")
+def _train_secure(message: Message, context: Context) -> Message:
+    """Train and keep the update; the reply is the client's encoded key advert."""
+    try:
+        task = message.content["task"]
+        params = message.content["params"]["params"].numpy()
+        payload = message.content["secure"]["payload"]
+        if not isinstance(payload, bytes):
+            raise TypeError(f"payload is a {type(payload).__name__}, expected bytes")
+        body = (int(task["round"]), str(task["task"]), params, payload)
+    except (KeyError, TypeError, ValueError) as exc:
+        return Message(_status_error(f"malformed secure training message: {exc}"), reply_to=message)
+    status, answer = _relay(context, (RequestKind.TRAIN_SECURE, body))
+    return _secure_reply(message, status, answer)
+
+
+@client_app.query("secure")
+def _secure_stage(message: Message, context: Context) -> Message:
+    """One later secure-aggregation stage: the payload goes to the worker as
+    bytes, which decodes it with :mod:`fedtrain.secure.wire`; the reply is
+    the worker's encoded message."""
+    try:
+        body = message.content["secure"]
+        payload = body["payload"]
+        if not isinstance(payload, bytes):
+            raise TypeError(f"payload is a {type(payload).__name__}, expected bytes")
+        request = SecureRequest(int(body["round"]), SecureStage(str(body["stage"])), payload)
+    except (KeyError, TypeError, ValueError) as exc:
+        return Message(_status_error(f"malformed secure-aggregation message: {exc}"), reply_to=message)
+    status, answer = _relay(context, (RequestKind.SECURE, request))
+    return _secure_reply(message, status, answer)
+
+
+def _secure_reply(message: Message, status: str, answer: object) -> Message:
+    if status != "ok" or not isinstance(answer, bytes):
+        return Message(_status_error(str(answer)), reply_to=message)
+    return Message(RecordDict({"result": ConfigRecord({"status": "ok", "payload": answer})}), reply_to=message)
 
 
 class _CappedSleep:

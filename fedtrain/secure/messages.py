@@ -16,7 +16,8 @@ unmask              :class:`UnmaskResponse`    (the sum is the coordinator's)
 ==================  =========================  ==========================
 
 Before the first stage the coordinator sends every client the round's public
-:class:`SecureSetup`.
+:class:`SecureSetup` and its index, as an :class:`AdvertiseRequest`.
+:mod:`fedtrain.secure.wire` encodes these messages as bytes for a deployment.
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ class SecureSetup:
     def masked_length(self) -> int:
         """Ring elements of a masked input: the vector and the weight."""
         return self.vector_length + 1
+
+
+@dataclass(frozen=True)
+class AdvertiseRequest:
+    """Opens a client's round: its index among the round's clients and the
+    round's public parameters; the answer is a :class:`KeyAdvert`."""
+
+    recipient: int
+    setup: SecureSetup
 
 
 @dataclass(frozen=True)
