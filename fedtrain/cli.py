@@ -20,17 +20,21 @@ def _default_out(config_path: str | None) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedtrain.simulation import simulate
-
+def _config_and_run_dir(args: argparse.Namespace) -> tuple[config_mod.Config, Path]:
+    """CONFIG + --set and the run folder, or with --resume both from RUN_DIR."""
     if args.resume:
         if args.config or args.out:
             raise ValueError("--resume RUN_DIR takes its config from RUN_DIR/config.toml; give no CONFIG or --out")
         out = Path(args.resume)
-        cfg = config_mod.load(out / "config.toml", args.set)
-    else:
-        cfg = config_mod.load(args.config, args.set)
-        out = Path(args.out) if args.out else _default_out(args.config)
+        return config_mod.load(out / "config.toml", args.set), out
+    out = Path(args.out) if args.out else _default_out(args.config)
+    return config_mod.load(args.config, args.set), out
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from fedtrain.simulation import simulate
+
+    cfg, out = _config_and_run_dir(args)
     result = simulate(cfg, out, progress=not args.quiet, resume=bool(args.resume))
     s = result.summary
     if s.stopped_early:
@@ -73,14 +77,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     from fedtrain.results import read_summary
 
     certs = _security(args)
-    if args.resume:
-        if args.config or args.out:
-            raise ValueError("--resume RUN_DIR takes its config from RUN_DIR/config.toml; give no CONFIG or --out")
-        out = Path(args.resume)
-        cfg = config_mod.load(out / "config.toml", args.set)
-    else:
-        cfg = config_mod.load(args.config, args.set)
-        out = Path(args.out) if args.out else _default_out(args.config)
+    cfg, out = _config_and_run_dir(args)
     _exit_on_sigterm()
     serve(ServerOptions(cfg, out, certs, args.address, bool(args.resume), args.wait, not args.quiet, args.poll))
     s = read_summary(out)

@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 from fedtrain.certs import CertificateSet
 from fedtrain.config import Config, ConfigError, from_dict, to_dict

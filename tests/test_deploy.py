@@ -11,11 +11,9 @@ and trains again before the run ends.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,48 +23,10 @@ import pytest
 from fedtrain.certs import CertificateSet, add_client_key, create_certificates
 from fedtrain.deploy import free_port
 
+from deployed import Started, cli, rows
+
 
 ROUNDS = 6
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedtrain.cli", *args]
-
-
-class Started:
-    """Processes a test started, each in its own session; all of them are
-    killed on exit, whatever happened."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env = env
-        self.logs = logs
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[str]:
-        out = open(self.logs / f"{name}.log", "w")
-        proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        out.close()
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text()
-
-    def __enter__(self) -> "Started":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -103,13 +63,6 @@ class Deployment:
     leftovers: list[str]
 
 
-def _rows(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     root = tmp_path_factory.mktemp("deploy")
@@ -119,9 +72,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     port = free_port()
     server_address = f"127.0.0.1:{port}"
     run_dir = root / "run"
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", MPLBACKEND="Agg")
-    with Started(env, root) as started:
-        server = started.start("server", _cli(
+    with Started(root) as started:
+        server = started.start("server", cli(
             "server", "--certs", str(certs.root), "--address", server_address, "--out", str(run_dir),
             "--quiet", "--wait", "180",
             "--set", f"run.rounds={ROUNDS}", "--set", "data.num_clients=3",
@@ -129,26 +81,26 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
             "--set", "client.timeout=30",
         ))
         clients = [
-            started.start(f"client-{i}", _cli(
+            started.start(f"client-{i}", cli(
                 "client", "--server", server_address, "--certs", str(certs.root),
                 "--key", str(certs.root / f"client-{i + 1}"), "--partition", str(i),
             ))
             for i in range(3)
         ]
-        stranger = started.start("stranger", _cli(
+        stranger = started.start("stranger", cli(
             "client", "--server", server_address, "--certs", str(certs.root), "--key", str(stranger_key),
             "--partition", "0", "--connect-timeout", "10",
         ))
-        plain = started.start("plain", _cli(
+        plain = started.start("plain", cli(
             "client", "--server", server_address, "--insecure", "--partition", "0", "--connect-timeout", "10",
         ))
         stranger.wait(180)
         plain.wait(180)
-        _wait_for(lambda: len(_rows(run_dir)) >= 1 or server.poll() is not None, 300, "the first round")
+        _wait_for(lambda: len(rows(run_dir)) >= 1 or server.poll() is not None, 300, "the first round")
         os.killpg(clients[2].pid, signal.SIGKILL)
-        _wait_for(lambda: any(r["num_failed"] for r in _rows(run_dir)) or server.poll() is not None, 300,
+        _wait_for(lambda: any(r["num_failed"] for r in rows(run_dir)) or server.poll() is not None, 300,
                   "a round without the killed client")
-        started.start("client-2-again", _cli(
+        started.start("client-2-again", cli(
             "client", "--server", server_address, "--certs", str(certs.root),
             "--key", str(certs.root / "client-3"), "--partition", "2",
         ))
@@ -170,28 +122,28 @@ def test_deployed_run_finishes_and_writes_the_run_folder(deployment: Deployment)
     assert deployment.server_rc == 0, deployment.server_log
     for name in ("metrics.jsonl", "summary.json", "model.pt", "curves.png", "config.toml"):
         assert (deployment.run_dir / name).is_file(), name
-    rows = _rows(deployment.run_dir)
-    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+    metrics = rows(deployment.run_dir)
+    assert [r["round"] for r in metrics] == list(range(1, ROUNDS + 1))
 
 
 def test_deployed_model_improves(deployment: Deployment) -> None:
-    rows = _rows(deployment.run_dir)
-    assert rows[0]["num_clients"] == 3
-    assert rows[-1]["accuracy"] > rows[0]["accuracy"]
+    metrics = rows(deployment.run_dir)
+    assert metrics[0]["num_clients"] == 3
+    assert metrics[-1]["accuracy"] > metrics[0]["accuracy"]
 
 
 def test_killed_client_is_recorded_and_the_others_go_on(deployment: Deployment) -> None:
-    rows = _rows(deployment.run_dir)
-    without = [r for r in rows if r["num_failed"]]
+    metrics = rows(deployment.run_dir)
+    without = [r for r in metrics if r["num_failed"]]
     assert without, "no round recorded the killed client"
     assert all(r["num_clients"] == 2 and list(r["failures"]) == ["2"] for r in without)
 
 
 def test_client_that_comes_back_trains_again(deployment: Deployment) -> None:
-    rows = _rows(deployment.run_dir)
-    first_failure = next(i for i, r in enumerate(rows) if r["num_failed"])
-    assert any(r["num_clients"] == 3 for r in rows[first_failure:])
-    assert rows[-1]["num_clients"] == 3
+    metrics = rows(deployment.run_dir)
+    first_failure = next(i for i, r in enumerate(metrics) if r["num_failed"])
+    assert any(r["num_clients"] == 3 for r in metrics[first_failure:])
+    assert metrics[-1]["num_clients"] == 3
 
 
 def test_unregistered_client_is_refused_on_both_sides(deployment: Deployment) -> None:
@@ -214,7 +166,7 @@ def test_failed_run_exits_non_zero_with_the_reason(tmp_path: Path) -> None:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", MPLBACKEND="Agg")
 
     done = subprocess.run(
-        _cli("server", "--insecure", "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "run"),
+        cli("server", "--insecure", "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "run"),
              "--quiet", "--wait", "2", "--set", "strategy.min_clients=2"),
         env=env, capture_output=True, text=True, timeout=300,
     )
@@ -225,7 +177,7 @@ def test_failed_run_exits_non_zero_with_the_reason(tmp_path: Path) -> None:
 
 
 def test_server_without_certificates_is_refused_before_starting(tmp_path: Path) -> None:
-    done = subprocess.run(_cli("server", "--certs", str(tmp_path / "none")), capture_output=True, text=True,
+    done = subprocess.run(cli("server", "--certs", str(tmp_path / "none")), capture_output=True, text=True,
                           timeout=120)
 
     assert done.returncode == 2

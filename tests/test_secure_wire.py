@@ -22,7 +22,6 @@ from fedtrain.secure.messages import (
     Neighbourhood,
     SecureSetup,
     ShareDelivery,
-    SharedKeys,
     UnmaskRequest,
     UnmaskResponse,
 )

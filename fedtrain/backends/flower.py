@@ -355,14 +355,11 @@ class SecureFlowerBackend(FlowerBackend):
     def train_round(
         self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
     ) -> RoundOutcome:
-        import torch
-
-        from fedtrain.backends.secure import AGGREGATE_ID
+        from fedtrain.backends.secure import aggregate_update
         from fedtrain.engine import ClientFailure, RoundOutcome
         from fedtrain.secure import wire
         from fedtrain.secure.messages import AdvertiseRequest, KeyAdvert, MaskedInput, SharedKeys, UnmaskResponse
         from fedtrain.secure.protocol import SecureAggregationAborted, SecureServer
-        from fedtrain.types import ClientUpdate
 
         connected, failures = self._connected(clients)
         if not connected:
@@ -413,15 +410,7 @@ class SecureFlowerBackend(FlowerBackend):
                 continue
             failures.append(ClientFailure(ids[index], f"secure aggregation: {why.get(index, reason)}"))
             self._greeted.discard(nodes[index])
-        mean = result.total * (setup.max_weight / result.weight)
-        aggregate = ClientUpdate(
-            client_id=AGGREGATE_ID,
-            vector=torch.from_numpy(mean).to(dtype=torch.float32, device=params.device),
-            num_examples=result.weight,
-            kind=task.kind,
-            contributors=len(result.contributors),
-        )
-        return RoundOutcome((aggregate,), tuple(failures))
+        return RoundOutcome((aggregate_update(result, setup, task.kind, params.device),), tuple(failures))
 
 
 server_app = ServerApp()

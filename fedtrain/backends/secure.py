@@ -42,7 +42,7 @@ from fedtrain.privacy.noise import NoiseSource, noise_source
 from fedtrain.secure.messages import AggregateSum, SecureSetup
 from fedtrain.secure.protocol import ProtocolError, SecureAggregationAborted, SecureClient, SecureServer
 from fedtrain.secure.setting import SecureSettings
-from fedtrain.types import ClientUpdate
+from fedtrain.types import ClientUpdate, UpdateKind
 from fedtrain.validation import rejection_reason
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,21 @@ _DROPOUT_STREAM = 0x5EC
 _NOISE_STREAM = 0x0153
 
 T = TypeVar("T")
+
+
+def aggregate_update(
+    result: AggregateSum, setup: SecureSetup, kind: UpdateKind, device: torch.device
+) -> ClientUpdate:
+    """The one update the engine sees from a secure round: the survivors'
+    weighted mean, their summed weight, and how many they were."""
+    mean = result.total * (setup.max_weight / result.weight)
+    return ClientUpdate(
+        client_id=AGGREGATE_ID,
+        vector=torch.from_numpy(mean).to(dtype=torch.float32, device=device),
+        num_examples=result.weight,
+        kind=kind,
+        contributors=len(result.contributors),
+    )
 
 
 class SecureAggregationBackend:
@@ -124,15 +139,7 @@ class SecureAggregationBackend:
         for index, reason in result.excluded:
             why = "dropped after sharing keys (secure.simulated_dropout)" if index in dropouts else reason
             failures.append(ClientFailure(ids[index], f"secure aggregation: {why}"))
-        mean = result.total * (setup.max_weight / result.weight)
-        aggregate = ClientUpdate(
-            client_id=AGGREGATE_ID,
-            vector=torch.from_numpy(mean).to(dtype=torch.float32, device=params.device),
-            num_examples=result.weight,
-            kind=task.kind,
-            contributors=len(result.contributors),
-        )
-        return RoundOutcome((aggregate,), tuple(failures))
+        return RoundOutcome((aggregate_update(result, setup, task.kind, params.device),), tuple(failures))
 
 
 def _step_live_clients_(
