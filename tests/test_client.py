@@ -97,3 +97,36 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="client.device = 'cuda:0'.*no CUDA"):
             resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("privacy", [
+    "none",
+    "user",
+    "sample",
+    "distributed",
+])
+def test_train_task_survives_json(privacy: str) -> None:
+    """A deployed client gets its task as JSON: every field, privacy included, comes back."""
+    import json
+
+    from fedtrain.config import GradSampleMode, Optimizer
+    from fedtrain.privacy.dpsgd import DpSgdTask
+    from fedtrain.privacy.policy import ClientPrivacy
+
+    settings = {
+        "none": ClientPrivacy(),
+        "user": ClientPrivacy(clip=0.7),
+        "sample": ClientPrivacy(dp_sgd=DpSgdTask(1.3, 0.2, GradSampleMode.EW, secure_noise=False)),
+        "distributed": ClientPrivacy(clip=0.5, distributed_noise=0.9),
+    }
+    task = TrainTask(2, 16, 0.05, 0.9, 1e-4, Optimizer.ADAM, 0.01, UpdateKind.GRADIENT, settings[privacy])
+
+    assert TrainTask.from_json(json.loads(json.dumps(task.as_json()))) == task
+
+
+def test_malformed_train_task_names_what_is_missing() -> None:
+    row = TrainTask(1, 8, 0.1).as_json()
+    del row["lr"]
+
+    with pytest.raises(ValueError, match="lr"):
+        TrainTask.from_json(row)
