@@ -8,8 +8,9 @@ import datetime
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -39,6 +40,18 @@ def revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown revision"
     return f"fedtrain {head}{' + uncommitted changes' if dirty else ''}"
+
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn``, after one warm-up call
+    (page faults of fresh outputs, thread-pool start)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def median(xs: Sequence[float]) -> float:

@@ -21,25 +21,13 @@ default thread count. Target: aggregation / copy >= 50%.
 from __future__ import annotations
 
 import argparse
-import time
-from typing import Callable
 
 import torch
 
-from _common import report, table
+from _common import best_seconds, report, table
 from fedtrain import ClientUpdate, weighted_mean
 
 TARGET = 0.5
-
-
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: page faults of fresh outputs, thread pool start
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def updates_of(vectors: list[torch.Tensor]) -> list[ClientUpdate]:

@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import io
 import pickle
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from _common import report, revision, table
+from _common import best_seconds, report, revision, table
 
 
 @dataclass(frozen=True)
@@ -80,16 +79,6 @@ def _pickle() -> Method:
                   lambda b: torch.from_numpy(pickle.loads(b)))
 
 
-def best(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="sizes up to 1M, 3 repeats: a smoke run")
@@ -104,15 +93,15 @@ def main() -> None:
         vector = torch.randn(numel, generator=torch.Generator().manual_seed(0))
         nbytes = vector.numel() * vector.element_size()
         target = torch.empty_like(vector)
-        t_copy = best(lambda: target.copy_(vector), repeats)
+        t_copy = best_seconds(lambda: target.copy_(vector), repeats)
         t_raw = 0.0
         for method in methods:
             blob = method.encode(vector)
             back = method.decode(blob)
             if not torch.equal(back, vector):
                 raise RuntimeError(f"{method.name}: the decoded vector differs from the encoded one")
-            t_enc = best(lambda: method.encode(vector), repeats)
-            t_dec = best(lambda: method.decode(blob), repeats)
+            t_enc = best_seconds(lambda: method.encode(vector), repeats)
+            t_dec = best_seconds(lambda: method.decode(blob), repeats)
             trip = t_enc + t_dec
             if not t_raw:
                 t_raw = trip

@@ -46,7 +46,7 @@ from typing import Any, Mapping, Sequence
 from fedtrain.config import PrivacyMode
 from fedtrain.privacy.accountant import Accountant
 from fedtrain.privacy.policy import ClientPrivacy, PrivacyReport, Release
-from fedtrain.privacy.user_level import round_event
+from fedtrain.privacy.user_level import budget_refusal, check_round_setting, round_event
 from fedtrain.types import ClientUpdate
 
 
@@ -76,12 +76,7 @@ class DistributedDP:
         delta: float,
         max_epsilon: float,
     ) -> None:
-        if noise_multiplier <= 0:
-            raise ValueError(f"privacy.noise_multiplier = {noise_multiplier}: must be > 0")
-        if clip <= 0:
-            raise ValueError(f"privacy.clip = {clip}: must be > 0")
-        if expected_cohort <= 0:
-            raise ValueError(f"expected cohort = {expected_cohort}: must be > 0")
+        check_round_setting(noise_multiplier, clip, expected_cohort)
         self.accountant = accountant
         self.noise_multiplier = noise_multiplier
         self.clip = clip
@@ -96,16 +91,8 @@ class DistributedDP:
         return ClientPrivacy(clip=self.clip, distributed_noise=self.noise_multiplier * self.clip)
 
     def check(self, rnd: int, cohort: Sequence[str]) -> str | None:
-        if self.max_epsilon <= 0:
-            return None
-        event = round_event(self.noise_multiplier, self.sample_rate, self.amplified)
-        after = self.accountant.epsilon_if(event, self.delta)
-        if after > self.max_epsilon:
-            return (
-                f"round {rnd} would raise ε from {self.accountant.epsilon(self.delta):.4g} to "
-                f"{after:.4g} > privacy.max_epsilon = {self.max_epsilon}"
-            )
-        return None
+        planned = round_event(self.noise_multiplier, self.sample_rate, self.amplified)
+        return budget_refusal(self.accountant, planned, self.delta, self.max_epsilon, rnd)
 
     def release(self, rnd: int, cohort: Sequence[str], updates: Sequence[ClientUpdate]) -> Release:
         """Account the round, then release the noisy sum over the expected cohort.

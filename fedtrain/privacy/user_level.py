@@ -81,6 +81,32 @@ def round_event(noise_multiplier: float, sample_rate: float, amplified: bool) ->
     return GaussianEvent(noise_multiplier=noise_multiplier / 2.0, sample_rate=1.0)
 
 
+def check_round_setting(noise_multiplier: float, clip: float, expected_cohort: float) -> None:
+    """Raise, naming the key, unless the round's noise, clip and cohort are positive."""
+    if noise_multiplier <= 0:
+        raise ValueError(f"privacy.noise_multiplier = {noise_multiplier}: must be > 0")
+    if clip <= 0:
+        raise ValueError(f"privacy.clip = {clip}: must be > 0")
+    if expected_cohort <= 0:
+        raise ValueError(f"expected cohort = {expected_cohort}: must be > 0")
+
+
+def budget_refusal(
+    accountant: Accountant, event: GaussianEvent, delta: float, max_epsilon: float, rnd: int
+) -> str | None:
+    """Why round ``rnd`` (one ``event``) would exceed ``max_epsilon``, or None
+    (always None when no budget is set)."""
+    if max_epsilon <= 0:
+        return None
+    after = accountant.epsilon_if(event, delta)
+    if after > max_epsilon:
+        return (
+            f"round {rnd} would raise ε from {accountant.epsilon(delta):.4g} to "
+            f"{after:.4g} > privacy.max_epsilon = {max_epsilon}"
+        )
+    return None
+
+
 class UserLevelDP:
     """DP-FedAvg's privatisation of one round's updates, and its ledger."""
 
@@ -99,12 +125,7 @@ class UserLevelDP:
         noise: NoiseSource,
         adaptive: AdaptiveClipping | None = None,
     ) -> None:
-        if noise_multiplier <= 0:
-            raise ValueError(f"privacy.noise_multiplier = {noise_multiplier}: must be > 0")
-        if clip <= 0:
-            raise ValueError(f"privacy.clip = {clip}: must be > 0")
-        if expected_cohort <= 0:
-            raise ValueError(f"expected cohort = {expected_cohort}: must be > 0")
+        check_round_setting(noise_multiplier, clip, expected_cohort)
         self.accountant = accountant
         self.noise_multiplier = noise_multiplier
         self.update_multiplier = (
@@ -122,15 +143,7 @@ class UserLevelDP:
         return ClientPrivacy(clip=self.clip)
 
     def check(self, rnd: int, cohort: Sequence[str]) -> str | None:
-        if self.max_epsilon <= 0:
-            return None
-        after = self.accountant.epsilon_if(self.event, self.delta)
-        if after > self.max_epsilon:
-            return (
-                f"round {rnd} would raise ε from {self.accountant.epsilon(self.delta):.4g} to "
-                f"{after:.4g} > privacy.max_epsilon = {self.max_epsilon}"
-            )
-        return None
+        return budget_refusal(self.accountant, self.event, self.delta, self.max_epsilon, rnd)
 
     def release(self, rnd: int, cohort: Sequence[str], updates: Sequence[ClientUpdate]) -> Release:
         self.accountant.compose(self.event)
