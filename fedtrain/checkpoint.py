@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -41,8 +42,17 @@ class Checkpoint:
     round: int
     params: torch.Tensor
     engine: Mapping[str, Any]
-    records: tuple[Mapping[str, Any], ...]
+    records_jsonl: bytes
+    """The metrics of every round so far, one JSON object per line as in
+    ``metrics.jsonl``. Stored encoded because the :class:`Checkpointer`
+    encodes each round's record once: pickling the growing list of records
+    anew every round cost O(rounds) per round (4.4 ms at round 300 of
+    ``simulations/many_clients.toml``, twice its batched training)."""
     config: Mapping[str, Any]
+
+    @property
+    def records(self) -> tuple[dict[str, Any], ...]:
+        return tuple(json.loads(line) for line in self.records_jsonl.splitlines())
 
 
 def _path(run_dir: Path, rnd: int) -> Path:
@@ -58,7 +68,7 @@ def save(run_dir: str | Path, checkpoint: Checkpoint, keep: int) -> Path:
             "round": checkpoint.round,
             "params": checkpoint.params.detach().cpu(),
             "engine": dict(checkpoint.engine),
-            "records": [dict(r) for r in checkpoint.records],
+            "records_jsonl": checkpoint.records_jsonl,
             "config": dict(checkpoint.config),
         },
         buffer,
@@ -102,9 +112,15 @@ def read(path: str | Path) -> Checkpoint:
         round=int(state["round"]),
         params=state["params"],
         engine=state["engine"],
-        records=tuple(state["records"]),
+        records_jsonl=state["records_jsonl"] if "records_jsonl" in state else encode_records(state["records"]),
         config=state["config"],
     )
+
+
+def encode_records(records: Sequence[Mapping[str, Any]]) -> bytes:
+    """Round records as :attr:`Checkpoint.records_jsonl` (and as checkpoints
+    before it stored them, a list of dicts, are read)."""
+    return b"".join(json.dumps(dict(r)).encode() + b"\n" for r in records)
 
 
 def latest(run_dir: str | Path) -> Checkpoint:
@@ -150,12 +166,12 @@ class Checkpointer:
         self.engine_state = engine_state
         self.config = config
         self.keep = keep
-        self.records: list[Mapping[str, Any]] = list(records)
+        self._records = bytearray(encode_records(records))
 
     def on_round(self, record: RoundRecord, params: torch.Tensor) -> None:
-        self.records.append(record.as_json())
+        self._records += encode_records([record.as_json()])
         save(
             self.run_dir,
-            Checkpoint(record.round, params, self.engine_state(), tuple(self.records), self.config),
+            Checkpoint(record.round, params, self.engine_state(), bytes(self._records), self.config),
             self.keep,
         )

@@ -64,6 +64,8 @@ class ParamLayout:
         }
 
     def views(self, vector: torch.Tensor) -> Params:
-        """Named views into a flat vector (no copy), for in-place loading."""
-        chunks = torch.split(vector, self.sizes)
-        return {n: c.view(s) for n, s, c in zip(self.names, self.shapes, chunks)}
+        """Named views into a flat vector (no copy), for in-place loading; of a
+        ``(k, numel)`` matrix, ``(k, *shape)`` views of its rows."""
+        chunks = torch.split(vector, self.sizes, dim=-1)
+        lead = tuple(vector.shape[:-1])
+        return {n: c.view(*lead, *s) for n, s, c in zip(self.names, self.shapes, chunks)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 from pathlib import Path
 
@@ -91,3 +93,21 @@ def test_resume_with_another_config_names_the_difference(tmp_path: Path) -> None
 def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
         simulate(config.load(None, SHORT), out_dir=tmp_path, resume=True)
+
+
+def test_checkpoint_with_records_as_a_list_of_dicts_still_reads(tmp_path: Path) -> None:
+    """Checkpoints written before the records were stored as JSON lines."""
+    simulate(config.load(None, SHORT + ["run.rounds=2"]), out_dir=tmp_path)
+    current = checkpoint.read(tmp_path / "checkpoint-000002.pt")
+    buffer = io.BytesIO()
+    torch.save({"round": current.round, "params": current.params, "engine": dict(current.engine),
+                "records": list(current.records), "config": dict(current.config)}, buffer)
+    payload = buffer.getvalue()
+    old = tmp_path / "old.pt"
+    old.write_bytes(checkpoint.MAGIC + hashlib.sha256(payload).digest() + payload)
+
+    legacy = checkpoint.read(old)
+
+    assert legacy.records == current.records and len(legacy.records) == 2
+    assert legacy.records_jsonl == current.records_jsonl
+    assert torch.equal(legacy.params, current.params)

@@ -37,6 +37,20 @@ def _update(cid: str, vector: torch.Tensor, n: int) -> ClientUpdate:
     return ClientUpdate(client_id=cid, vector=vector, num_examples=n)
 
 
+def test_views_of_a_matrix_are_each_rows_parameters_in_place() -> None:
+    state = _model().state_dict()
+    layout = ParamLayout.of(state)
+    rows = torch.stack([layout.flatten(state), -layout.flatten(state)])
+
+    views = layout.views(rows)
+    views["0.weight"][1].zero_()
+
+    assert views["0.weight"].shape == (2, 4, 3)
+    assert torch.equal(views["2.bias"][0], state["2.bias"]) and torch.equal(views["2.bias"][1], -state["2.bias"])
+    assert not layout.unflatten(rows[1])["0.weight"].any()
+    assert torch.equal(layout.unflatten(rows[0])["0.weight"], state["0.weight"])
+
+
 def test_stack_returns_a_view_for_rows_of_one_buffer() -> None:
     buffer = torch.arange(12, dtype=torch.float32).reshape(4, 3)
     updates = [_update(str(i), buffer[i], 1) for i in range(3)]

@@ -415,55 +415,66 @@ class BatchedBackend:
         (deriving one costs ~50 µs, a tenth of a small batched step)."""
         bs = task.batch_size
         gradient = task.kind is UpdateKind.GRADIENT
-        steps = [math.ceil(len(y) / bs) if gradient else steps_per_round(len(y), bs, task.epochs) for y in ys]
+        sizes = [y.shape[0] for y in ys]
+        steps = [math.ceil(m / bs) if gradient else steps_per_round(m, bs, task.epochs) for m in sizes]
         order = sorted(range(len(ys)), key=lambda i: -steps[i])  # the clients still running are a prefix
-        n = [len(ys[i]) for i in order]
+        n = [sizes[i] for i in order]
         k, device, dp = len(n), params.device, task.privacy.dp_sgd
+        offsets = [0, *itertools.accumulate(n)][:-1]
         noises: list[NoiseSource] = []
-        if gradient:  # LocalTrainer._mean_gradient: consecutive batches
-            plan = [list(torch.arange(n[i]).split(bs)) for i in range(k)]
-        elif dp is None:
-            plan = [_epoch_batches(n[i], task, gens[order[i]]) for i in range(k)]
-        else:  # LocalTrainer._train_dp_sgd's generator calls: the noise seed, then one mask per step
-            made = [gens[i]() for i in order]
-            noises = [self.trainer._noise(dp.secure_noise, g) for g in made]
-            plan = [
-                [torch.nonzero(torch.rand(n[i], generator=made[i]) < sample_rate(n[i], bs)).squeeze(1)
-                 for _ in range(steps[order[i]])]
-                for i in range(k)
-            ]
+        if dp is None and max(n) <= bs:
+            batches = _whole_clients(n, offsets, 1 if gradient else task.epochs, device)
+        else:
+            if gradient:  # LocalTrainer._mean_gradient: consecutive batches
+                plan = [[np.arange(s, min(s + bs, n[i])) for s in range(0, n[i], bs)] for i in range(k)]
+            elif dp is None:
+                plan = [_epoch_batches(n[i], task, gens[order[i]]) for i in range(k)]
+            else:  # LocalTrainer._train_dp_sgd's generator calls: the noise seed, then one mask per step
+                made = [gens[i]() for i in order]
+                noises = [self.trainer._noise(dp.secure_noise, g) for g in made]
+                plan = [
+                    [np.flatnonzero((torch.rand(n[i], generator=made[i]) < sample_rate(n[i], bs)).numpy())
+                     for _ in range(steps[order[i]])]
+                    for i in range(k)
+                ]
+            batches = _pad(plan, offsets, device)
         x, y = torch.cat([xs[i] for i in order]), torch.cat([ys[i] for i in order])
-        batches = _pad(plan, [0, *itertools.accumulate(n)][:-1], device)
         views = self.layout.views(params)
         consts = {name: v for name, v in views.items() if name not in self._trainable}
         anchor = {name: views[name] for name in self._trainable}
-        counts = torch.tensor(n, dtype=torch.float32, device=device)
+        targets = [slots[i] for i in order]
+        in_place = rows.device == device and targets == list(range(targets[0], targets[0] + k))
+        out = rows[targets[0]:targets[0] + k] if in_place else torch.empty((k, params.numel()), device=device)
         with torch.no_grad():
             if gradient:
-                grads, loss = self._gradients(anchor, consts, x, y, batches, counts)
-                stacked = {**grads, **{name: torch.zeros_like(v).expand(k, *v.shape) for name, v in consts.items()}}
-                seen = counts
+                out.zero_()
+                grads, loss = self._gradients(anchor, consts, x, y, batches,
+                                              torch.tensor(n, dtype=torch.float32, device=device))
+                stacked = self.layout.views(out)
+                for name, g in grads.items():
+                    stacked[name].copy_(g)
+                seen = n
             else:
-                stacked = {name: v.expand(k, *v.shape).clone() for name, v in anchor.items()}
+                out.copy_(params.expand(k, -1))  # every client starts at the global model, trained in place
+                stacked = self.layout.views(out)
+                weights = {name: stacked[name] for name in self._trainable}
                 if dp is None:
-                    loss = self._train_sgd(task, stacked, anchor, consts, x, y, batches)
+                    loss = self._train_sgd(task, weights, anchor, consts, x, y, batches)
                 else:
                     expected = torch.tensor([sample_rate(m, bs) * m for m in n], device=device)
-                    self._train_dp(task, stacked, anchor, consts, x, y, batches, noises, expected)
+                    self._train_dp(task, weights, anchor, consts, x, y, batches, noises, expected)
                     loss = torch.zeros(k, device=device)
-                stacked.update({name: v.expand(k, *v.shape) for name, v in consts.items()})
-                seen = counts * task.epochs
-            out = torch.cat([stacked[name].reshape(k, -1) for name in self.layout.names], dim=1)
-            if not gradient:
                 out.sub_(params)
+                seen = [m * task.epochs for m in n]
             metrics: list[dict[str, float]] = [{} for _ in range(k)]
             if task.privacy.clip > 0:
                 for m, norm in zip(metrics, clip_rows_(out, task.privacy.clip).tolist()):
                     m[UNCLIPPED] = 1.0 if norm <= task.privacy.clip else 0.0
             if dp is None and task.privacy.clip <= 0:
-                for m, value in zip(metrics, (loss / seen).tolist()):
-                    m["train_loss"] = value
-            rows.index_copy_(0, torch.tensor([slots[i] for i in order], device=rows.device), out.to(rows.device))
+                for m, value, count in zip(metrics, loss.tolist(), seen):
+                    m["train_loss"] = value / count
+            if not in_place:
+                rows.index_copy_(0, torch.tensor(targets, device=rows.device), out.to(rows.device))
         position = {i: p for p, i in enumerate(order)}
         return [metrics[position[i]] for i in range(k)]
 
@@ -487,8 +498,7 @@ class BatchedBackend:
             raise ValueError("the model has no stacked form")
         if consts:
             p = {**p, **{name: c.expand(weight.shape[0], *c.shape) for name, c in consts.items()}}
-        logits = self._stacked(p, x)  # (j, batch, classes), a view of (j, classes, batch) for a Linear head
-        ce = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+        ce = F.cross_entropy(self._stacked(p, x).transpose(1, 2), y, reduction="none")
         return (ce * weight).sum(), ce.detach()
 
     def _vmap_objective(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -518,17 +528,45 @@ class BatchedBackend:
         """Local SGD/Adam epochs on the stacked ``weights``; returns each client's
         summed loss. The gradient of the sum of the clients' losses is each
         client's gradient in its own row."""
-        objective = self._stacked_objective if self._stacked is not None else self._vmap_objective()
+        gradients = self._gradients_by_hand if self._stacked is not None and self._stacked.differentiable else (
+            self._autograd(self._stacked_objective if self._stacked is not None else self._vmap_objective()))
         step = _optimizer(task, weights, anchor)
         ce = torch.zeros(batches.mask.shape, device=x.device)
+        prefixes: dict[int, Tensors] = {}
         for t, j, xb, yb, weight in batches.gathered(x, y):
-            current = {name: w[:j].detach().requires_grad_() for name, w in weights.items()}
-            with torch.enable_grad():
-                total, losses = objective(current, consts, xb, yb, weight)
-                grads = torch.autograd.grad(total, list(current.values()))
-            ce[t, :j] = losses
-            step(t, j, dict(zip(current, grads)))
+            if j not in prefixes:
+                prefixes[j] = {name: w[:j] for name, w in weights.items()}
+            grads, ce[t, :j] = gradients(prefixes[j], consts, xb, yb, weight)
+            step(t, j, grads)
         return (ce * batches.mask).sum(dim=(0, 2))
+
+    def _gradients_by_hand(
+        self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[Tensors, torch.Tensor]:
+        """The trainable parameters' gradients of :meth:`_stacked_objective`
+        from :meth:`StackedSequential.gradients` (no autograd), and every
+        record's loss."""
+        if self._stacked is None:
+            raise ValueError("the model has no stacked form")
+        if consts:
+            p = {**p, **{name: c.expand(weight.shape[0], *c.shape) for name, c in consts.items()}}
+        grads, losses = self._stacked.gradients(p, x, y, weight)
+        return {name: grads[name] for name in self._trainable}, losses
+
+    @staticmethod
+    def _autograd(objective: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Callable[
+            ..., tuple[Tensors, torch.Tensor]]:
+        """``objective``'s gradients with respect to the stacked parameters, by autograd."""
+
+        def gradients(p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor,
+                      weight: torch.Tensor) -> tuple[Tensors, torch.Tensor]:
+            current = {name: w.detach().requires_grad_() for name, w in p.items()}
+            with torch.enable_grad():
+                total, losses = objective(current, consts, x, y, weight)
+                grads = torch.autograd.grad(total, list(current.values()))
+            return dict(zip(current, grads)), losses
+
+        return gradients
 
     def _train_dp(
         self, task: TrainTask, weights: Tensors, anchor: Tensors, consts: Tensors,
@@ -581,12 +619,14 @@ class _Batches:
     chunk's concatenated records (padding points at the client's first record,
     with ``mask`` 0); ``weight`` is ``mask`` over the batch's record count (at
     least 1); ``running[t]`` clients (a prefix: clients are sorted by their
-    number of steps, longest first) take step ``t``."""
+    number of steps, longest first) take step ``t``. ``repeated``: every step
+    is the same batch of every client (the tensors are one step expanded)."""
 
     idx: torch.Tensor
     mask: torch.Tensor
     weight: torch.Tensor
     running: list[int]
+    repeated: bool = False
 
     def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """``(t, j, indices, mask)`` of each step, for the ``j`` running clients."""
@@ -600,6 +640,11 @@ class _Batches:
         records of all steps are gathered in one indexing call when they fit in
         :data:`GATHER_BYTES` (one call per step costs more than the step's
         arithmetic on small models), else step by step."""
+        if self.repeated:
+            xb, yb, weight = x[self.idx[0]], y[self.idx[0]], self.weight[0]
+            for t, j in enumerate(self.running):
+                yield t, j, xb, yb, weight
+            return
         if self.idx.numel() * (x[:1].numel() * x.element_size() + y.element_size()) <= GATHER_BYTES:
             xs, ys = x[self.idx], y[self.idx]
             for t, j in enumerate(self.running):
@@ -610,25 +655,39 @@ class _Batches:
             yield t, j, x[idx], y[idx], self.weight[t, :j]
 
 
-def _epoch_batches(n: int, task: TrainTask, generator: Callable[[], torch.Generator]) -> list[torch.Tensor]:
+def _epoch_batches(n: int, task: TrainTask, generator: Callable[[], torch.Generator]) -> list[np.ndarray]:
     """The record indices of each step, as LocalTrainer._train_sgd draws them.
     When one batch holds all ``n`` records, every step is the whole client in
     some order, and the order changes a batch's loss only by float rounding:
     the records are then taken in order and no permutation is drawn."""
     if n <= task.batch_size:
-        return [torch.arange(n)] * task.epochs
+        return [np.arange(n)] * task.epochs
     g = generator()
-    batches: list[torch.Tensor] = []
+    batches: list[np.ndarray] = []
     for _ in range(task.epochs):
-        order = torch.randperm(n, generator=g)
+        order = torch.randperm(n, generator=g).numpy()
         batches.extend(order[s:s + task.batch_size] for s in range(0, n, task.batch_size))
     return batches
 
 
-def _pad(plan: list[list[torch.Tensor]], offsets: list[int], device: torch.device) -> _Batches:
+def _whole_clients(n: list[int], offsets: list[int], steps: int, device: torch.device) -> _Batches:
+    """:class:`_Batches` when every step of every client is all its records
+    (each fits in one batch, see :func:`_epoch_batches`): one ``(k, width)``
+    pattern, the same at every step (expanded, not copied)."""
+    width = max(n)
+    cols = np.arange(width)
+    mask = (cols < np.asarray(n)[:, None]).astype(np.float32)
+    idx = np.asarray(offsets)[:, None] + cols * (mask > 0)
+    weight = mask / np.asarray(n, dtype=np.float32)[:, None]
+    idx_t, mask_t, weight_t = (torch.from_numpy(a).to(device).expand(steps, *a.shape) for a in (idx, mask, weight))
+    return _Batches(idx_t, mask_t, weight_t, [len(n)] * steps, repeated=True)
+
+
+def _pad(plan: list[list[np.ndarray]], offsets: list[int], device: torch.device) -> _Batches:
     """Per-client lists of per-step record indices → :class:`_Batches`, built
     with a fixed number of numpy operations whatever the number of batches (on
-    arrays this small a numpy call costs a fraction of a torch one)."""
+    arrays this small a numpy call costs a fraction of a torch one, which is
+    why the plans are numpy arrays too)."""
     k, counts = len(plan), np.array([len(p) for p in plan])
     steps = int(counts.max())
     flat = [b for p in plan for b in p]
@@ -642,7 +701,7 @@ def _pad(plan: list[list[torch.Tensor]], offsets: list[int], device: torch.devic
     idx = np.repeat(start, steps * width).reshape(k, steps, width)
     mask = np.zeros((k, steps, width), dtype=np.float32)
     if flat:
-        idx.reshape(k * steps, width)[rows, cols] = torch.cat(flat).numpy() + np.repeat(start[client], lengths)
+        idx.reshape(k * steps, width)[rows, cols] = np.concatenate(flat) + np.repeat(start[client], lengths)
         mask.reshape(k * steps, width)[rows, cols] = 1.0
     idx, mask = idx.transpose(1, 0, 2).copy(), mask.transpose(1, 0, 2).copy()
     weight = mask / np.maximum(mask.sum(axis=2, keepdims=True), 1.0)
@@ -660,18 +719,22 @@ def _optimizer(task: TrainTask, weights: Tensors, anchor: Tensors) -> Callable[[
     second = {k: torch.zeros_like(w) for k, w in weights.items()} if adam else {}
     beta1, beta2 = ADAM_BETAS
 
+    prefixes: dict[int, tuple[list[torch.Tensor], ...]] = {}
+
     def step(t: int, j: int, grads: Tensors) -> None:
-        names = list(grads)
-        p = [weights[name][:j] for name in names]
+        if j not in prefixes:  # the same names in the same order at every step of a round
+            names = list(grads)
+            prefixes[j] = tuple([state[name][:j] for name in names] if state else []
+                                for state in (weights, first, second)) + ([anchor[name] for name in names],)
+        p, m, v, a = prefixes[j]
         g = list(grads.values())
         if mu > 0:
-            pull = torch._foreach_sub(p, [anchor[name] for name in names])
+            pull = torch._foreach_sub(p, a)
             torch._foreach_mul_(pull, mu)
             g = torch._foreach_add(g, pull)
         if wd != 0:
             g = torch._foreach_add(g, p, alpha=wd)
         if adam:
-            m, v = [first[name][:j] for name in names], [second[name][:j] for name in names]
             torch._foreach_lerp_(m, g, 1 - beta1)
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, g, g, value=1 - beta2)
@@ -680,11 +743,10 @@ def _optimizer(task: TrainTask, weights: Tensors, anchor: Tensors) -> Callable[[
             torch._foreach_add_(denom, ADAM_EPS)
             torch._foreach_addcdiv_(p, m, denom, value=-lr / (1 - beta1 ** (t + 1)))
             return
-        if task.momentum:
-            buffers = [first[name][:j] for name in names]  # zero start: the first step's buffer is g
-            torch._foreach_mul_(buffers, task.momentum)
-            torch._foreach_add_(buffers, g)
-            g = buffers
+        if task.momentum:  # zero start: the first step's buffer is g
+            torch._foreach_mul_(m, task.momentum)
+            torch._foreach_add_(m, g)
+            g = m
         torch._foreach_add_(p, g, alpha=-lr)
 
     return step
