@@ -11,10 +11,13 @@ is :class:`~fedtrain.backends.stacked.StackedSequential` (batched tensor ops
 written out) for a ``Sequential`` of common layers, else ``vmap`` of
 ``functional_call`` (any model ``torch.func`` runs, with ~1 ms more overhead
 per step). The clients' losses are independent, so the gradient of their sum
-with respect to the stacked parameters is each client's own gradient (plain
-autograd here: ~20% faster than ``vmap(grad(...))``, which DP-SGD's
+with respect to the stacked parameters is each client's own gradient: written
+out by :meth:`StackedSequential.gradients` for stacks of ``Linear`` layers and
+activations (an MLP: no autograd graph to build, half the cost of a step),
+else plain autograd (~20% faster than ``vmap(grad(...))``, which DP-SGD's
 per-sample gradients and FedSGD's gradients at the shared global parameters
-use).
+use). The stacked parameters are trained in place in the rows that become
+the updates.
 
 The math is the sequential one (:class:`~fedtrain.client.LocalTrainer`), so
 the same seeds give the same updates up to float rounding:
@@ -94,8 +97,9 @@ the digits MLP, 1 thread)."""
 
 MIN_STACKED_CLIENTS = 2
 """The same for models with a :class:`StackedSequential` form: 2 clients
-trained together already take 0.65–0.75× the time of one after the other
-(3 clients 0.5×; digits MLP, 1 thread)."""
+trained together already take about a third of the time of one after the
+other, 3 clients under a quarter (``simulations/many_clients.toml``'s MLP, 1
+thread)."""
 
 GATHER_BYTES = 64 << 20
 """Up to this many bytes, a chunk's records for all its steps are gathered at

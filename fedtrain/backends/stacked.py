@@ -213,11 +213,13 @@ def _reshape(reshape: Callable[[torch.Tensor], torch.Tensor]) -> Layer:
 
 def _elementwise(module: nn.Module) -> Layer:
     """An activation; written-out backward from :data:`DIFFERENTIABLE`, except
-    in place (the input it needs is overwritten; ReLU's needs only the output)."""
+    in place (the input it needs is overwritten; ReLU's needs only the output).
+    ``forward`` is called directly: like the other layers here, the stacked pass
+    runs no module hooks."""
     backward = DIFFERENTIABLE.get(type(module))
     if backward is not None and getattr(module, "inplace", False) and type(module) is not nn.ReLU:
         backward = None
-    return Layer(lambda h, params: module(h), None if backward is None else backward(module))
+    return Layer(lambda h, params: module.forward(h), None if backward is None else backward(module))
 
 
 def _linear(prefix: str, bias: bool) -> Layer:
