@@ -169,12 +169,12 @@ def run_flower(rounds: int) -> Timing:
     client_app.train()(me.client_train)
     server_app = ServerApp()
     server_app.main()(me.server_main)
-    backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0, "include_dashboard": False,
-                      "logging_level": logging.WARNING, "log_to_driver": False,
-                      "_temp_dir": os.path.join(os.environ["FLWR_HOME"], "ray")},  # removed at exit
-    }
+    init_args: dict[str, object] = {"include_dashboard": False, "logging_level": logging.WARNING,
+                                    "log_to_driver": False}
+    if not os.environ.get("RAY_ADDRESS"):  # a local Ray; joining a cluster, ray.init refuses these
+        init_args.update(num_cpus=os.cpu_count() or 1, num_gpus=0,
+                         _temp_dir=os.path.join(os.environ["FLWR_HOME"], "ray"))  # removed at exit
+    backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
     started = time.perf_counter()
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.data.num_clients,
                    backend_config=backend_config)

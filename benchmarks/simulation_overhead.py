@@ -20,8 +20,11 @@ Workloads: the reference run pinned key by key (``_common.DEFAULT_RUN``), the
 same with 500 clients of ~3 records and 5 per round, and whatever
 ``config.load(None, [])`` gives today (the embedded defaults may drift).
 Every timing is repeated (interleaved) and the minimum taken (load from other
-processes only adds time); ratio = simulate / raw. Targets: <= 1.3 for the
-default run, <= 2 for 500 clients.
+processes only adds time); ratio = simulate / raw. Target: <= 1.3 for the
+default and the reference run. The 500-client run has none against the raw
+loop, which takes 11x fewer optimiser steps (batches of 32 over the whole set
+against each client's batch of ~3 records); its fair reference is the same
+batches.
 
     python benchmarks/simulation_overhead.py [--quick] [--repeats N] [--profile]
 """
@@ -49,10 +52,10 @@ from fedtrain.simulation import client_partitions, cpu_threads, simulate
 from fedtrain.strategy import load_strategy
 
 MANY = DEFAULT_RUN + ["data.num_clients=500", "strategy.clients_per_round=5", "data.partition=iid"]
-# label, overrides (the full run), extra overrides for --quick, target ratio
-WORKLOADS: list[tuple[str, list[str], list[str], float]] = [
+# label, overrides (the full run), extra overrides for --quick, target ratio (None: none)
+WORKLOADS: list[tuple[str, list[str], list[str], float | None]] = [
     ("reference run", DEFAULT_RUN, ["run.rounds=5"], 1.3),
-    ("500 clients", MANY + ["run.rounds=300"], ["run.rounds=30"], 2.0),
+    ("500 clients", MANY + ["run.rounds=300"], ["run.rounds=30"], None),
     ("embedded defaults", [], ["run.rounds=5"], 1.3),
 ]
 
@@ -193,7 +196,8 @@ def main() -> None:
             f"{name}: {describe(cfg)}", len(sizes), f"{np.mean(sizes):.1f}", sample_steps,
             f"{sim_steps} / {raw_steps}",
             min(raw), min(same), f"{min(sim):.3g} ({min(setup):.2g})",
-            f"**{ratio:.3f}**", f"<= {target}", "yes" if ratio <= target else "NO",
+            f"**{ratio:.3f}**", "—" if target is None else f"<= {target}",
+            "—" if target is None else "yes" if ratio <= target else "NO",
             f"{min(sim) / min(same):.2f}",
         ])
         if args.profile:

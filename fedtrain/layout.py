@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -33,11 +34,11 @@ class ParamLayout:
             dtypes=tuple(v.dtype for _, v in items),
         )
 
-    @property
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(s) for s in self.shapes)
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return sum(self.sizes)
 
