@@ -89,8 +89,8 @@ DIFFERENTIABLE: dict[type[nn.Module], Callable[[nn.Module], InputGrad]] = {
         g, x, m.negative_slope, False),
 }
 """Elementwise activations whose backward is written out: each maps to aten's
-own backward kernel, the one autograd would call (so the gradients match it
-bit for bit). Activations outside this table keep autograd."""
+own backward kernel, the one autograd would call. Activations outside this
+table keep autograd."""
 
 
 class StackedSequential:
