@@ -133,6 +133,23 @@ def test_batched_updates_equal_sequential(name: str, caplog: pytest.LogCaptureFi
         assert all("train_loss" in u.metrics for u in batched.updates)
 
 
+def _frozen_first_layer() -> nn.Module:
+    model = mlp((64,), 10, hidden=32)
+    model[1].requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("name", ["sgd", "fedprox", "gradient"])
+def test_frozen_parameters_stay_put_batched_as_sequential(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        seq, batched, _ = _both(TASKS[name], _data(), model=_frozen_first_layer)
+
+    _assert_same(seq, batched)
+    assert not caplog.records
+    frozen = 32 * 64 + 32  # the first Linear's weight and bias lead the layout
+    assert not stack(batched.updates)[:, :frozen].any()
+
+
 def test_dp_sgd_with_secure_noise_runs_batched(caplog: pytest.LogCaptureFixture) -> None:
     task = TASKS["dp_sgd"]
     assert task.privacy.dp_sgd is not None

@@ -500,9 +500,7 @@ class BatchedBackend:
         ``vmap``; and every record's loss, detached."""
         if self._stacked is None:
             raise ValueError("the model has no stacked form")
-        if consts:
-            p = {**p, **{name: c.expand(weight.shape[0], *c.shape) for name, c in consts.items()}}
-        ce = F.cross_entropy(self._stacked(p, x).transpose(1, 2), y, reduction="none")
+        ce = F.cross_entropy(self._stacked(_with_consts(p, consts), x).transpose(1, 2), y, reduction="none")
         return (ce * weight).sum(), ce.detach()
 
     def _vmap_objective(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -552,9 +550,7 @@ class BatchedBackend:
         record's loss."""
         if self._stacked is None:
             raise ValueError("the model has no stacked form")
-        if consts:
-            p = {**p, **{name: c.expand(weight.shape[0], *c.shape) for name, c in consts.items()}}
-        grads, losses = self._stacked.gradients(p, x, y, weight)
+        grads, losses = self._stacked.gradients(_with_consts(p, consts), x, y, weight)
         return {name: grads[name] for name in self._trainable}, losses
 
     @staticmethod
@@ -657,6 +653,15 @@ class _Batches:
         for t, j in enumerate(self.running):
             idx = self.idx[t, :j]
             yield t, j, x[idx], y[idx], self.weight[t, :j]
+
+
+def _with_consts(p: Tensors, consts: Tensors) -> Tensors:
+    """The stacked trainable parameters ``p`` plus the frozen ones, the same
+    for every one of the ``k`` stacked clients (expanded, not copied)."""
+    if not consts:
+        return p
+    k = next(iter(p.values())).shape[0]
+    return {**p, **{name: c.expand(k, *c.shape) for name, c in consts.items()}}
 
 
 def _epoch_batches(n: int, task: TrainTask, generator: Callable[[], torch.Generator]) -> list[np.ndarray]:
