@@ -153,8 +153,10 @@ def server_main(grid: Any, context: Any) -> None:
 Timing = tuple[float, float, float, float, float]
 
 
-def run_flower(rounds: int) -> Timing:
-    """Wall seconds of ``run_simulation``, of its rounds, of its median round; final accuracy."""
+def run_flower(rounds: int, overrides: tuple[str, ...] | None = None) -> Timing:
+    """Wall seconds of ``run_simulation``, of its rounds, of its median round;
+    final accuracy. ``overrides`` (``--set`` items over the embedded default)
+    replace the reference run's (startup.py runs its own workload)."""
     # Import this file as a module so Ray pickles the app functions by reference
     # (benchmarks/ is on the PYTHONPATH that Flower hands to the Ray workers).
     import flower_comparison as me
@@ -162,8 +164,8 @@ def run_flower(rounds: int) -> Timing:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    overrides = _overrides(rounds)
-    cfg = config.load(None, overrides)
+    overrides = overrides or _overrides(rounds)
+    cfg = config.load(None, list(overrides))
     me.SPEC.update(cfg=cfg, overrides=overrides, stamps=[], accuracy=[], replies=[])
     client_app = ClientApp()
     client_app.train()(me.client_train)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = (
+    "startup",
     "simulation_overhead",
     "aggregation_throughput",
     "serialization",

@@ -6,7 +6,9 @@ the operating system's CSPRNG through it and are written with mode 0600.
 
 - TLS: the CA signs the coordinator's certificate, whose subject alternative
   names are the hosts clients dial; clients verify the coordinator against
-  ``ca.pem``. Keys are ECDSA on P-384 (NIST SP 800-186; TLS 1.3 suite B
+  ``ca.pem``. Each CA has a name of its own (``fedtrain CA`` and a random
+  tag), so a client holding another deployment's ``ca.pem`` fails with
+  "unknown CA", not with a confusing signature error. Keys are ECDSA on P-384 (NIST SP 800-186; TLS 1.3 suite B
   strength), certificates are valid for :data:`VALIDITY_DAYS`.
 - Client authentication: each client signs its requests with its own P-384
   key (Flower's SuperNode authentication, which accepts NIST curves only, in
@@ -19,6 +21,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -60,6 +63,17 @@ class CertificateSet:
     def client_keys(self) -> list[Path]:
         """The registered clients' public keys, ``client-N.pub``, in name order."""
         return sorted(self.root.glob(f"{CLIENT_PREFIX}*.pub"))
+
+    def client_key_pems(self) -> dict[str, str]:
+        """Each registered client's public key as PEM (SubjectPublicKeyInfo,
+        the form Flower's SuperLink logs keys in) → its ``client-N.pub`` name,
+        so that a refusal the SuperLink logs can name the key file."""
+        pems: dict[str, str] = {}
+        for path in self.client_keys():
+            key = serialization.load_ssh_public_key(path.read_bytes())
+            pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            pems[pem.decode("ascii").strip()] = path.name
+        return pems
 
     def require_server(self) -> None:
         """Raise naming every file the coordinator needs and lacks."""
@@ -137,7 +151,7 @@ def create_certificates(out: Path, hosts: Sequence[str], clients: int) -> Certif
     certs.root.mkdir(parents=True, exist_ok=True)
 
     ca_key = _new_key()
-    ca_name = "fedtrain CA"
+    ca_name = f"fedtrain CA {secrets.token_hex(4)}"
     ca_cert = _certificate(
         ca_name, ca_key.public_key(), ca_name, ca_key,
         [(x509.BasicConstraints(ca=True, path_length=0), True),

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from fedtrain import config as config_mod
-from fedtrain.checkpoint import CheckpointError
-from fedtrain.deploy import DEFAULT_POLL, DeployError
+if TYPE_CHECKING:
+    from fedtrain.config import Config
+
+DEFAULT_POLL = 0.1
+"""``fedtrain.deploy.DEFAULT_POLL``, the default of ``--poll``, repeated here so
+that building the parser (``--help``, every command) does not import the
+deployment's dependencies; tests/test_cli.py keeps the two equal."""
+
+
+TRUST_HELP = (
+    "with --resume: accept checkpoints and a ledger journal that do not verify under RUN_DIR/checkpoint.key "
+    "(e.g. a run folder from another machine) because you trust where they came from; they are still read as "
+    "data only, never as code"
+)
 
 
 def _default_out(config_path: str | None) -> Path:
@@ -20,8 +32,12 @@ def _default_out(config_path: str | None) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _config_and_run_dir(args: argparse.Namespace) -> tuple[config_mod.Config, Path]:
+def _config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
     """CONFIG + --set and the run folder, or with --resume both from RUN_DIR."""
+    from fedtrain import config as config_mod
+
+    if args.trust_checkpoint and not args.resume:
+        raise ValueError("--trust-checkpoint applies to --resume RUN_DIR only: a new run has no checkpoint to trust")
     if args.resume:
         if args.config or args.out:
             raise ValueError("--resume RUN_DIR takes its config from RUN_DIR/config.toml; give no CONFIG or --out")
@@ -32,18 +48,26 @@ def _config_and_run_dir(args: argparse.Namespace) -> tuple[config_mod.Config, Pa
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedtrain.simulation import simulate
+    """The run, with ``curves.png`` drawn by a child process started before
+    torch is imported here; the summary is printed as soon as the run ends,
+    and the command returns once the plot is written."""
+    from fedtrain.curves import CurvesProcess
 
-    cfg, out = _config_and_run_dir(args)
-    result = simulate(cfg, out, progress=not args.quiet, resume=bool(args.resume))
-    s = result.summary
-    if s.stopped_early:
-        print(f"stopped early: {s.stopped_early}; the model is the last one within the budget")
-    privacy = f", ε = {s.epsilon:.3f} at δ = {s.delta:g}" if s.epsilon is not None else ""
-    print(
-        f"final accuracy {s.final_accuracy:.4f} (best {s.best_accuracy:.4f}) after {s.rounds} rounds "
-        f"in {s.wall_seconds:.1f} s{privacy}; results in {out}/"
-    )
+    with CurvesProcess() as curves:
+        from fedtrain.simulation import simulate
+
+        cfg, out = _config_and_run_dir(args)
+        result = simulate(cfg, out, progress=not args.quiet, resume=bool(args.resume),
+                          trust_checkpoint=args.trust_checkpoint, plot=curves.draw)
+        s = result.summary
+        if s.stopped_early:
+            print(f"stopped early: {s.stopped_early}; the model is the last one within the budget")
+        privacy = f", ε = {s.epsilon:.3f} at δ = {s.delta:g}" if s.epsilon is not None else ""
+        print(
+            f"final accuracy {s.final_accuracy:.4f} (best {s.best_accuracy:.4f}) after {s.rounds} rounds "
+            f"in {s.wall_seconds:.1f} s{privacy}; results in {out}/",
+            flush=True,
+        )
     return 0
 
 
@@ -79,7 +103,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
     certs = _security(args)
     cfg, out = _config_and_run_dir(args)
     _exit_on_sigterm()
-    serve(ServerOptions(cfg, out, certs, args.address, bool(args.resume), args.wait, not args.quiet, args.poll))
+    serve(ServerOptions(cfg, out, certs, args.address, bool(args.resume), args.wait, not args.quiet, args.poll,
+                        trust_checkpoint=args.trust_checkpoint))
     s = read_summary(out)
     print(f"final accuracy {s.final_accuracy:.4f} (best {s.best_accuracy:.4f}) after {s.rounds} rounds "
           f"in {s.wall_seconds:.1f} s; results in {out}/")
@@ -102,6 +127,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         device=args.device,
         connect_seconds=args.connect_timeout,
         poll_seconds=args.poll,
+        allow_plugins=tuple(args.allow_plugin),
     ))
 
 
@@ -150,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR",
         help="continue RUN_DIR from its last valid checkpoint (--set run.rounds=N may extend it)",
     )
+    sim.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     sim.set_defaults(func=_cmd_simulate)
     priv = sub.add_parser(
         "privacy",
@@ -187,9 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one config key; repeatable")
     server.add_argument("--certs", help="folder written by fedtrain certs")
     server.add_argument("--insecure", action="store_true", help="plain text, no client authentication")
-    server.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT to listen on (default 0.0.0.0:9092)")
+    server.add_argument("--address", default="0.0.0.0:9092",
+                        help="HOST:PORT clients dial (default 0.0.0.0:9092); it serves Flower's Fleet API only, "
+                        "every other Flower API listens on a port of 127.0.0.1")
     server.add_argument("--out", help="run folder (default: runs/<config>-<time>)")
     server.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last valid checkpoint")
+    server.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     server.add_argument("--wait", type=float, default=300.0,
                         help="seconds to wait for every registered client before starting (default 300)")
     server.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -213,16 +243,44 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to keep retrying an unreachable coordinator (default 60)")
     client.add_argument("--poll", type=float, default=DEFAULT_POLL,
                         help=f"seconds between polls for work (default {DEFAULT_POLL}; 3 = Flower's default)")
+    client.add_argument(
+        "--allow-plugin", action="append", default=[], metavar="NAME",
+        help="import this plug-in when the run's model.name or data.dataset names it, exactly as written there "
+        "('package.module:function' or 'path/to/file.py:function'); repeatable. Without it the client builds "
+        "built-in models and data sets only: it never imports code because the coordinator named it",
+    )
     client.set_defaults(func=_cmd_client)
     return parser
 
 
+def _reported_errors() -> tuple[type[Exception], ...]:
+    """The errors ``main`` reports as one line with exit code 2. Those of the
+    checkpoint and deployment modules are looked up only when the module is
+    loaded (nothing else can have raised them), so that a command which never
+    loads them does not import them (torch; cryptography) for its error handling."""
+    errors: list[type[Exception]] = [ValueError, FileNotFoundError, FileExistsError]
+    for module, name in (("fedtrain.checkpoint", "CheckpointError"), ("fedtrain.deploy", "DeployError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``fedtrain`` command. Called as the console script (``argv`` None),
+    every live object is moved to the garbage collector's permanent generation
+    (``gc.freeze``) once the command is done: the process is about to exit, and
+    the collections the interpreter runs at exit would otherwise traverse every
+    object torch created at import, which takes longer than writing a short
+    run's results. Objects are still freed by reference counting; a caller
+    that passes ``argv`` (a test, a script) keeps its collector as it was."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, DeployError) as exc:
+        code = int(args.func(args))
+        if argv is None:
+            gc.freeze()
+        return code
+    except _reported_errors() as exc:
         print(f"fedtrain: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

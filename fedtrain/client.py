@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.adam import adam as adam_update
+from torch.optim.sgd import sgd as sgd_update
 
 from fedtrain.config import ClientConfig, ConfigError, Optimizer
 from fedtrain.layout import ParamLayout
@@ -19,6 +22,7 @@ from fedtrain.privacy.mechanisms import clip_rows_
 from fedtrain.privacy.noise import NoiseSource, SecureGaussian, SeededGaussian
 from fedtrain.privacy.policy import ClientPrivacy
 from fedtrain.privacy.user_level import UNCLIPPED
+from fedtrain.sampling import Randomness, SecretRandomness, TorchRandomness
 from fedtrain.types import Evaluation, RoundPlan, UpdateKind
 
 if TYPE_CHECKING:
@@ -122,6 +126,93 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+"""``torch.optim.Adam``'s defaults, which :class:`LocalOptimizer` and the batched engine use."""
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype of Adam's step count, as ``torch.optim.Adam`` chooses it (unfused)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class LocalOptimizer:
+    """A client's SGD or Adam, exactly as ``torch.optim.SGD`` / ``torch.optim.Adam``
+    (with their defaults) compute it: ``step`` calls the functional update that
+    those classes' ``step`` calls (``torch.optim.sgd.sgd`` /
+    ``torch.optim.adam.adam``, which pick the same single-tensor or foreach
+    kernel) on the parameters that have a gradient, and keeps the same state
+    (momentum buffers; Adam's step count and moments), so the updates are
+    bit-identical.
+
+    The optimiser classes themselves are not used: their constructor, ``step``
+    and ``zero_grad`` are wrapped to disable ``torch.compile``, and the first
+    call of any of them imports ``torch._dynamo``, which costs more start-up
+    than a short simulation's whole training. Nothing here compiles.
+    """
+
+    def __init__(self, params: list[nn.Parameter], task: TrainTask) -> None:
+        if not params:
+            raise ValueError("the model has no parameters to optimise")
+        self.params = params
+        self.kind = task.optimizer
+        self.lr = task.lr
+        self.momentum = task.momentum
+        self.weight_decay = task.weight_decay
+        self.state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
+
+    def reset(self) -> None:
+        """Forget the momentum / moments: the next step is a first step."""
+        self.state.clear()
+
+    def zero_grad(self) -> None:
+        """Drop the gradients (``set_to_none``, torch's default)."""
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every parameter that has a gradient."""
+        params = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in params]
+        if self.kind is Optimizer.ADAM:
+            self._adam(params, grads)
+        else:
+            self._sgd(params, grads)
+
+    def _sgd(self, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params] if self.momentum else []
+        sgd_update(
+            params, grads, buffers,
+            has_sparse_grad=any(g.is_sparse for g in grads), foreach=None, fused=None,
+            weight_decay=self.weight_decay, momentum=self.momentum, lr=self.lr,
+            dampening=0, nesterov=False, maximize=False,
+        )
+        for p, buffer in zip(params, buffers):
+            self.state[p] = {"momentum_buffer": buffer}
+
+    def _adam(self, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+        for p in params:
+            if p.grad.is_sparse:
+                raise ValueError("Adam does not support sparse gradients")
+            if p not in self.state:
+                self.state[p] = {
+                    "step": torch.tensor(0.0, dtype=_scalar_dtype()),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+        states = [self.state[p] for p in params]
+        beta1, beta2 = ADAM_BETAS
+        adam_update(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+            [s["step"] for s in states],
+            foreach=None, capturable=False, differentiable=False, fused=None,
+            has_complex=any(torch.is_complex(p) for p in params), decoupled_weight_decay=False,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=self.lr, weight_decay=self.weight_decay,
+            eps=ADAM_EPS, maximize=False,
+        )
+
+
 class LocalTrainer:
     """Trains one reusable model instance for whichever client is asked.
 
@@ -139,9 +230,10 @@ class LocalTrainer:
         state = self.model.state_dict(keep_vars=True)
         self._tensors = [state[n] for n in layout.names]
         self._flat = self._flatten_storage_()
-        self._optimizers: dict[tuple[object, ...], torch.optim.Optimizer] = {}
+        self._optimizers: dict[tuple[object, ...], LocalOptimizer] = {}
         self._stepper: DpSgdStepper | None = None
         self._secure_noise: SecureGaussian | None = None
+        self._secret_batches: SecretRandomness | None = None
 
     def _flatten_storage_(self) -> torch.Tensor | None:
         if any(d != torch.float32 for d in self.layout.dtypes):
@@ -169,21 +261,15 @@ class LocalTrainer:
         self.layout.flatten(self.model.state_dict(), out=out)
         out.sub_(params.to(out.device))
 
-    def _optimizer(self, task: TrainTask) -> torch.optim.Optimizer:
+    def _optimizer(self, task: TrainTask) -> LocalOptimizer:
         """One optimiser per setting, reused with its state cleared for each
         client (building a new one per client costs as much as a small step)."""
         key = (task.optimizer, task.lr, task.momentum, task.weight_decay)
         optimizer = self._optimizers.get(key)
         if optimizer is None:
-            params = list(self.model.parameters())
-            if task.optimizer is Optimizer.ADAM:
-                optimizer = torch.optim.Adam(params, lr=task.lr, weight_decay=task.weight_decay)
-            else:
-                optimizer = torch.optim.SGD(
-                    params, lr=task.lr, momentum=task.momentum, weight_decay=task.weight_decay
-                )
+            optimizer = LocalOptimizer(list(self.model.parameters()), task)
             self._optimizers[key] = optimizer
-        optimizer.state.clear()
+        optimizer.reset()
         return optimizer
 
     def train(
@@ -240,7 +326,7 @@ class LocalTrainer:
             for start in range(0, n, task.batch_size):
                 idx = order[start : start + task.batch_size]
                 xb, yb = x[idx], y[idx]
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 loss = F.cross_entropy(self.model(xb), yb)
                 losses.append(loss.detach())
                 sizes.append(len(idx))
@@ -259,10 +345,24 @@ class LocalTrainer:
             self._secure_noise = SecureGaussian()
         return self._secure_noise
 
+    def batch_randomness(self, secret: bool, generator: torch.Generator) -> Randomness:
+        """Where DP-SGD's Poisson batches come from. Amplification by sampling
+        (Abadi et al. 2016; Mironov et al. 2019) credits a batch nobody can
+        replay, so with ``secret`` (``privacy.secure_noise``) it is this
+        trainer's one secret stream, whoever the client; otherwise the
+        client's seeded ``generator``, for reproducible experiments. The
+        batched backend draws its masks here too, so both trainers sample
+        alike."""
+        if not secret:
+            return TorchRandomness(generator)
+        if self._secret_batches is None:
+            self._secret_batches = SecretRandomness()
+        return self._secret_batches
+
     def _train_dp_sgd(self, x: torch.Tensor, y: torch.Tensor, task: TrainTask, generator: torch.Generator) -> float:
-        """DP-SGD with Poisson-sampled batches (rate ``batch_size / n``), as its
-        accounting assumes; the proximal term, being data-independent, is
-        added after the noise."""
+        """DP-SGD with Poisson-sampled batches (rate ``batch_size / n``, drawn
+        from :meth:`batch_randomness`), as its accounting assumes; the
+        proximal term, being data-independent, is added after the noise."""
         from fedtrain.privacy.dpsgd import DpSgdStepper, sample_rate, steps_per_round
 
         dp_sgd = task.privacy.dp_sgd
@@ -273,13 +373,14 @@ class LocalTrainer:
         n = len(y)
         q = sample_rate(n, task.batch_size)
         noise = self._noise(dp_sgd.secure_noise, generator)
+        coins = self.batch_randomness(dp_sgd.secure_noise, generator)
         self.model.train()
         optimizer = self._optimizer(task)
         anchor = self._proximal_anchor(task)
         total_loss, seen = 0.0, 0
         for _ in range(steps_per_round(n, task.batch_size, task.epochs)):
-            idx = torch.nonzero(torch.rand(n, generator=generator) < q).squeeze(1).to(self.device)
-            optimizer.zero_grad(set_to_none=True)
+            idx = torch.from_numpy(np.flatnonzero(coins.bernoulli(n, q))).to(self.device)
+            optimizer.zero_grad()
             total_loss += self._stepper.noisy_gradient(x[idx], y[idx], q * n, dp_sgd, noise)
             seen += len(idx)
             if anchor is not None:

@@ -27,13 +27,14 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 import numpy as np
 import torch
 
-from fedtrain.config import Config, ConfigError, from_dict
+from fedtrain.config import BUILTIN_DATASETS, BUILTIN_MODELS, Config, ConfigError, from_dict
 from fedtrain.layout import ParamLayout
+from fedtrain.plugin import PluginError
 from fedtrain.relay import (
     AUTHKEY_BYTES,
     ClientInfo,
@@ -75,16 +76,48 @@ def load_own_data(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
 
 
-class ClientWorker:
-    """Answers :class:`Hello` and train requests for one client's data."""
+class PluginRefused(PluginError):
+    """The coordinator's config names code (a model or data set plug-in) that
+    this client's command line does not allow: a client never imports code
+    because a coordinator named it."""
 
-    def __init__(self, name: str, partition: str | None, data_path: Path | None, device: str) -> None:
+
+def plugin_refusal(config: Config, own_data: bool, allowed: Collection[str]) -> str | None:
+    """Why this client refuses to build ``config`` (a plug-in it was not
+    allowed to import), or None. Only what the client would import counts:
+    ``data.dataset`` is never loaded when the client trains on its own
+    ``--data``. A plug-in is allowed by its exact name
+    (``fedtrain client --allow-plugin NAME``)."""
+    named = [("model.name", config.model.name, BUILTIN_MODELS)]
+    if not own_data:
+        named.append(("data.dataset", config.data.dataset, BUILTIN_DATASETS))
+    for key, value, builtins in named:
+        if value not in builtins and value not in allowed:
+            return (
+                f"{key} = {value!r} is a plug-in; this client imports only built-in ones "
+                f"({', '.join(builtins)}) unless started with --allow-plugin NAME"
+            )
+    return None
+
+
+class ClientWorker:
+    """Answers :class:`Hello` and train requests for one client's data.
+
+    The run's config comes from the coordinator: it is data, never a reason
+    to import code. Built-in models and data sets only, plus the plug-ins
+    named in ``allowed_plugins`` (the client's ``--allow-plugin``)."""
+
+    def __init__(
+        self, name: str, partition: str | None, data_path: Path | None, device: str,
+        allowed_plugins: Collection[str] = (),
+    ) -> None:
         if (partition is None) == (data_path is None):
             raise ValueError("give exactly one of --partition and --data")
         self.name = name
         self.partition = partition
         self.data_path = data_path
         self.device_name = device
+        self.allowed_plugins = frozenset(allowed_plugins)
         self._setup: tuple[Mapping[str, Any], Any, torch.Tensor, torch.Tensor, int] | None = None
         self._held: dict[int, HeldUpdate] = {}
         self.lock = threading.Lock()
@@ -111,6 +144,9 @@ class ClientWorker:
 
         if self._setup is None or self._setup[0] != hello.config:
             config = from_dict(hello.config)
+            refusal = plugin_refusal(config, self.data_path is not None, self.allowed_plugins)
+            if refusal is not None:
+                raise PluginRefused(f"client {self.name} refused the run: {refusal}")
             device = resolve_device(self.device_name if self.device_name != "config" else config.client.device)
             x, y = self._records(config, device)
             if tuple(x.shape[1:]) != hello.input_shape:
@@ -237,6 +273,9 @@ class ClientWorker:
                         raise TypeError(f"secure request body is a {type(body).__name__}, expected SecureRequest")
                     return "ok", self.secure(body)
             return "error", f"unknown request {kind!r}; allowed: {[k.value for k in RequestKind]}"
+        except PluginRefused as exc:
+            log.error("%s", exc)
+            return "error", str(exc)
         except Exception as exc:  # reported to the coordinator as this client's failure
             log.exception("client %s: %s request failed", self.name, kind)
             return "error", f"{type(exc).__name__}: {exc}"

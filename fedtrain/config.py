@@ -215,12 +215,25 @@ class PrivacyConfig:
         default=0.0, metadata=_rule(0.0, doc="Gaussian noise std / clip; 0 with target_epsilon = calibrate")
     )
     target_epsilon: float = field(
-        default=0.0, metadata=_rule(0.0, doc="calibrate noise_multiplier to reach this ε after run.rounds; 0 = off")
+        default=0.0,
+        metadata=_rule(
+            0.0,
+            doc="calibrate noise_multiplier to reach this ε after run.rounds (sample level: for each client "
+            "from its own record count); 0 = off",
+        ),
     )
     max_epsilon: float = field(default=0.0, metadata=_rule(0.0, doc="stop before a round would exceed it; 0 = no budget"))
     max_grad_norm: float = field(
         default=0.2,
         metadata=_rule(0.0, exclusive_min=True, doc="sample level: per-record gradient clip (also scales the step)"),
+    )
+    min_records: int = field(
+        default=16,
+        metadata=_rule(
+            1, 10**9,
+            doc="sample level: a client with fewer records is left out with a logged reason "
+            "(each client's noise is calibrated from its own count)",
+        ),
     )
     clip: float = field(default=1.0, metadata=_rule(0.0, exclusive_min=True, doc="user level: L2 clip of each update"))
     adaptive_clip: bool = False
@@ -389,9 +402,10 @@ def validate(config: Config) -> Config:
             f"strategy.clients_per_round = {config.strategy.clients_per_round}"
         )
     _check_privacy(config)
-    from fedtrain.secure.setting import check_secure
+    if config.secure.aggregation or config.secure.simulated_dropout:
+        from fedtrain.secure.setting import check_secure
 
-    check_secure(config)
+        check_secure(config)
     if (config.attack.kind is AttackKind.NONE) != (config.attack.fraction == 0.0):
         raise ConfigError(
             f"attack.kind = {config.attack.kind.value!r}, attack.fraction = {config.attack.fraction}: "

@@ -2,45 +2,70 @@
 SuperLink and SuperNodes, with everything Flower needs handled here.
 
 The coordinator (``fedtrain server``) starts a SuperLink with TLS and
-SuperNode authentication, registers every ``client-N.pub`` of the
-certificate folder, writes a one-run Flower app whose ``ServerApp`` is
-:data:`fedtrain.backends.flower.server_app`, submits it with ``flwr run``,
-shows progress from the run folder's ``metrics.jsonl``, and reads the run's
-real status at the end (``flwr run`` exits 0 even when a run fails).
+SuperNode authentication (:func:`superlink_main`), registers every
+``client-N.pub`` of the certificate folder, writes a one-run Flower app
+whose ``ServerApp`` is :data:`fedtrain.backends.flower.server_app`, submits
+it with ``flwr run``, shows progress from the run folder's
+``metrics.jsonl``, and reads the run's real status at the end (``flwr run``
+exits 0 even when a run fails).
+
+Ports. Flower 1.42 serves its Fleet API (SuperNodes), its Control API
+(``flwr run / stop / ls``, ``flwr supernode register``) and its Runtime API
+(ServerApps) on one HTTP port, the last two without any authentication:
+whoever reaches that port can register a key, stop the run or submit an
+app whose code every client then runs. So fedtrain serves Flower's
+application on two listeners: ``--address`` (the clients' address) carries
+the Fleet API alone, with TLS and SuperNode authentication; every other API
+is on a port of ``127.0.0.1`` that only the coordinator's machine reaches,
+where the coordinator's own ``flwr`` calls and Flower's SuperExec go.
 
 A client (``fedtrain client``) starts its warm :class:`ClientWorker` and a
-SuperNode whose ``ClientApp`` relays each message to it.
+SuperNode (:func:`supernode_main`) whose ``ClientApp`` relays each message
+to it. That SuperNode runs fedtrain's own app only (:func:`fab_refusal`),
+and the worker builds only built-in models and data sets unless the
+client's own command line allows a plug-in.
 
-Flower's state (``FLWR_HOME``), logs and app live in ``RUN_DIR/flower`` on
-the coordinator and in a temporary folder on a client; telemetry is off and
-runtime dependency installation is disabled (fedtrain is already installed).
-Only :mod:`fedtrain.backends.flower` imports ``flwr``; this module drives
-Flower's command-line programs.
+Every Flower program, flag, internal and log line fedtrain relies on is in
+this module (the "Flower facts" below), checked against the tested Flower
+releases (:data:`FLOWER_TESTED`). Flower's state (``FLWR_HOME``), logs and
+app live in ``RUN_DIR/flower`` on the coordinator and in a temporary folder
+on a client; telemetry is off and runtime dependency installation is
+disabled (fedtrain is already installed). Besides
+:mod:`fedtrain.backends.flower`, only the SuperLink and SuperNode entry
+points here import ``flwr``, in their own processes.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+import zipfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Collection, Iterator, Mapping, Protocol, Sequence
 
 from fedtrain.certs import CertificateSet
 from fedtrain.config import Config, ConfigError, from_dict, to_dict
 from fedtrain.relay import NODE_KEY_FILE, NODE_WORKER, ClientInfo, Hello
 
 if TYPE_CHECKING:
+    from fedtrain.client_worker import WorkerServer
     from fedtrain.secure.setting import SecureSettings
 
 log = logging.getLogger(__name__)
@@ -53,8 +78,6 @@ DEFAULT_TIMEOUT = 600.0
 """Seconds the coordinator waits for a client's update when
 ``client.timeout`` is 0 (no limit makes no sense once clients can vanish)."""
 
-REFUSED_KEY = "No SuperNode found with the given public key"
-
 DEFAULT_POLL = 0.1
 """Seconds between a waiting party's requests (coordinator for replies,
 SuperNode for messages, Flower's SuperExec for tasks). Flower's defaults
@@ -62,10 +85,118 @@ SuperNode for messages, Flower's SuperExec for tasks). Flower's defaults
 
 FLOWER_IDLE_POLL = 3.0
 """Seconds Flower's SuperNode sleeps between asking for messages when idle
-(hard-coded in ``flwr.supernode.start_client_internal``, 1.41)."""
+(hard-coded in ``flwr.supernode.start_client_internal``, 1.41 and 1.42)."""
 
 FLOWER_SUPEREXEC_POLL = 1.0
 """Flower's default ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``."""
+
+# ---------------------------------------------------------------- Flower facts
+
+FLOWER_TESTED = ((1, 42), (1, 43))
+"""Flower releases the deployment was tested with: ``>=1.42,<1.43``
+(:data:`FLOWER_RANGE`). The SuperLink and SuperNode entry points build on
+Flower internals that change between minor releases, so any other release
+is refused before anything starts (:func:`check_flower_version`)."""
+
+FLOWER_RANGE = ">=1.42,<1.43"
+
+LOOPBACK = "127.0.0.1"
+
+FLEET_PREFIX = "/v1/fleet/"
+"""Flower 1.42 serves every API over HTTP on one port; the Fleet API's
+routes are the ones under this prefix (``/v1/control/`` is the Control API,
+``/v1/runtime/`` the Runtime API)."""
+
+GRPC_API_SWITCHES = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
+"""Environment switches that make Flower 1.42's SuperLink also start its
+legacy gRPC Control and Fleet servers on addresses of their own (the
+Control API's default is ``0.0.0.0:9093``, unauthenticated): removed from
+every environment fedtrain starts Flower in."""
+
+NODE_JOINED = "SuperNode ID"
+"""A SuperNode's log once the SuperLink accepted it (``SuperNode ID: N``)."""
+
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+"""A SuperNode's log when the SuperLink refused its key. Flower's error
+(code 2004) does not say why: the key is not registered, or a SuperNode
+with that key is connected already."""
+
+ACTIVATION_LOG = re.compile(
+    r"Attempted to register SuperNode with public key: b'(?P<key>[^']*)', exception: (?P<why>[^\n]*)"
+)
+"""The SuperLink's log line for a refused activation; ``key`` is the PEM
+public key (escaped), ``why`` contains :data:`UNKNOWN_KEY` or matches
+:data:`KEY_IN_USE`."""
+
+UNKNOWN_KEY = "No SuperNode found with the given public key"
+KEY_IN_USE = re.compile(r"SuperNode with node ID (?P<node>\d+) could not be activated")
+
+NODE_HEARTBEAT_SECONDS = 10
+"""Heartbeat interval fedtrain's SuperNodes announce: Flower's minimum (its
+default is 30 s). The SuperLink holds a key for :data:`HEARTBEAT_PATIENCE`
+intervals after its node's last heartbeat, so a client killed without a
+clean stop frees its key within 20 s instead of 60 s, and a second client
+with a connected key can be refused at once."""
+
+HEARTBEAT_PATIENCE = 2
+"""Flower's ``HEARTBEAT_PATIENCE``: heartbeat intervals a node stays online without one."""
+
+KEY_HOLD_SECONDS = NODE_HEARTBEAT_SECONDS * HEARTBEAT_PATIENCE
+
+REFUSAL_MARK = "fedtrain refused a connection:"
+"""Start of the line the SuperLink entry point logs for each failed TLS
+handshake on the Fleet address; the coordinator re-logs what follows."""
+
+_OTHER_CA = (
+    "a client does not trust this coordinator's certificate: its ca.pem is not the CA that signed "
+    "--certs/server.pem (another deployment's certs?)"
+)
+TLS_REFUSALS = {
+    "HTTP_REQUEST": "a client spoke plain text to this TLS address (fedtrain client --insecure)",
+    "TLSV1_ALERT_UNKNOWN_CA": _OTHER_CA,
+    "TLSV1_ALERT_DECRYPT_ERROR": _OTHER_CA,
+    "SSLV3_ALERT_BAD_CERTIFICATE": (
+        "a client rejected this coordinator's certificate: most likely it dialled a host name the "
+        "certificate does not carry (fedtrain certs --hosts)"
+    ),
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "a client rejected this coordinator's certificate as expired",
+}
+"""What a failed TLS handshake on the Fleet address means, by OpenSSL's
+reason: the alert a client sends when it refuses the certificate, or the
+plain-text request OpenSSL recognises."""
+
+APP_COMPONENTS = {
+    "serverapp": "fedtrain.backends.flower:server_app",
+    "clientapp": "fedtrain.backends.flower:client_app",
+}
+"""The components of the one Flower app a fedtrain client runs (:data:`APP_PYPROJECT`)."""
+
+FAB_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
+"""What the app bundle (FAB) that ``flwr run`` builds from fedtrain's app
+folder holds: its ``pyproject.toml`` and Flower's manifest. No code: the
+code is the fedtrain installed on each machine."""
+
+
+def flower_version() -> str:
+    """The installed ``flwr`` release."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flwr")
+    except PackageNotFoundError:
+        raise DeployError(f"flwr is not installed: pip install 'flwr{FLOWER_RANGE}'") from None
+
+
+def check_flower_version() -> None:
+    """Raise unless the installed Flower is one the deployment was tested with."""
+    installed = flower_version()
+    release = tuple(int(part) for part in re.findall(r"\d+", installed)[:2])
+    low, high = FLOWER_TESTED
+    if not low <= release < high:
+        raise DeployError(
+            f"flwr {installed} is installed; fedtrain's deployment is tested with flwr {FLOWER_RANGE} "
+            f"(it drives Flower internals): pip install 'flwr{FLOWER_RANGE}'"
+        )
 
 
 class DeployError(RuntimeError):
@@ -84,6 +215,10 @@ class DeployRequest:
     wait_seconds: float
     timeout: float
     poll_seconds: float = DEFAULT_POLL
+    trust_checkpoint: bool = False
+    authenticated: bool = False
+    """Clients authenticate with registered keys: each client id is then
+    bound to the key that first claimed it (:class:`RoundBackend`)."""
 
     def write(self) -> None:
         Path(self.run_dir, REQUEST_FILE).write_text(json.dumps(asdict(self), indent=1))
@@ -108,6 +243,7 @@ class RoundBackend(Protocol):
     coordinator uses besides training rounds."""
 
     clients: dict[str, ClientInfo]
+    ids_follow_keys: bool
 
     def wait_for_clients(self, expected: int, minimum: int, wait: float) -> list[str]: ...
 
@@ -120,12 +256,22 @@ def coordinate(
 
     With ``secure.aggregation = true`` the backend is asked for secure
     aggregation (the clients mask their updates and the coordinator learns
-    only their sum), after the strategy was checked to work on a sum alone."""
+    only their sum), after the strategy was checked to work on a sum alone.
+
+    fedtrain's warnings from here on (clients joining, refusing the run,
+    failing) reach the coordinator's console through :data:`SERVERAPP_LOG`."""
+    with _serverapp_log(Path(request.run_dir)):
+        _coordinate(request, make_backend)
+
+
+def _coordinate(
+    request: DeployRequest, make_backend: Callable[[Hello, SecureDeployment | None], RoundBackend]
+) -> None:
     from fedtrain.client import LocalTrainer, resolve_device
     from fedtrain.engine import Engine, RngStreams
     from fedtrain.layout import ParamLayout
     from fedtrain.privacy.setting import build_policy
-    from fedtrain.sampling import make_sampler
+    from fedtrain.sampling import make_sampler, secret_sampling
     from fedtrain.simulation import client_data, prepare_model, run_engine
     from fedtrain.strategy import load_strategy
 
@@ -148,6 +294,7 @@ def coordinate(
     layout = ParamLayout.of(model.state_dict())
     trainer = LocalTrainer(model, layout, device)
     backend = make_backend(Hello(to_dict(config), data.input_shape, data.num_classes), secure)
+    backend.ids_follow_keys = request.authenticated
     names = backend.wait_for_clients(request.expected_clients, config.strategy.min_clients, request.wait_seconds)
     sampler = make_sampler(
         config.strategy.sampling, min(config.strategy.clients_per_round, len(names)), len(names)
@@ -165,11 +312,12 @@ def coordinate(
         clients=names,
         client=config.client,
         min_clients=config.strategy.min_clients,
-        rngs=RngStreams.from_seed(config.run.seed),
+        rngs=RngStreams.from_seed(config.run.seed, secret_cohort=secret_sampling(config.privacy)),
         privacy=privacy,
     )
     params = layout.flatten(model.state_dict()).to(device)
-    run_engine(config, engine, layout, params, Path(request.run_dir), False, request.resume, started)
+    run_engine(config, engine, layout, params, Path(request.run_dir), False, request.resume, started,
+               request.trust_checkpoint)
 
 
 # ---------------------------------------------------------------- processes
@@ -193,25 +341,47 @@ def check_secure_deployment(config: Config) -> None:
     check_strategy(config, load_strategy(config.strategy.name, config.strategy.options))
 
 
+def script_dirs() -> list[Path]:
+    """Where this Python environment's console scripts are (``flwr``,
+    ``flower-superexec``): its scripts folder, then the running interpreter's
+    folder. Flower starts its helpers by bare name, so these go first on the
+    ``PATH`` of every process fedtrain starts: a ``fedtrain`` run by its
+    absolute path, with its environment not on ``PATH``, still finds them."""
+    found = [Path(sysconfig.get_path("scripts")), Path(sys.executable).parent]
+    return list(dict.fromkeys(p for p in found if p.is_dir()))
+
+
 def _flower_env(home: Path, poll_seconds: float = DEFAULT_POLL) -> dict[str, str]:
-    env = dict(os.environ)
+    """The environment of a Flower process: its own ``FLWR_HOME``, no
+    telemetry or update check, this environment's scripts first on ``PATH``,
+    and none of :data:`GRPC_API_SWITCHES`."""
+    env = {k: v for k, v in os.environ.items() if k not in GRPC_API_SWITCHES}
+    path = [*map(str, script_dirs()), *(p for p in env.get("PATH", "").split(os.pathsep) if p)]
     env.update(
         FLWR_HOME=str(home),
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(min(poll_seconds, FLOWER_SUPEREXEC_POLL)),
         PYTHONUNBUFFERED="1",
+        PATH=os.pathsep.join(dict.fromkeys(path)),
     )
     return env
 
 
 def _program(name: str) -> str:
-    """Flower's console script ``name``, next to this Python when it is there."""
-    beside = Path(sys.executable).with_name(name)
-    found = str(beside) if beside.exists() else shutil.which(name)
+    """Flower's console script ``name``, from this Python's environment when it is there."""
+    for folder in script_dirs():
+        if (folder / name).is_file():
+            return str(folder / name)
+    found = shutil.which(name)
     if found is None:
-        raise DeployError(f"{name} not found: install Flower (pip install 'flwr>=1.41,<2')")
+        raise DeployError(f"{name} not found: install Flower (pip install 'flwr{FLOWER_RANGE}')")
     return found
+
+
+def _entry_point(command: str) -> list[str]:
+    """The command line of this module's ``command`` (``superlink``, ``supernode``)."""
+    return [sys.executable, "-m", "fedtrain.deploy", command]
 
 
 def _check_positive(parameter: str, value: float) -> None:
@@ -393,33 +563,126 @@ class ServerOptions:
     wait_seconds: float = 300.0
     progress: bool = True
     poll_seconds: float = DEFAULT_POLL
+    trust_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("--wait", self.wait_seconds)
         _check_positive("--poll", self.poll_seconds)
 
 
-def _connection_toml(dial: str, certs: CertificateSet | None) -> str:
-    security = "insecure = true" if certs is None else f"root-certificates = {json.dumps(str(certs.ca.resolve()))}"
-    return f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{dial}"\n{security}\n'
+def _connection_toml(control: str) -> str:
+    """The coordinator's ``flwr`` connection: its SuperLink's Control API on
+    loopback, plain text (that port is reachable from this machine only)."""
+    return f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{control}"\ninsecure = true\n'
 
 
-def _watch_refusals(log_path: Path, stop: threading.Event) -> None:
-    """Tell the operator, once per refusal, that the SuperLink turned a node away."""
-    seen = 0
-    while not stop.wait(0.5):
-        text = log_path.read_text(errors="replace") if log_path.exists() else ""
-        count = text.count(REFUSED_KEY)
-        if count > seen:
-            log.warning(
-                "refused %d connection(s) from a client whose key is not registered "
-                "(not among the client-N.pub of --certs)", count - seen,
-            )
-            seen = count
+SERVERAPP_LOG = "serverapp.log"
+"""``RUN_DIR/flower/serverapp.log``: the warnings of fedtrain's code inside
+Flower's ServerApp process (clients joining, refusing the run, failing),
+one JSON object a line, shown on the coordinator's console as they come."""
+
+
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return json.dumps({"level": record.levelno, "name": record.name, "message": text})
+
+
+@contextlib.contextmanager
+def _serverapp_log(run_dir: Path) -> Iterator[None]:
+    """While inside, fedtrain's warnings in this (ServerApp) process also go
+    to :data:`SERVERAPP_LOG`, where the coordinator's console picks them up:
+    Flower keeps a ServerApp's own output to itself."""
+    (run_dir / FLOWER_DIR).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / FLOWER_DIR / SERVERAPP_LOG, encoding="utf-8")
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_JsonLines())
+    root = logging.getLogger("fedtrain")
+    level = root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def refusal_reason(line: str, key_names: Mapping[str, str]) -> str | None:
+    """What a SuperLink log line says about a refused connection, for the
+    coordinator's operator; None when it says nothing of the kind.
+    ``key_names`` maps a registered client's PEM public key to its file."""
+    mark = line.find(REFUSAL_MARK)
+    if mark >= 0:
+        return line[mark + len(REFUSAL_MARK):].strip()
+    found = ACTIVATION_LOG.search(line)
+    if found is None:
+        return None
+    why = found["why"]
+    if UNKNOWN_KEY in why:
+        return "a client whose key is not registered (not among the client-N.pub of --certs)"
+    in_use = KEY_IN_USE.search(why)
+    if in_use is None:
+        return f"a client whose activation failed: {why}"
+    pem = codecs.decode(found["key"], "unicode_escape").strip()
+    holder = key_names.get(pem, f"the key of node {in_use['node']}")
+    return (
+        f"a second client with {holder}: a client with that key is connected already (two clients cannot "
+        f"share a key; one stopped without a clean exit holds its key for up to {KEY_HOLD_SECONDS} s)"
+    )
+
+
+@dataclass
+class _LogTail:
+    """The lines appended to a file since the last call."""
+
+    path: Path
+    offset: int = 0
+    partial: bytes = field(default=b"", repr=False)
+
+    def lines(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return []
+        self.offset += len(chunk)
+        *complete, self.partial = (self.partial + chunk).split(b"\n")
+        return [line.decode(errors="replace") for line in complete]
+
+
+def _watch_logs(link_log: Path, app_log: Path, key_names: Mapping[str, str], stop: threading.Event) -> None:
+    """Show on the coordinator's console what it would otherwise never see:
+    each connection the SuperLink refused, with its reason (once per reason
+    and check, with a count), and the ServerApp's warnings."""
+    link, app = _LogTail(link_log), _LogTail(app_log)
+    while True:
+        stopping = stop.wait(0.5)
+        refused = Counter(r for r in (refusal_reason(line, key_names) for line in link.lines()) if r)
+        for reason, count in refused.items():
+            log.warning("refused %d connection(s): %s", count, reason)
+        for line in app.lines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                row = json.loads(line)
+                logging.getLogger(str(row["name"])).log(int(row["level"]), "%s", row["message"])
+        if stopping:
+            return
 
 
 def serve(options: ServerOptions) -> dict[str, Any]:
     """Run a deployed coordinator to the end; the run's Flower status.
+
+    The SuperLink (:func:`superlink_main`) first listens on loopback only;
+    the clients' keys are registered there, then its Fleet API opens on
+    ``--address``, and the run is submitted, again on loopback. The
+    coordinator never dials its own ``--address``, so its certificate need
+    only carry the names clients dial. Each connection the SuperLink refuses,
+    and the ServerApp's warnings, are logged here as they come.
 
     Raises :class:`DeployError` with the reason when the run did not complete.
     """
@@ -427,6 +690,7 @@ def serve(options: ServerOptions) -> dict[str, Any]:
     from fedtrain.results import METRICS_FILE
 
     host, port = split_address(options.address, "--address")
+    check_flower_version()
     check_secure_deployment(options.config)
     certs = None if options.certs is None else CertificateSet(options.certs)
     if certs is not None:
@@ -438,45 +702,76 @@ def serve(options: ServerOptions) -> dict[str, Any]:
     home, app = flower / "home", flower / "app"
     for folder in (home, app):
         folder.mkdir(parents=True, exist_ok=True)
-    dial = f"127.0.0.1:{port}" if host in ("0.0.0.0", "::") else f"{host}:{port}"
-    (home / "config.toml").write_text(_connection_toml(dial, certs))
+    control_port = free_port()
+    while control_port == port:
+        control_port = free_port()
+    (home / "config.toml").write_text(_connection_toml(f"{LOOPBACK}:{control_port}"))
     (app / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__, run_dir=json.dumps(str(run_dir))))
     expected = len(certs.client_keys()) if certs is not None else options.config.data.num_clients
     timeout = options.config.client.timeout or DEFAULT_TIMEOUT
     DeployRequest(
         str(run_dir), to_dict(options.config), options.resume, expected, options.wait_seconds, timeout,
-        options.poll_seconds,
+        options.poll_seconds, options.trust_checkpoint, authenticated=certs is not None,
     ).write()
 
-    args = [_program("flower-superlink"), "--host", host, "--port", str(port),
-            "--disable-runtime-dependency-installation"]
+    opened = flower / "fleet-open"
+    opened.unlink(missing_ok=True)
+    (flower / SERVERAPP_LOG).write_bytes(b"")
+    args = [*_entry_point("superlink"), "--fleet", options.address, "--local-port", str(control_port),
+            "--open-when", str(opened)]
     if certs is None:
         log.warning("--insecure: the SuperLink accepts plain-text connections from any client")
-        args.append("--insecure")
     else:
         args += ["--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
-                 "--ssl-ca-certfile", str(certs.ca), "--enable-supernode-auth"]
+                 "--ssl-ca-certfile", str(certs.ca)]
     link_log = flower / "superlink.log"
     stop = threading.Event()
     with Processes() as procs:
         link = procs.start(args, _flower_env(home, options.poll_seconds), link_log)
-        _wait_listening(dial.rpartition(":")[0], port, link, link_log, 30.0)
+        _wait_listening(LOOPBACK, control_port, link, link_log, 30.0)
         if certs is not None:
             for key in certs.client_keys():
                 _flwr(home, ["supernode", "register", str(key), CONNECTION])
-            threading.Thread(target=_watch_refusals, args=(link_log, stop), daemon=True).start()
+        opened.touch()
+        _wait_listening(_local_dial(host), port, link, link_log, 30.0)
+        key_names = certs.client_key_pems() if certs is not None else {}
+        watcher = threading.Thread(
+            target=_watch_logs, args=(link_log, flower / SERVERAPP_LOG, key_names, stop), daemon=True
+        )
+        watcher.start()
         run_id = str(_flwr(home, ["run", str(app), CONNECTION])["run-id"])
-        log.warning("run %s submitted to the SuperLink on %s:%d; waiting for %d client(s)", run_id, host, port, expected)
+        log.warning(
+            "run %s submitted; clients dial %s:%d (Fleet API only; Control API on %s:%d); waiting for %d client(s)",
+            run_id, host, port, LOOPBACK, control_port, expected,
+        )
         try:
             status = _follow(home, run_id, run_dir / METRICS_FILE, options, link, link_log)
         finally:
             stop.set()
+            watcher.join(5.0)
     if status.get("status") != "finished:completed":
         raise DeployError(
             f"run {run_id} ended {status.get('status')}: {status.get('status-details')}; "
-            f"ServerApp log: {flower / 'superlink.log'}"
+            f"SuperLink log: {link_log}; ServerApp log: {flower / SERVERAPP_LOG}"
         )
     return status
+
+
+OWN_LOG_LINE = re.compile(r"^(?P<level>WARNING|ERROR|CRITICAL) (?P<name>fedtrain[\w.]*): (?P<message>.*)$")
+"""A warning of fedtrain's own code in a Flower process it started
+(:func:`_log_to_stderr`'s format), e.g. a SuperNode refusing a foreign app."""
+
+
+def _relog(line: str) -> None:
+    """Show fedtrain's own warning ``line`` of a child's log on this process's console."""
+    found = OWN_LOG_LINE.match(line)
+    if found is not None:
+        logging.getLogger(found["name"]).log(getattr(logging, found["level"]), "%s", found["message"])
+
+
+def _local_dial(host: str) -> str:
+    """Where this machine reaches a listener bound to ``host``."""
+    return {"0.0.0.0": LOOPBACK, "::": "::1", "": LOOPBACK}.get(host, host)
 
 
 def _follow(
@@ -527,15 +822,30 @@ class ClientOptions:
     device: str = "config"
     connect_seconds: float = 60.0
     poll_seconds: float = DEFAULT_POLL
+    allow_plugins: tuple[str, ...] = ()
+    """Plug-in names (``model.name`` / ``data.dataset``) this client may import."""
 
     def __post_init__(self) -> None:
         _check_positive("--connect-timeout", self.connect_seconds)
         _check_positive("--poll", self.poll_seconds)
+        for name in self.allow_plugins:
+            module, sep, attr = name.rpartition(":")
+            if not sep or not module or not attr:
+                raise ValueError(
+                    f"--allow-plugin {name!r}: expected the name exactly as the run's config gives it, "
+                    "'package.module:function' or 'path/to/file.py:function'"
+                )
 
 
 REFUSAL_HINTS = (
-    ("Failed to activate SuperNode", "the coordinator refused this client: its public key {pub} is not "
-     "registered there (the coordinator registers the client-N.pub of its --certs folder)"),
+    (ACTIVATION_REFUSED, "the coordinator refused this client's key {pub}: either it is not registered there "
+     "(the coordinator registers the client-N.pub of its --certs folder), or another client with this key is "
+     f"connected right now (each client needs a key of its own; a client stopped without a clean exit holds "
+     f"its key for up to {KEY_HOLD_SECONDS} s); the coordinator's log says which"),
+    ("Hostname mismatch", "TLS verification of {server} failed: the coordinator's certificate does not carry "
+     "the name {host} (make it with fedtrain certs --hosts naming every address clients dial)"),
+    ("IP address mismatch", "TLS verification of {server} failed: the coordinator's certificate does not carry "
+     "the name {host} (make it with fedtrain certs --hosts naming every address clients dial)"),
     ("CERTIFICATE_VERIFY_FAILED", "TLS verification of {server} failed: the coordinator's certificate is not "
      "signed by {ca}, or {host} is not among its host names (fedtrain certs --hosts)"),
     ("certificate verify failed", "TLS verification of {server} failed: the coordinator's certificate is not "
@@ -561,11 +871,9 @@ def join(options: ClientOptions, stop: threading.Event | None = None) -> int:
     from fedtrain.client_worker import ClientWorker, WorkerServer
 
     split_address(options.server, "--server")
-    if options.poll_seconds < FLOWER_IDLE_POLL:
-        launcher = [sys.executable, "-m", "fedtrain.backends.flower", "--poll", str(options.poll_seconds)]
-    else:
-        launcher = [_program("flower-supernode")]
-    args = [*launcher, "--superlink", options.server, "--max-wait-time", str(options.connect_seconds)]
+    check_flower_version()
+    args = [*_entry_point("supernode"), "--poll", str(options.poll_seconds),
+            "--superlink", options.server, "--max-wait-time", str(options.connect_seconds)]
     if options.certs is None:
         log.warning("--insecure: this client sends its updates in plain text")
         args.append("--insecure")
@@ -577,43 +885,338 @@ def join(options: ClientOptions, stop: threading.Event | None = None) -> int:
             raise FileNotFoundError(f"--key {options.key}: no such private key (fedtrain certs writes client-N)")
         args += ["--root-certificates", str(ca), "--auth-supernode-private-key", str(options.key)]
     name = options.partition if options.partition is not None else Path(str(options.data)).stem
-    worker = ClientWorker(name, options.partition, options.data, options.device)
+    worker = ClientWorker(name, options.partition, options.data, options.device, options.allow_plugins)
     with tempfile.TemporaryDirectory(prefix="fedtrain-client-") as tmp:
         folder = Path(tmp)
         server = WorkerServer(worker, folder)
-        key_file = folder / "worker.key"
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(server.authkey.hex())
-        server.start()
-        node_config = f'{NODE_WORKER}="{server.address}" {NODE_KEY_FILE}="{key_file}"'
-        args += ["--node-config", node_config, "--port", str(free_port())]
-        node_log = folder / "supernode.log"
-        deadline = time.monotonic() + options.connect_seconds
-        with Processes() as procs:
-            log.warning("client %s connecting to %s", name, options.server)
+        try:
+            return _serve_node(options, name, args, folder, server, stop)
+        finally:
+            server.close()
+
+
+def _serve_node(
+    options: ClientOptions, name: str, args: list[str], folder: Path, server: WorkerServer,
+    stop: threading.Event | None,
+) -> int:
+    """Run the client's SuperNode (again after it lost a coordinator it had
+    joined) until ``stop`` is set; :class:`DeployError` when it was refused.
+
+    The coordinator opens its Fleet address only after registering its
+    clients' keys, so a refused key is a refusal, never a "not yet"."""
+    key_file = folder / "worker.key"
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(server.authkey.hex())
+    server.start()
+    node_config = f'{NODE_WORKER}="{server.address}" {NODE_KEY_FILE}="{key_file}"'
+    args = [*args, "--node-config", node_config, "--port", str(free_port())]
+    node_log = folder / "supernode.log"
+    with Processes() as procs:
+        log.warning("client %s connecting to %s", name, options.server)
+        while True:
+            node_log.write_bytes(b"")
+            node = procs.start(args, _flower_env(folder / "home", options.poll_seconds), node_log)
+            tail = _LogTail(node_log)
+            joined = False
             while True:
-                node_log.write_bytes(b"")
-                node = procs.start(args, _flower_env(folder / "home", options.poll_seconds), node_log)
-                joined = False
-                while node.poll() is None:
-                    if stop is not None and stop.is_set():
-                        return 0
-                    if not joined and "SuperNode ID" in node_log.read_text(errors="replace"):
+                running = node.poll() is None
+                for line in tail.lines():
+                    if not joined and NODE_JOINED in line:
                         joined = True
                         log.warning("client %s connected to %s", name, options.server)
-                    time.sleep(0.2)
-                text = node_log.read_text(errors="replace")
-                if joined:
-                    # The coordinator went away (a restart, say): reconnect for as
-                    # long as a first connection would be given.
-                    log.warning("client %s lost the coordinator; reconnecting", name)
-                    deadline = time.monotonic() + options.connect_seconds
-                    continue
-                # The coordinator registers keys just after its SuperLink starts: a
-                # refusal may only mean "not yet", until the connect timeout says otherwise.
-                if REFUSAL_HINTS[0][0] in text and time.monotonic() < deadline:
-                    time.sleep(2.0)
-                    continue
-                server.close()
-                raise DeployError(_refusal(text, options))
+                    _relog(line)
+                if not running:
+                    break
+                if stop is not None and stop.is_set():
+                    return 0
+                time.sleep(0.2)
+            if not joined:
+                raise DeployError(_refusal(node_log.read_text(errors="replace"), options))
+            log.warning("client %s lost the coordinator; reconnecting", name)
+
+
+# ----------------------------------------------------- Flower's own processes
+
+
+def fab_refusal(content: bytes) -> str | None:
+    """Why a fedtrain client refuses the Flower app bundle (FAB) ``content``,
+    or None when it is fedtrain's own run: a bundle of :data:`FAB_FILES`
+    only (no code of its own, which ``flwr-clientapp`` would import ahead of
+    the installed packages), whose components are :data:`APP_COMPONENTS`
+    (the code is the fedtrain installed on the client) and which asks to
+    install nothing. What a run may ask of a client is then decided by the
+    client's fedtrain, whoever submitted the run."""
+    import tomllib
+
+    try:
+        bundle = zipfile.ZipFile(io.BytesIO(content))
+        names = set(bundle.namelist())
+        extra = sorted(names - FAB_FILES)
+        if extra or "pyproject.toml" not in names:
+            shown = ", ".join(extra[:5]) + (" …" if len(extra) > 5 else "")
+            return f"the app bundle holds {shown or 'no pyproject.toml'}; fedtrain's run holds {sorted(FAB_FILES)} only"
+        project = tomllib.loads(bundle.read("pyproject.toml").decode("utf-8"))
+    except (zipfile.BadZipFile, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, OSError) as exc:
+        return f"the app bundle does not read as a Flower app ({type(exc).__name__}: {exc})"
+    components = project.get("tool", {}).get("flwr", {}).get("app", {}).get("components")
+    if components != APP_COMPONENTS:
+        return f"the app's components are {components!r}; fedtrain's run has {APP_COMPONENTS!r}"
+    dependencies = project.get("project", {}).get("dependencies", [])
+    if dependencies:
+        return f"the app asks to install {dependencies!r}; fedtrain's run installs nothing"
+    return None
+
+
+class _ObservedHandshake(ssl.SSLObject):
+    """The TLS session of one connection to the Fleet address; a handshake
+    that fails is logged with what it means (:data:`TLS_REFUSALS`), which
+    Python's event loops only do in debug mode."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            reason = TLS_REFUSALS.get(str(exc.reason), f"a TLS handshake failed ({exc.reason or exc})")
+            log.warning("%s %s", REFUSAL_MARK, reason)
+            raise
+
+
+class FleetOnly:
+    """An ASGI application that passes the requests for ``paths`` (the Fleet
+    API's routes) to ``app`` and answers anything else with 404, so that the
+    clients' address serves no other Flower API."""
+
+    def __init__(self, app: Any, paths: Collection[str]) -> None:
+        self.app = app
+        self.paths = frozenset(paths)
+
+    async def __call__(
+        self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] == "http" and scope.get("path") in self.paths:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            body = b'{"detail":"Not Found: this address serves the Fleet API only"}'
+            await send({"type": "http.response.start", "status": 404, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            ]})
+            await send({"type": "http.response.body", "body": body})
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+
+
+def superlink_main(argv: Sequence[str]) -> None:
+    """``python -m fedtrain.deploy superlink``: Flower's SuperLink, its APIs
+    split over two listeners (see the module's "Ports").
+
+    The application is Flower's own, built by Flower's argument parser,
+    lifespan (which starts the SuperExec) and routes; it is served:
+
+    - on ``127.0.0.1:--local-port``, plain HTTP, every API: the coordinator's
+      ``flwr`` calls, Flower's SuperExec and the ServerApp reach it there;
+    - on ``--fleet`` (the clients' address), with TLS and SuperNode
+      authentication unless no certificate is given: the Fleet API only. It
+      opens once ``--open-when`` exists, which the coordinator creates after
+      registering its clients' keys, so that a refused key is a refusal.
+
+    Each TLS handshake that fails on the Fleet address is logged with its
+    reason (:data:`REFUSAL_MARK`)."""
+    import argparse
+    import asyncio
+    import importlib
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m fedtrain.deploy superlink", description=superlink_main.__doc__)
+    parser.add_argument("--fleet", required=True, help="HOST:PORT the clients dial")
+    parser.add_argument("--local-port", type=int, required=True, help="loopback port of every other API")
+    parser.add_argument("--open-when", type=Path, help="open the Fleet address once this file exists")
+    parser.add_argument("--ssl-certfile")
+    parser.add_argument("--ssl-keyfile")
+    parser.add_argument("--ssl-ca-certfile")
+    ns = parser.parse_args(argv)
+    tls = [ns.ssl_certfile, ns.ssl_keyfile, ns.ssl_ca_certfile]
+    if any(tls) and not all(tls):
+        raise DeployError("--ssl-certfile, --ssl-keyfile and --ssl-ca-certfile go together (or none: plain text)")
+    host, port = split_address(ns.fleet, "--fleet")
+    check_flower_version()
+    for switch in GRPC_API_SWITCHES:
+        os.environ.pop(switch, None)
+
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+    from flwr.supercore.logger import console_handler
+    from flwr.superlink.main import create_app
+    from flwr.superlink.routers.fleet.router import router as fleet_router
+
+    flower_args = ["--host", LOOPBACK, "--port", str(ns.local_port), "--disable-runtime-dependency-installation"]
+    if all(tls):
+        flower_args += ["--ssl-certfile", ns.ssl_certfile, "--ssl-keyfile", ns.ssl_keyfile,
+                        "--ssl-ca-certfile", ns.ssl_ca_certfile, "--enable-supernode-auth"]
+    else:
+        flower_args.append("--insecure")
+    flower_superlink = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    parse = getattr(flower_superlink, "_parse_superlink_lifespan_config", None)
+    lifespan = getattr(flower_superlink, "SuperLinkLifespan", None)
+    if not callable(parse) or lifespan is None:
+        raise DeployError(f"flwr {flower_version()}: its SuperLink cannot be built with separate listeners; "
+                          f"tested with flwr {FLOWER_RANGE}")
+    sys.argv = ["flower-superlink", *flower_args]
+    config = parse()
+    local = replace(config, insecure=True, certificates=None, ssl_ca_certfile=None, ssl_certfile=None,
+                    ssl_keyfile=None)
+    app = create_app(local, lifespan)
+    fleet_paths = {getattr(route, "path") for route in fleet_router.routes}
+    if not fleet_paths or not all(p.startswith(FLEET_PREFIX) for p in fleet_paths):
+        raise DeployError(f"flwr {flower_version()}: its Fleet API routes are {sorted(fleet_paths)}, not under "
+                          f"{FLEET_PREFIX}; tested with flwr {FLOWER_RANGE}")
+    common: dict[str, Any] = dict(
+        log_config=get_uvicorn_log_config(console_handler.level), access_log=False, proxy_headers=False,
+        server_header=False, timeout_graceful_shutdown=5,
+    )
+    servers = [
+        uvicorn.Server(uvicorn.Config(app, host=LOOPBACK, port=ns.local_port, **common)),
+        uvicorn.Server(uvicorn.Config(
+            FleetOnly(app, fleet_paths), host=host, port=port, lifespan="off",
+            ssl_certfile=ns.ssl_certfile, ssl_keyfile=ns.ssl_keyfile, **common,
+        )),
+    ]
+    local_server, fleet_server = servers
+    fleet_server.config.load()
+    if fleet_server.config.ssl is not None:
+        fleet_server.config.ssl.sslobject_class = _ObservedHandshake
+
+    def stop(signum: int, frame: object) -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for server in servers:
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    async def serve() -> None:
+        tasks = [asyncio.create_task(local_server.serve())]
+        while not (tasks[0].done() or local_server.should_exit):
+            if local_server.started and (ns.open_when is None or ns.open_when.exists()):
+                tasks.append(asyncio.create_task(fleet_server.serve()))
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        stop(signal.SIGTERM, None)
+        await asyncio.gather(*tasks)
+
+    log.warning("SuperLink: Fleet API on %s:%d, every other API on %s:%d", host, port, LOOPBACK, ns.local_port)
+    loop_factory = getattr(local_server.config, "get_loop_factory", lambda: None)()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve())
+
+
+def _guard_apps() -> None:
+    """Make this SuperNode run fedtrain's own app only.
+
+    Flower 1.42 checks apps against trusted publishers (``--trusted-entities``)
+    only for apps signed on Flower Hub: the signatures come from the Hub, and
+    the open-source SuperLink marks every other app unverifiable. fedtrain
+    takes that check's place: each app bundle is marked checkable and judged
+    by :func:`fab_refusal`. A refused app gets Flower's own verification
+    error as its reply (with the reason), and is never installed or run."""
+    import inspect
+
+    from flwr.app import Error
+    from flwr.supernode import start_client_internal as node
+
+    pull = getattr(node, "_pull_and_store_message", None)
+    verify = getattr(node, "_verify_fab", None)
+    error = getattr(node, "FAB_VERIFICATION_ERROR", None)
+    parameters = set(inspect.signature(pull).parameters) if callable(pull) else set()
+    if not callable(verify) or not isinstance(error, Error) or not {"get_fab", "trusted_entities"} <= parameters:
+        raise DeployError(
+            f"flwr {flower_version()}: its SuperNode has no app check fedtrain can hold to its own app; "
+            f"tested with flwr {FLOWER_RANGE}"
+        )
+
+    def pull_checked(**kwargs: Any) -> Any:
+        fetch = kwargs["get_fab"]
+
+        def get_fab(fab_hash: str, run_id: int) -> Any:
+            fab = fetch(fab_hash, run_id)
+            fab.verifications = {**fab.verifications, "valid_license": "fedtrain"}
+            return fab
+
+        return pull(**{**kwargs, "get_fab": get_fab, "trusted_entities": {"fedtrain": "fab_refusal"}})
+
+    def judge(fab: Any, trusted: object) -> bool:
+        reason = fab_refusal(fab.content)
+        if reason is None:
+            return True
+        log.error("refused a Flower app that is not fedtrain's run: %s", reason)
+        node.FAB_VERIFICATION_ERROR = Error(error.code, f"the fedtrain client refused this app: {reason}")
+        return False
+
+    node._pull_and_store_message = pull_checked
+    node._verify_fab = judge
+
+
+def _announce_heartbeat(seconds: int) -> None:
+    """Make this SuperNode announce (and keep) a heartbeat every ``seconds``."""
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    for module in (heartbeat, fleet_http_connection):
+        if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), (int, float)):
+            raise DeployError(f"flwr {flower_version()}: {module.__name__} has no heartbeat interval to set; "
+                              f"tested with flwr {FLOWER_RANGE}")
+        setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", seconds)
+
+
+def supernode_main(argv: Sequence[str]) -> None:
+    """``python -m fedtrain.deploy supernode --poll S ARGS``: ``flower-supernode
+    ARGS`` that runs fedtrain's own app only (:func:`_guard_apps`), announces
+    a heartbeat every :data:`NODE_HEARTBEAT_SECONDS`, and polls for messages
+    every ``S`` seconds when idle
+    (:func:`fedtrain.backends.flower.run_supernode`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fedtrain.deploy supernode", add_help=False, allow_abbrev=False)
+    parser.add_argument("--poll", type=float, required=True)
+    known, rest = parser.parse_known_args(argv)
+    _check_positive("--poll", known.poll)
+    check_flower_version()
+    _guard_apps()
+    _announce_heartbeat(NODE_HEARTBEAT_SECONDS)
+    from fedtrain.backends.flower import run_supernode
+
+    run_supernode(known.poll, rest)
+
+
+ENTRY_POINTS: dict[str, Callable[[Sequence[str]], None]] = {
+    "superlink": superlink_main,
+    "supernode": supernode_main,
+}
+
+
+def _log_to_stderr() -> None:
+    """fedtrain's warnings to stderr, leaving Flower's own logging (which has
+    its handlers and levels) alone."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("fedtrain")
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    root.propagate = False
+
+
+if __name__ == "__main__":
+    log = logging.getLogger("fedtrain.deploy")
+    _log_to_stderr()
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command not in ENTRY_POINTS:
+        sys.exit(f"python -m fedtrain.deploy {command!r}: allowed commands: {', '.join(ENTRY_POINTS)}")
+    try:
+        ENTRY_POINTS[command](sys.argv[2:])
+    except DeployError as exc:
+        sys.exit(f"fedtrain: error: {exc}")

@@ -18,8 +18,8 @@ import torch
 
 from fedtrain.client import TrainTask
 from fedtrain.config import ClientConfig
-from fedtrain.privacy.policy import BudgetExhausted, NoPrivacy, PrivacyPolicy
-from fedtrain.sampling import Sampler
+from fedtrain.privacy.policy import BudgetExhausted, NoPrivacy, PrivacyPolicy, Release
+from fedtrain.sampling import Randomness, Sampler, SecretRandomness, SeededRandomness
 from fedtrain.strategy import Strategy
 from fedtrain.types import ClientUpdate, Evaluation, RoundRecord
 from fedtrain.validation import rejection_reason
@@ -63,15 +63,34 @@ class RoundObserver(Protocol):
 
 @dataclass(frozen=True)
 class RngStreams:
-    """Independent random streams of one run, all derived from ``run.seed``."""
+    """Independent random streams of one run, derived from ``run.seed``, and
+    where the cohort comes from.
+
+    ``secret`` (set under DP with secure noise, see
+    :func:`fedtrain.sampling.secret_sampling`) replaces ``sampling`` for the
+    cohort: amplification by sampling needs a sample the published seed
+    cannot replay. It has no state; ``sampling`` is still checkpointed, so a
+    resumed run restores what a seeded run needs and nothing else changes.
+    """
 
     sampling: np.random.Generator
     strategy: np.random.Generator
+    secret: Randomness | None = None
+
+    @property
+    def cohort(self) -> Randomness:
+        """The randomness each round's cohort is drawn from."""
+        return self.secret if self.secret is not None else SeededRandomness(self.sampling)
 
     @classmethod
-    def from_seed(cls, seed: int) -> "RngStreams":
+    def from_seed(cls, seed: int, secret_cohort: bool = False) -> "RngStreams":
+        """The run's streams; with ``secret_cohort`` the cohort comes from a CSPRNG."""
         sampling, strategy = np.random.SeedSequence(seed).spawn(2)
-        return cls(np.random.default_rng(sampling), np.random.default_rng(strategy))
+        return cls(
+            np.random.default_rng(sampling),
+            np.random.default_rng(strategy),
+            SecretRandomness() if secret_cohort else None,
+        )
 
 
 @dataclass
@@ -87,6 +106,10 @@ class Engine:
     min_clients: int
     rngs: RngStreams
     privacy: PrivacyPolicy = field(default_factory=NoPrivacy)
+    journal: Callable[[int, Release], None] | None = None
+    """Told of each round's release as soon as its privacy cost is composed,
+    before the model is aggregated or anything about the round is published:
+    the run's ledger journal (:class:`fedtrain.checkpoint.LedgerJournal`)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the model that a resumed run needs to continue
@@ -110,7 +133,7 @@ class Engine:
         """One round; raises :class:`BudgetExhausted` before any client works
         when the round would exceed the privacy budget."""
         started = time.perf_counter()
-        cohort = self.sampler.sample(self.clients, self.rngs.sampling)
+        cohort = self.sampler.sample(self.clients, self.rngs.cohort)
         stop = self.privacy.check(rnd, cohort)
         if stop is not None:
             raise BudgetExhausted(stop)
@@ -126,6 +149,8 @@ class Engine:
             else:
                 failures.append(ClientFailure(update.client_id, reason))
         release = self.privacy.release(rnd, plan.clients, valid)
+        if self.journal is not None:
+            self.journal(rnd, release)
         rejected = {cid for cid, _ in release.rejected}
         failures.extend(ClientFailure(cid, why) for cid, why in release.rejected)
         valid = [u for u in valid if u.client_id not in rejected]

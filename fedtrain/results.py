@@ -11,11 +11,12 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from fedtrain.config import Config, dumps
+from fedtrain.curves import Rows, plot_curves
 from fedtrain.layout import ParamLayout
 from fedtrain.types import RoundRecord
 
@@ -25,10 +26,19 @@ SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
 CURVES_FILE = "curves.png"
 
+Plot = Callable[[Rows, Path], None]
+"""Draws ``curves.png`` at the path from the rounds' rows."""
+
 
 @dataclass(frozen=True)
 class Summary:
-    """The headline of a finished run, as written to ``summary.json``."""
+    """The headline of a finished run, as written to ``summary.json``.
+
+    ``wall_seconds`` runs from the start of the run (``started_at``, Unix
+    time, after the imports) to this summary; of it, ``setup_seconds`` went
+    to data, model and checks before the first round and ``rounds_seconds``
+    to the rounds (with their checkpoints). The last three are ``None`` in
+    folders written before they were recorded."""
 
     final_accuracy: float
     final_loss: float
@@ -46,6 +56,9 @@ class Summary:
     delta: float | None
     noise_multiplier: float | None
     stopped_early: str | None
+    started_at: float | None = None
+    setup_seconds: float | None = None
+    rounds_seconds: float | None = None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -60,10 +73,14 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class RunWriter:
     """Writes one run folder; an observer of the engine."""
 
-    def __init__(self, out_dir: str | Path, config: Config, records: Sequence[RoundRecord] = ()) -> None:
+    def __init__(
+        self, out_dir: str | Path, config: Config, records: Sequence[RoundRecord] = (), plot: Plot = plot_curves
+    ) -> None:
         """Start the folder; a resumed run passes the records it already has,
-        and ``metrics.jsonl`` is rewritten to exactly those first."""
+        and ``metrics.jsonl`` is rewritten to exactly those first. ``plot``
+        draws ``curves.png`` from the rows (e.g. a :class:`~fedtrain.curves.CurvesProcess`'s ``draw``)."""
         self.dir = Path(out_dir)
+        self._plot = plot
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.dir / CONFIG_FILE, dumps(config).encode())
         self._metrics = open(self.dir / METRICS_FILE, "w", encoding="utf-8")
@@ -82,38 +99,7 @@ class RunWriter:
         tmp = self.dir / (MODEL_FILE + ".tmp")
         torch.save(layout.unflatten(params.cpu()), tmp)
         os.replace(tmp, self.dir / MODEL_FILE)
-        plot_curves(self.records, self.dir / CURVES_FILE)
-
-
-def plot_curves(records: Sequence[RoundRecord], path: Path) -> None:
-    """Test accuracy, loss and (with privacy) ε per round, side by side, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rounds = [r.round for r in records]
-    private = [(r.round, r.epsilon) for r in records if r.epsilon is not None]
-    fig, axes = plt.subplots(1, 3 if private else 2, figsize=(15 if private else 10, 4))
-    ax_acc, ax_loss = axes[0], axes[1]
-    ax_acc.plot(rounds, [r.accuracy for r in records], marker=".")
-    ax_acc.set(xlabel="round", ylabel="test accuracy", title="Accuracy", ylim=(0, 1))
-    ax_acc.grid(alpha=0.3)
-    ax_loss.plot(rounds, [r.loss for r in records], marker=".", color="tab:red", label="test")
-    train = [(r.round, r.train_loss) for r in records if r.train_loss is not None]
-    if train:
-        ax_loss.plot(*zip(*train), marker=".", color="tab:orange", alpha=0.6, label="train (clients)")
-    ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    if private:
-        ax_eps = axes[2]
-        ax_eps.plot(*zip(*private), marker=".", color="tab:purple")
-        ax_eps.set(xlabel="round", ylabel="ε", title=f"Privacy spent (δ = {records[-1].delta:g})")
-        ax_eps.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        self._plot([r.as_json() for r in self.records], self.dir / CURVES_FILE)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float | int | None]]:

@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,16 +22,18 @@ from fedtrain.client import LocalTrainer, resolve_device
 from fedtrain.config import (
     AttackKind, ClientEngine, Config, ConfigError, GradSampleMode, KeyColumn, PrivacyMode, to_dict,
 )
+from fedtrain.curves import plot_curves
 from fedtrain.data import Dataset, load_dataset, partition
 from fedtrain.data.clients import ClientData, PartitionedData, partitions_by_id
 from fedtrain.data.synthetic import CLASSES, DIMENSION, SyntheticData
 from fedtrain.engine import Backend, Engine, RngStreams, RoundObserver
 from fedtrain.layout import ParamLayout
 from fedtrain.models import build_model
+from fedtrain.privacy.events import GaussianEvent
+from fedtrain.privacy.policy import Release
 from fedtrain.privacy.setting import build_policy
-from fedtrain.progress import RoundProgress
-from fedtrain.results import RunWriter, Summary
-from fedtrain.sampling import make_sampler
+from fedtrain.results import Plot, RunWriter, Summary
+from fedtrain.sampling import make_sampler, secret_sampling
 from fedtrain.strategy import load_strategy
 from fedtrain.types import RoundRecord
 
@@ -138,6 +141,8 @@ def simulate(
     out_dir: str | Path | None = None,
     progress: bool = False,
     resume: bool = False,
+    trust_checkpoint: bool = False,
+    plot: Plot = plot_curves,
 ) -> SimulationResult:
     """Run ``config`` in process; write the run folder when ``out_dir`` is given.
 
@@ -145,7 +150,11 @@ def simulate(
     partition, model, strategy and device. With ``resume`` the run continues
     from the last valid checkpoint in ``out_dir`` (``run.rounds`` may grow;
     any other change of config is refused) and ends exactly as an
-    uninterrupted run would.
+    uninterrupted run would. ``trust_checkpoint`` accepts a checkpoint and a
+    ledger journal that do not verify under the run key (see
+    :mod:`fedtrain.checkpoint`); they are still read as data only. ``plot``
+    draws the folder's ``curves.png`` (the CLI passes a
+    :class:`~fedtrain.curves.CurvesProcess`'s, which draws in a child process).
     """
     started = time.perf_counter()
     device = resolve_device(config.client.device)
@@ -202,11 +211,21 @@ def simulate(
         clients=clients.data.ids,
         client=config.client,
         min_clients=config.strategy.min_clients,
-        rngs=RngStreams.from_seed(config.run.seed),
+        rngs=RngStreams.from_seed(config.run.seed, secret_cohort=secret_sampling(config.privacy)),
         privacy=privacy,
     )
     params = layout.flatten(model.state_dict()).to(device)
-    return run_engine(config, engine, layout, params, out_dir, progress, resume, started)
+    return run_engine(config, engine, layout, params, out_dir, progress, resume, started, trust_checkpoint, plot)
+
+
+def _journal_release(journal: checkpoint.LedgerJournal) -> Callable[[int, Release], None]:
+    """The engine's journal hook: a round's privacy events, durably, before it is published."""
+
+    def record(rnd: int, release: Release) -> None:
+        if release.events:
+            journal.append_(rnd, {ledger: [e.to_json() for e in events] for ledger, events in release.events.items()})
+
+    return record
 
 
 def run_engine(
@@ -218,15 +237,23 @@ def run_engine(
     progress: bool,
     resume: bool,
     started: float,
+    trust_checkpoint: bool = False,
+    plot: Plot = plot_curves,
 ) -> SimulationResult:
     """Run ``engine`` from ``params`` (or from the last checkpoint in
     ``out_dir`` with ``resume``) and write the run folder: the part of a run
-    that a simulation and a deployed coordinator share."""
+    that a simulation and a deployed coordinator share.
+
+    The run folder's ledger journal records every round's privacy events
+    before the round is published; a resume composes again each release that
+    its checkpoint's ledger does not hold (a round re-run because its
+    checkpoint was lost then costs twice: both of its releases were seen)."""
     earlier: list[RoundRecord] = []
+    journal: checkpoint.LedgerJournal | None = None
     if resume:
         if out_dir is None:
             raise ConfigError("resume needs the run folder (out_dir) to resume from")
-        saved = checkpoint.latest(out_dir)
+        saved = checkpoint.latest(out_dir, trust_checkpoint)
         changed = [d for d in checkpoint.config_differences(saved.config, to_dict(config))
                    if not d.startswith("run.rounds:")]
         if changed:
@@ -234,23 +261,41 @@ def run_engine(
                 f"cannot resume {out_dir}: its checkpoint was written with another config ({'; '.join(changed)})"
             )
         engine.load_state_dict(saved.engine)
+        journal, unaccounted = checkpoint.LedgerJournal.resume_(out_dir, saved, trust_checkpoint)
+        for entry in unaccounted:
+            try:
+                engine.privacy.compose_release_({
+                    ledger: tuple(GaussianEvent.from_json(e) for e in events) for ledger, events in entry.events.items()
+                })
+            except ValueError as exc:
+                where = f"{journal.path} entry {entry.seq} (round {entry.round})"
+                raise checkpoint.CheckpointError(f"{where}: {exc}") from None
+            log.warning("round %d was released before its checkpoint was lost; its privacy cost is counted again",
+                        entry.round)
         params = saved.params.to(params.device)
         earlier = [RoundRecord.from_json(r) for r in saved.records]
         log.warning("resuming %s after round %d", out_dir, saved.round)
     observers: list[RoundObserver] = []
     writer = None
     if out_dir is not None:
+        if journal is None:
+            journal = checkpoint.LedgerJournal.create_(out_dir)
+        engine.journal = _journal_release(journal)
         observers.append(checkpoint.Checkpointer(
             out_dir, engine.state_dict, to_dict(config), config.run.keep_checkpoints,
-            [r.as_json() for r in earlier],
+            [r.as_json() for r in earlier], journal=journal,
         ))
-        writer = RunWriter(out_dir, config, earlier)
+        writer = RunWriter(out_dir, config, earlier, plot)
         observers.append(writer)
     remaining = config.run.rounds - len(earlier)
+    rounds_started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if progress:
+            from fedtrain.progress import RoundProgress
+
             observers.append(stack.enter_context(RoundProgress(config.run.rounds, len(earlier))))
         params, new_records, stopped = engine.run(params, remaining, observers, first_round=len(earlier) + 1)
+    rounds_ended = time.perf_counter()
     records = earlier + new_records
     final = engine.evaluate(params) if not records else records[-1]
     report = engine.privacy.report()
@@ -260,6 +305,9 @@ def run_engine(
         best_accuracy=max((r.accuracy for r in records), default=final.accuracy),
         rounds=len(records),
         wall_seconds=time.perf_counter() - started,
+        started_at=time.time() - (time.perf_counter() - started),
+        setup_seconds=rounds_started - started,
+        rounds_seconds=rounds_ended - rounds_started,
         seed=config.run.seed,
         strategy=config.strategy.name,
         dataset=config.data.dataset,

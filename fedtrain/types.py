@@ -21,6 +21,25 @@ import torch
 Params = dict[str, torch.Tensor]
 """A model's state by name, as ``torch.nn.Module.state_dict`` returns it."""
 
+MAX_RECORDS = 10**9
+"""The most training records one client may declare (in its hello, or as an
+update's ``num_examples``). Counts come from the clients and weight every
+aggregate: the bound keeps a weight a plain float (``10**400`` overflows one)
+and leaves no client a share of an average that a genuine data set could not
+earn; a billion records is beyond any one client of a federated run."""
+
+
+class ClientMetric(str, enum.Enum):
+    """The metrics a client may report with its update; anything else is refused.
+
+    ``TRAIN_LOSS``: mean training loss of the round (only without DP: nothing
+    accounts for it). ``UNCLIPPED``: 1.0 when the update's norm was within the
+    user-level clip before clipping, else 0.0 (adaptive clipping counts it).
+    """
+
+    TRAIN_LOSS = "train_loss"
+    UNCLIPPED = "unclipped"
+
 
 class UpdateKind(str, enum.Enum):
     """What a client sends back.
@@ -55,7 +74,10 @@ class ClientUpdate:
 
     ``vector`` is a flat ``float32`` tensor in the global model's layout: the
     model delta or the gradient, as ``kind`` says. ``num_examples`` is the
-    number of training records behind it (the FedAvg weight).
+    number of training records behind it (the FedAvg weight): an integer in
+    1 … :data:`MAX_RECORDS` per contributor. ``metrics`` holds only
+    :class:`ClientMetric` names with finite float values
+    (:func:`fedtrain.validation.rejection_reason` refuses anything else).
     ``contributors`` is how many clients it stands for: 1, or, for the one
     update secure aggregation yields, the clients whose updates it sums.
     """

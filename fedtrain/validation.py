@@ -1,22 +1,64 @@
 """Checks on a client update before it may reach aggregation.
 
-A bad update is dropped with a reason; it never crashes the round.
+A bad update is dropped with a reason; it never crashes the round. Every
+field a client supplies is checked: the vector (type, dtype, shape, finite),
+the record count that weights it and the metrics that may reach
+``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from fedtrain.types import ClientUpdate, UpdateKind
+from fedtrain.types import MAX_RECORDS, ClientMetric, ClientUpdate, UpdateKind
+
+_METRICS = {m.value for m in ClientMetric}
+
+
+def count_reason(name: str, value: Any, minimum: int, maximum: int) -> str | None:
+    """Why ``value`` is not an integer in ``minimum … maximum`` (bools are
+    not integers here), or None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} = {describe(value)}: expected an integer in {minimum} … {maximum}"
+    if not minimum <= value <= maximum:
+        return f"{name} = {describe(value)}: must be in {minimum} … {maximum}"
+    return None
+
+
+def metrics_reason(metrics: Any) -> str | None:
+    """Why ``metrics`` cannot be recorded, or None: a mapping of at most the
+    :class:`~fedtrain.types.ClientMetric` names to finite floats
+    (``unclipped`` 0.0 or 1.0).
+
+    A bad metric refuses the whole update rather than dropping the metric:
+    a client that sends malformed metrics is broken or hostile, so its update
+    is no more trustworthy, and ``unclipped`` is part of what adaptive clipping
+    accounts, which a silently dropped value would change.
+    """
+    if not isinstance(metrics, Mapping):
+        return f"metrics = {describe(metrics)}: expected a mapping of {sorted(_METRICS)} to numbers"
+    for key, value in metrics.items():
+        if not isinstance(key, str) or key not in _METRICS:
+            return f"metric {describe(key)}: unknown; allowed are {sorted(_METRICS)}"
+        if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
+            return f"metric {key} = {describe(value)}: expected a finite float"
+        if key == ClientMetric.UNCLIPPED and value not in (0.0, 1.0):
+            return f"metric {key} = {value!r}: expected 0.0 or 1.0"
+    return None
 
 
 def rejection_reason(update: ClientUpdate, numel: int, kind: UpdateKind) -> str | None:
     """Why ``update`` cannot be aggregated, or None when it can.
 
-    Finiteness is checked through one float64 sum (NaN and ±inf propagate;
-    float32 values cannot overflow it) rather than a full-size mask per update.
+    ``num_examples`` must be an integer in 1 … :data:`~fedtrain.types.MAX_RECORDS`
+    per client the update stands for (``contributors``, more than one for a
+    secure aggregate). Finiteness is checked through one float64 sum (NaN and
+    ±inf propagate; float32 values cannot overflow it) rather than a full-size
+    mask per update.
     """
     v = update.vector
     if not isinstance(v, torch.Tensor):
@@ -26,9 +68,27 @@ def rejection_reason(update: ClientUpdate, numel: int, kind: UpdateKind) -> str 
     if v.shape != (numel,):
         return f"shape {tuple(v.shape)}, expected ({numel},)"
     if update.kind is not kind:
-        return f"kind {update.kind.value!r}, the round asked for {kind.value!r}"
-    if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int) or update.num_examples <= 0:
-        return f"num_examples = {update.num_examples!r}, expected a positive integer"
+        return f"kind {describe(getattr(update.kind, 'value', update.kind))}, the round asked for {kind.value!r}"
+    reason = count_reason("contributors", update.contributors, 1, MAX_RECORDS)
+    if reason is None:
+        reason = count_reason("num_examples", update.num_examples, 1, MAX_RECORDS * update.contributors)
+    if reason is None:
+        reason = metrics_reason(update.metrics)
+    if reason is not None:
+        return reason
     if not math.isfinite(float(v.sum(dtype=torch.float64))):
         return "vector has NaN or infinite values"
     return None
+
+
+def describe(value: Any, limit: int = 80) -> str:
+    """``value`` for an error message: ``repr`` of a plain value cut to
+    ``limit`` characters, the type of anything else. A client's value goes
+    into logs and ``metrics.jsonl``: it must not flood them, cost time to
+    print, or carry control characters (``repr`` escapes them)."""
+    if type(value) is int and value.bit_length() > 200:
+        return f"an integer of {value.bit_length()} bits"
+    if type(value) not in (str, int, float, bool, type(None)):
+        return f"a {type(value).__name__}"
+    text = repr(value[: limit + 2] if type(value) is str else value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -201,6 +201,39 @@ def test_rdp_equals_opacus_rdp_accountant() -> None:
     assert ours.epsilon(1e-5) == expected
 
 
+def test_rdp_without_opacus_loaded_is_opacus_exactly() -> None:
+    # RDP runs Opacus' analysis module from its file, without the rest of Opacus
+    # (torch, the privacy engine); ε and the calibrated σ must be what Opacus gives.
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    cases = [(1.0, 0.01, 1000, 1e-5, 2.0), (0.7, 0.25, 100, 1e-5, 8.0), (3.0, 1.0, 20, 1e-6, 0.3)]
+    code = (
+        "import json, sys\n"
+        "from fedtrain.config import AccountantKind\n"
+        "from fedtrain.privacy.accountant import _search_rdp_noise, calibrate_noise, epsilon_for\n"
+        f"cases = {cases!r}\n"
+        "rdp = AccountantKind.RDP\n"
+        "out = [[epsilon_for(s, q, n, d, rdp), _search_rdp_noise(t, d, q, n), calibrate_noise(t, d, q, n, rdp)]\n"
+        "       for s, q, n, d, t in cases]\n"
+        "print(json.dumps({'values': out, 'loaded': [m for m in ('opacus', 'torch') if m in sys.modules]}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seen = json.loads(proc.stdout)
+
+    assert seen["loaded"] == []
+    orders = list(accountant_module.RDP_ORDERS)
+    for (sigma, q, steps, delta, target), (epsilon, searched, calibrated) in zip(cases, seen["values"]):
+        reference = RDPAccountant()
+        reference.history = [(sigma, q, steps)]
+        assert epsilon == reference.get_epsilon(delta, alphas=orders)
+        assert searched == get_noise_multiplier(
+            target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps, accountant="rdp",
+            epsilon_tolerance=accountant_module.CALIBRATION_TOLERANCE * target, alphas=orders,
+        )
+        assert calibrated == calibrate_noise(target, delta, q, steps, RDP)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     sigma=st.sampled_from([1.0, 2.0]),

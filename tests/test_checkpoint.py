@@ -1,12 +1,14 @@
-"""Checkpoints: atomic, verified, and a resumed run ends exactly like an uninterrupted one."""
+"""Checkpoints: atomic, authenticated, data only, and a resumed run ends exactly like an uninterrupted one."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import logging
+import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,19 +97,101 @@ def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
         simulate(config.load(None, SHORT), out_dir=tmp_path, resume=True)
 
 
-def test_checkpoint_with_records_as_a_list_of_dicts_still_reads(tmp_path: Path) -> None:
-    """Checkpoints written before the records were stored as JSON lines."""
+def test_checkpoint_in_format_1_is_refused_and_names_what_to_do(tmp_path: Path) -> None:
+    """Format 1 was a pickle read with weights_only=False: reading it could run code."""
     simulate(config.load(None, SHORT + ["run.rounds=2"]), out_dir=tmp_path)
     current = checkpoint.read(tmp_path / "checkpoint-000002.pt")
     buffer = io.BytesIO()
     torch.save({"round": current.round, "params": current.params, "engine": dict(current.engine),
                 "records": list(current.records), "config": dict(current.config)}, buffer)
     payload = buffer.getvalue()
-    old = tmp_path / "old.pt"
-    old.write_bytes(checkpoint.MAGIC + hashlib.sha256(payload).digest() + payload)
+    old = tmp_path / "checkpoint-000002.pt"
+    old.write_bytes(checkpoint.LEGACY_MAGIC + hashlib.sha256(payload).digest() + payload)
 
-    legacy = checkpoint.read(old)
+    with pytest.raises(CheckpointError, match=r"format 1 .*pickled.*start the run again without --resume"):
+        checkpoint.read(old)
 
-    assert legacy.records == current.records and len(legacy.records) == 2
-    assert legacy.records_jsonl == current.records_jsonl
-    assert torch.equal(legacy.params, current.params)
+
+def test_state_round_trips_bit_identically(tmp_path: Path) -> None:
+    """Tensors, numpy bit-generator states (128-bit ints), nested tuples, bytes."""
+    rng = np.random.default_rng(np.random.SeedSequence(5).spawn(2)[1])
+    rng.random(3)
+    engine = {
+        "rng": rng.bit_generator.state,
+        "strategy": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, dtype=torch.float64)}},
+                     "param_groups": [{"lr": 0.03, "betas": (0.9, 0.99), "params": [0], "foreach": None}]},
+        "privacy": {"accountant": {"kind": "rdp", "history": [{"noise_multiplier": 0.7, "sample_rate": 0.25,
+                                                                "steps": 3}]},
+                    "noise": {"generator": torch.ByteTensor([1, 2, 255])}, "big": -(2**130), "worst": 1.5},
+    }
+    key = checkpoint.create_key_(tmp_path)
+    saved = checkpoint.Checkpoint(7, torch.arange(6, dtype=torch.float32), engine, b'{"round": 1}\n',
+                                  {"a": {"b": [1]}}, journal_entries=4)
+
+    loaded = checkpoint.read(checkpoint.save(tmp_path, saved, keep=2, key=key))
+
+    assert loaded.round == 7 and loaded.journal_entries == 4 and loaded.records_jsonl == saved.records_jsonl
+    assert torch.equal(loaded.params, saved.params) and loaded.config == saved.config
+    assert loaded.engine["rng"] == engine["rng"]
+    assert loaded.engine["privacy"]["big"] == -(2**130)
+    group = loaded.engine["strategy"]["param_groups"][0]
+    assert group == engine["strategy"]["param_groups"][0] and isinstance(group["betas"], tuple)
+    moments = loaded.engine["strategy"]["state"][0]
+    assert torch.equal(moments["exp_avg"], engine["strategy"]["state"][0]["exp_avg"])
+    assert moments["exp_avg"].dtype == torch.float64
+    assert torch.equal(loaded.engine["privacy"]["noise"]["generator"], engine["privacy"]["noise"]["generator"])
+
+
+def test_numpy_scalars_are_saved_as_the_numbers_they_equal(tmp_path: Path) -> None:
+    key = checkpoint.create_key_(tmp_path)
+    engine = {"worst": np.float64(0.1) + np.float64(0.2), "count": np.int64(2**40)}
+    path = checkpoint.save(tmp_path, checkpoint.Checkpoint(1, torch.zeros(1), engine, b"{}\n", {}), 1, key)
+
+    loaded = checkpoint.read(path).engine
+
+    assert type(loaded["worst"]) is float and loaded["worst"] == 0.1 + 0.2
+    assert type(loaded["count"]) is int and loaded["count"] == 2**40
+
+
+@pytest.mark.parametrize(
+    "value", [np.zeros(2), {1.5: "x"}, object(), b""], ids=["ndarray", "float-key", "object", "empty-bytes"]
+)
+def test_state_that_would_need_code_to_load_is_refused_when_saved(tmp_path: Path, value: object) -> None:
+    key = checkpoint.create_key_(tmp_path)
+    state = {"strategy": {"moments": value}}
+
+    with pytest.raises(CheckpointError, match=r"checkpoint value engine\.strategy\.moments.*allowed"):
+        checkpoint.save(tmp_path, checkpoint.Checkpoint(1, torch.zeros(1), state, b"{}\n", {}), 1, key)
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_run_key_is_32_secret_bytes_of_mode_0600(tmp_path: Path) -> None:
+    simulate(config.load(None, SHORT + ["run.rounds=1"]), out_dir=tmp_path)
+    key_file = tmp_path / checkpoint.KEY_FILE
+
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(key_file.read_bytes()) == 32
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_run_key_others_may_read_is_refused(tmp_path: Path) -> None:
+    simulate(config.load(None, SHORT + ["run.rounds=1"]), out_dir=tmp_path)
+    (tmp_path / checkpoint.KEY_FILE).chmod(0o644)
+
+    with pytest.raises(CheckpointError, match=r"mode 0644 .*allowed: 0600 \(chmod 600"):
+        checkpoint.latest(tmp_path)
+
+
+def test_checkpoint_of_another_run_is_refused_unless_trusted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    simulate(config.load(None, SHORT + ["run.rounds=1"]), out_dir=mine)
+    simulate(config.load(None, SHORT + ["run.rounds=1"]), out_dir=other)
+    foreign = mine / "checkpoint-000001.pt"
+    foreign.write_bytes((other / "checkpoint-000001.pt").read_bytes())
+
+    with pytest.raises(CheckpointError, match=r"HMAC-SHA256 does not verify .*--trust-checkpoint"):
+        checkpoint.read(foreign)
+    with caplog.at_level(logging.WARNING):
+        trusted = checkpoint.read(foreign, trust=True)
+
+    assert trusted.round == 1 and "accepted (--trust-checkpoint) as data only" in caplog.text

@@ -77,3 +77,56 @@ def test_privacy_planner_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -
 
     assert code == 2
     assert "delta" in capsys.readouterr().err
+
+
+HEAVY = ("torch._dynamo", "sklearn", "scipy", "matplotlib", "opacus", "flwr", "cryptography", "fedtrain.deploy")
+
+
+def _modules_after(argv: list[str], tmp_path: Path) -> dict[str, object]:
+    """Run ``main(argv)`` in a fresh interpreter; which of HEAVY and torch it loaded."""
+    code = (
+        "import json, sys\n"
+        "from fedtrain.cli import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        f"loaded = [m for m in {HEAVY + ('torch',)!r} if m in sys.modules]\n"
+        "print(json.dumps({'code': code, 'loaded': loaded}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_plain_simulation_loads_only_what_it_uses(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    seen = _modules_after(["simulate", "--quiet", "--out", str(out), "--set", "run.rounds=2",
+                           "--set", "data.partition=iid"], tmp_path)
+
+    assert seen["code"] == 0
+    assert seen["loaded"] == ["torch"]  # the plot is drawn by a child process
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["simulate", "--help"]])
+def test_help_does_not_import_torch(argv: list[str], tmp_path: Path) -> None:
+    seen = _modules_after(argv, tmp_path)
+
+    assert seen == {"code": 0, "loaded": []}
+
+
+def test_privacy_planner_does_not_import_torch_or_opacus(tmp_path: Path) -> None:
+    argv = ["privacy", "--sample-rate", "0.01", "--steps", "100", "--delta", "1e-5"]
+
+    for extra in (["--noise-multiplier", "1.0"], ["--target-epsilon", "2.0"]):
+        seen = _modules_after([*argv, *extra], tmp_path)
+        assert seen["code"] == 0
+        assert seen["loaded"] == ["scipy"]
+
+
+def test_poll_default_is_the_deployments() -> None:
+    from fedtrain import cli, deploy
+
+    assert cli.DEFAULT_POLL == deploy.DEFAULT_POLL

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from fedtrain import ParamLayout, UpdateKind
-from fedtrain.client import LocalTrainer, TrainTask, resolve_device
-from fedtrain.config import ConfigError
+from fedtrain.client import LocalOptimizer, LocalTrainer, TrainTask, resolve_device
+from fedtrain.config import ConfigError, Optimizer
 from fedtrain.models import mlp
 
 
@@ -130,3 +130,43 @@ def test_malformed_train_task_names_what_is_missing() -> None:
 
     with pytest.raises(ValueError, match="lr"):
         TrainTask.from_json(row)
+
+
+def _steps(task: TrainTask, ours: bool) -> list[torch.Tensor]:
+    """Parameters after two clients' worth of steps (state reset between them),
+    with a frozen parameter that gets no gradient."""
+    torch.manual_seed(0)
+    model = mlp((5,), 3, hidden=8)
+    next(model.parameters()).requires_grad_(False)
+    params = list(model.parameters())
+    if ours:
+        optimizer = LocalOptimizer(params, task)
+    elif task.optimizer is Optimizer.ADAM:
+        optimizer = torch.optim.Adam(params, lr=task.lr, weight_decay=task.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=task.lr, momentum=task.momentum, weight_decay=task.weight_decay)
+    x, y = torch.randn(48, 5), torch.randint(0, 3, (48,))
+    for _ in range(2):
+        optimizer.reset() if ours else optimizer.state.clear()
+        for start in range(0, 48, 8):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[start:start + 8]), y[start:start + 8]).backward()
+            optimizer.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"momentum": 0.9, "weight_decay": 0.01},
+        {"optimizer": Optimizer.ADAM, "lr": 0.01},
+        {"optimizer": Optimizer.ADAM, "lr": 0.01, "weight_decay": 0.05},
+    ],
+)
+def test_local_optimizer_is_bit_identical_to_torch_optim(changes: dict[str, object]) -> None:
+    task = _task(**changes)
+
+    ours, torchs = _steps(task, ours=True), _steps(task, ours=False)
+
+    assert all(torch.equal(a, b) for a, b in zip(ours, torchs))

@@ -14,6 +14,7 @@ import torch
 
 from fedtrain.config import DataConfig
 from fedtrain.data import Dataset, load_dataset
+from fedtrain.data.dataset import read_digits, stratified_split
 
 
 def _write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
@@ -84,6 +85,45 @@ def test_digits_test_split_is_stratified_and_seeded() -> None:
     assert np.abs(train_share - test_share).max() < 0.01
     assert torch.equal(a.y_test, b.y_test) and torch.equal(a.x_test, b.x_test)
     assert not torch.equal(a.x_test, c.x_test)
+
+
+def test_digits_are_scikit_learns_with_its_split() -> None:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = read_digits()
+    bunch = load_digits()
+
+    np.testing.assert_array_equal(x, bunch.data)
+    np.testing.assert_array_equal(y, bunch.target)
+    assert x.dtype == bunch.data.dtype and y.dtype == bunch.target.dtype
+    for seed, fraction in [(0, 0.2), (3, 0.25), (4, 0.25), (7, 0.013), (11, 0.77)]:
+        ds = load_dataset(DataConfig(dataset="digits", test_fraction=fraction), seed=seed)
+        x_tr, x_te, y_tr, y_te = train_test_split(
+            bunch.data.astype(np.float32) / 16.0, bunch.target, test_size=fraction, stratify=bunch.target,
+            random_state=seed,
+        )
+        assert np.array_equal(ds.x_train.numpy(), x_tr) and np.array_equal(ds.x_test.numpy(), x_te)
+        assert np.array_equal(ds.y_train.numpy(), y_tr) and np.array_equal(ds.y_test.numpy(), y_te)
+
+
+def test_stratified_split_draws_as_scikit_learn_on_ragged_classes() -> None:
+    from sklearn.model_selection import train_test_split
+
+    rng = np.random.default_rng(1)
+    for seed in range(12):
+        y = rng.permutation(np.repeat(np.arange(5), rng.integers(2, 30, 5)))
+        for fraction in (0.3, 0.5):
+            want = train_test_split(np.arange(len(y)), test_size=fraction, stratify=y, random_state=seed)
+            got = stratified_split(y, fraction, seed)
+            assert all(np.array_equal(w, g) for w, g in zip(want, got))
+
+
+def test_stratified_split_refuses_what_cannot_be_stratified() -> None:
+    with pytest.raises(ValueError, match=r"test_fraction = 0.01 of 50 records: 49 training and 1 test"):
+        stratified_split(np.arange(50) % 5, 0.01, 0)
+    with pytest.raises(ValueError, match=r"classes \[2\] have a single record"):
+        stratified_split(np.array([0, 0, 1, 1, 2, 0, 1]), 0.5, 0)
 
 
 @pytest.mark.parametrize("gz", [False, True])

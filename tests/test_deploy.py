@@ -89,7 +89,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
         ]
         stranger = started.start("stranger", cli(
             "client", "--server", server_address, "--certs", str(certs.root), "--key", str(stranger_key),
-            "--partition", "0", "--connect-timeout", "10",
+            "--partition", "0", "--connect-timeout", "120",  # the Fleet address opens once every key is registered
         ))
         plain = started.start("plain", cli(
             "client", "--server", server_address, "--insecure", "--partition", "0", "--connect-timeout", "10",

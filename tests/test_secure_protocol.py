@@ -232,14 +232,13 @@ def test_sparse_graph_keeps_per_client_traffic_logarithmic() -> None:
 
 def test_in_process_round_with_dropouts_matches_the_survivors_sum_and_counts_bytes() -> None:
     n, length = 12, 50
-    degree = default_degree(n) - 4
-    setup = _setup(n, length, threshold=threshold_for(degree, 0.5))
+    graph = NeighbourGraph.harary(n, default_degree(n) - 4)
+    setup = _setup(n, length, threshold=threshold_for(graph.min_degree, 0.5))
     x = np.random.default_rng(1).uniform(-1, 1, (n, length)).astype(np.float32)
     weights = list(range(1, n + 1))
     clients = [SecureClient(i, setup) for i in range(n)]
 
-    result = run_in_process(setup, SecureServer(setup, NeighbourGraph.harary(n, degree)), clients, list(x),
-                            weights, dropouts={3})
+    result = run_in_process(setup, SecureServer(setup, graph), clients, list(x), weights, dropouts={3})
 
     keep = [i for i in range(n) if i != 3]
     assert result.weight == sum(weights) - 4

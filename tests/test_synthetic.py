@@ -52,12 +52,40 @@ def test_beta_controls_how_much_clients_disagree() -> None:
     assert label_spread(3.0) > label_spread(0.0)
 
 
-def test_test_set_comes_from_held_out_records() -> None:
-    data = SyntheticData(300, 1.0, 1.0, 0.2, seed=0, device=CPU)
+@pytest.mark.parametrize("iid", [False, True], ids=["non-iid", "iid"])
+def test_no_test_record_is_a_client_record(iid: bool) -> None:
+    x, y = SyntheticData(300, 1.0, 1.0, 0.2, seed=0, device=CPU, iid=iid).test_set()
+    every_record = SyntheticData(300, 1.0, 1.0, 1e-9, seed=0, device=CPU, iid=iid)  # load() returns all records
+    client_rows = {row.tobytes() for k in every_record.ids for row in every_record.load(k)[0].numpy()}
+
+    assert len(x) == len(y) > 1000 and x.shape[1] == DIMENSION
+    assert not any(row.tobytes() in client_rows for row in x.numpy())
+
+
+def test_test_set_does_not_depend_on_the_number_of_clients() -> None:
+    few = SyntheticData(3, 1.0, 1.0, 0.2, seed=5, device=CPU).test_set()
+    many = SyntheticData(100_000, 1.0, 1.0, 0.2, seed=5, device=CPU).test_set()
+
+    assert torch.equal(few[0], many[0]) and torch.equal(few[1], many[1])
+
+
+def test_test_set_is_generated_from_the_seed() -> None:
+    a = SyntheticData(10, 1.0, 1.0, 0.2, seed=5, device=CPU).test_set()
+    b = SyntheticData(10, 1.0, 1.0, 0.2, seed=5, device=CPU).test_set()
+    other = SyntheticData(10, 1.0, 1.0, 0.2, seed=6, device=CPU).test_set()
+
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0][:5], other[0][:5])
+
+
+def test_iid_test_records_are_labelled_by_the_shared_model() -> None:
+    data = SyntheticData(10, 1.0, 1.0, 0.2, seed=2, device=CPU, iid=True)
+    weights, bias = data._shared_model
 
     x, y = data.test_set()
 
-    assert len(x) == len(y) > 0 and x.shape[1] == DIMENSION
+    assert np.array_equal(np.argmax(x.numpy().astype(np.float64) @ weights + bias, axis=1), y.numpy())
+    assert x.abs().mean() < 1.0  # v = 0: features centred, as every IID client's
 
 
 def test_negative_heterogeneity_is_an_error() -> None:

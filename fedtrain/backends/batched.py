@@ -24,9 +24,11 @@ the same seeds give the same updates up to float rounding:
 
 * each client draws its batches from its own ``client_generator(seed, rnd,
   index)`` with the same calls in the same order (``randperm`` per epoch;
-  under DP-SGD the noise seed, then one Poisson mask per step); a client
-  whose records all fit in one batch draws nothing, since every step then
-  sees all its records and their order only changes float rounding;
+  under DP-SGD the noise seed, then one Poisson mask per step, from
+  :meth:`LocalTrainer.batch_randomness`, which with ``secure_noise`` makes
+  them the trainer's secret draws instead); a client whose records all fit
+  in one batch draws nothing, since every step then sees all its records
+  and their order only changes float rounding;
 * clients have different numbers of records, so batches are padded to a common
   width with a mask (loss ``sum(mask · ce) / count``), and clients are sorted
   by their number of steps: at step ``t`` the clients still training are a
@@ -63,10 +65,10 @@ from torch.func import functional_call, grad, vmap
 
 from fedtrain.backends.local import LocalBackend, client_generator
 from fedtrain.backends.stacked import StackedSequential
-from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.client import ADAM_BETAS, ADAM_EPS, LocalTrainer, TrainTask
 from fedtrain.config import Optimizer
 from fedtrain.data.clients import ClientData
-from fedtrain.deadline import ClientTimeout, call_with_timeout
+from fedtrain.deadline import ClientTimeout, Deadline, call_with_timeout, timeout_reason
 from fedtrain.engine import ClientFailure, RoundOutcome
 from fedtrain.privacy.dpsgd import sample_rate, steps_per_round
 from fedtrain.privacy.mechanisms import clip_factors, clip_rows_
@@ -84,10 +86,6 @@ _Result = tuple[int, dict[str, float]]
 MEMORY_BUDGET = 1 << 30
 """Default bytes one chunk of the cohort may use (stacked parameters, their
 gradients and optimiser state, batch activations, the chunk's records)."""
-
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-"""``torch.optim.Adam``'s defaults, which :class:`LocalTrainer` uses."""
 
 MIN_BATCH_CLIENTS = 4
 """Below this many clients a chunk trains one by one when its forward pass
@@ -148,8 +146,10 @@ class BatchedBackend:
         strict: bool = False,
         timeout: float = 0.0,
     ) -> None:
-        """``timeout`` limits each client's data loading (the batched training
-        itself is fedtrain's own code); see :mod:`fedtrain.deadline`."""
+        """``timeout`` (``client.timeout``) limits each client's data loading
+        and each chunk's training: a chunk checks its
+        :class:`~fedtrain.deadline.Deadline` between steps and, past it, fails
+        all its clients; the round goes on with the next chunk."""
         if max_batch_clients is not None and max_batch_clients < 1:
             raise ValueError(f"max_batch_clients = {max_batch_clients}: must be >= 1")
         if min_batch_clients is not None and min_batch_clients < 1:
@@ -194,6 +194,10 @@ class BatchedBackend:
         for slot, cid in enumerate(clients):
             if cid not in self.sequential.index:
                 failures[slot] = ClientFailure(cid, "unknown client id")
+                continue
+            refusal = task.privacy.refusal(cid)
+            if refusal is not None:
+                failures[slot] = ClientFailure(cid, refusal)
                 continue
             try:
                 sizes[slot] = self.data.size(cid)
@@ -251,7 +255,7 @@ class BatchedBackend:
                 if len(y) == 0:
                     raise ValueError("client has no training records")
             except ClientTimeout:
-                failures[slot] = ClientFailure(cid, f"took longer than client.timeout = {self.timeout} s")
+                failures[slot] = ClientFailure(cid, timeout_reason(self.timeout))
                 continue
             except Exception as exc:  # a failing client must not end the round
                 log.debug("client %s failed to load", cid, exc_info=True)
@@ -271,15 +275,25 @@ class BatchedBackend:
         results: dict[int, _Result],
         failures: dict[int, ClientFailure],
     ) -> None:
-        """Train one chunk, batched, or one by one when it is small or cannot be batched."""
+        """Train one chunk, batched, or one by one when it is small or cannot be
+        batched. A batched chunk that runs past ``client.timeout`` fails all
+        its clients (they trained together); one by one, each client has the
+        limit to itself."""
         slots = [s for s, _, _ in loaded]
         if len(slots) >= self.min_batch_clients:
             indices = [self.sequential.index[clients[s]] for s in slots]
             gens = [functools.partial(client_generator, self.seed, rnd, i) for i in indices]
+            sigmas = [task.privacy.noise_multiplier_for(clients[s]) for s in slots]
             try:
                 metrics = self._train_chunk(
-                    task, params, [x for _, x, _ in loaded], [y for _, _, y in loaded], gens, rows, slots
+                    task, params, [x for _, x, _ in loaded], [y for _, _, y in loaded], gens, rows, slots,
+                    sigmas, Deadline(self.timeout),
                 )
+            except ClientTimeout:
+                log.warning("round %d: a chunk of %d clients %s", rnd, len(slots), timeout_reason(self.timeout))
+                for slot in slots:
+                    failures[slot] = ClientFailure(clients[slot], timeout_reason(self.timeout))
+                return
             except Exception as exc:  # e.g. records of different shapes, out of memory
                 log.warning(
                     "round %d: batched training of %d clients failed (%s: %s); training them one by one "
@@ -292,10 +306,16 @@ class BatchedBackend:
                 return
         for slot, x, y in loaded:
             cid = clients[slot]
+            deadline = Deadline(self.timeout)
             try:
+                own = dataclasses.replace(task, privacy=task.privacy.for_client(cid))
                 result = self.trainer.train(
-                    params, x, y, task, client_generator(self.seed, rnd, self.sequential.index[cid]), rows[slot]
+                    params, x, y, own, client_generator(self.seed, rnd, self.sequential.index[cid]), rows[slot]
                 )
+                deadline.check()
+            except ClientTimeout:
+                failures[slot] = ClientFailure(cid, timeout_reason(self.timeout))
+                continue
             except Exception as exc:  # a failing client must not end the round
                 failures[slot] = ClientFailure(cid, f"{type(exc).__name__}: {exc}")
                 continue
@@ -412,11 +432,17 @@ class BatchedBackend:
         gens: list[Callable[[], torch.Generator]],
         rows: torch.Tensor,
         slots: list[int],
+        sigmas: Sequence[float] | None = None,
+        deadline: Deadline | None = None,
     ) -> list[dict[str, float]]:
         """Train clients ``(xs[i], ys[i])`` together; write client ``i``'s update
         into ``rows[slots[i]]``; return each client's metrics. ``gens[i]()``
         makes client ``i``'s generator, called only when its draws are needed
-        (deriving one costs ~50 µs, a tenth of a small batched step)."""
+        (deriving one costs ~50 µs, a tenth of a small batched step).
+        ``sigmas[i]`` is client ``i``'s DP-SGD noise multiplier (default: the
+        task's); past ``deadline``, checked every epoch of the batch plan and
+        every step, :class:`~fedtrain.deadline.ClientTimeout` is raised."""
+        deadline = deadline if deadline is not None else Deadline(0)
         bs = task.batch_size
         gradient = task.kind is UpdateKind.GRADIENT
         sizes = [y.shape[0] for y in ys]
@@ -432,13 +458,13 @@ class BatchedBackend:
             if gradient:  # LocalTrainer._mean_gradient: consecutive batches
                 plan = [[np.arange(s, min(s + bs, n[i])) for s in range(0, n[i], bs)] for i in range(k)]
             elif dp is None:
-                plan = [_epoch_batches(n[i], task, gens[order[i]]) for i in range(k)]
-            else:  # LocalTrainer._train_dp_sgd's generator calls: the noise seed, then one mask per step
+                plan = [_epoch_batches(n[i], task, gens[order[i]], deadline) for i in range(k)]
+            else:  # LocalTrainer._train_dp_sgd's draws: the noise (seed), then one mask per step
                 made = [gens[i]() for i in order]
                 noises = [self.trainer._noise(dp.secure_noise, g) for g in made]
+                coins = [self.trainer.batch_randomness(dp.secure_noise, g) for g in made]
                 plan = [
-                    [np.flatnonzero((torch.rand(n[i], generator=made[i]) < sample_rate(n[i], bs)).numpy())
-                     for _ in range(steps[order[i]])]
+                    [np.flatnonzero(coins[i].bernoulli(n[i], sample_rate(n[i], bs))) for _ in range(steps[order[i]])]
                     for i in range(k)
                 ]
             batches = _pad(plan, offsets, device)
@@ -453,7 +479,7 @@ class BatchedBackend:
             if gradient:
                 out.zero_()
                 grads, loss = self._gradients(anchor, consts, x, y, batches,
-                                              torch.tensor(n, dtype=torch.float32, device=device))
+                                              torch.tensor(n, dtype=torch.float32, device=device), deadline)
                 stacked = self.layout.views(out)
                 for name, g in grads.items():
                     stacked[name].copy_(g)
@@ -463,10 +489,11 @@ class BatchedBackend:
                 stacked = self.layout.views(out)
                 weights = {name: stacked[name] for name in self._trainable}
                 if dp is None:
-                    loss = self._train_sgd(task, weights, anchor, consts, x, y, batches)
+                    loss = self._train_sgd(task, weights, anchor, consts, x, y, batches, deadline)
                 else:
                     expected = torch.tensor([sample_rate(m, bs) * m for m in n], device=device)
-                    self._train_dp(task, weights, anchor, consts, x, y, batches, noises, expected)
+                    own = [dp.noise_multiplier] * k if sigmas is None else [sigmas[i] for i in order]
+                    self._train_dp(task, weights, anchor, consts, x, y, batches, noises, expected, own, deadline)
                     loss = torch.zeros(k, device=device)
                 out.sub_(params)
                 seen = [m * task.epochs for m in n]
@@ -525,7 +552,7 @@ class BatchedBackend:
 
     def _train_sgd(
         self, task: TrainTask, weights: Tensors, anchor: Tensors, consts: Tensors,
-        x: torch.Tensor, y: torch.Tensor, batches: _Batches,
+        x: torch.Tensor, y: torch.Tensor, batches: _Batches, deadline: Deadline,
     ) -> torch.Tensor:
         """Local SGD/Adam epochs on the stacked ``weights``; returns each client's
         summed loss. The gradient of the sum of the clients' losses is each
@@ -536,6 +563,7 @@ class BatchedBackend:
         ce = torch.zeros(batches.mask.shape, device=x.device)
         prefixes: dict[int, Tensors] = {}
         for t, j, xb, yb, weight in batches.gathered(x, y):
+            deadline.check()
             if j not in prefixes:
                 prefixes[j] = {name: w[:j] for name, w in weights.items()}
             grads, ce[t, :j] = gradients(prefixes[j], consts, xb, yb, weight)
@@ -571,23 +599,26 @@ class BatchedBackend:
     def _train_dp(
         self, task: TrainTask, weights: Tensors, anchor: Tensors, consts: Tensors,
         x: torch.Tensor, y: torch.Tensor, batches: _Batches, noises: list[NoiseSource], expected: torch.Tensor,
+        sigmas: Sequence[float], deadline: Deadline,
     ) -> None:
         """DP-SGD as :class:`~fedtrain.privacy.dpsgd.DpSgdStepper`: per-sample
-        gradients clipped to ``max_grad_norm`` and summed, plus ``N(0, (σ·C)²)``
-        from each client's own noise source, divided by its expected batch ``q·n``."""
+        gradients clipped to ``max_grad_norm`` and summed, plus ``N(0, (σᵢ·C)²)``
+        from each client's own noise source at its own noise multiplier
+        ``sigmas[i]``, divided by its expected batch ``q·n``."""
         dp = task.privacy.dp_sgd
         if dp is None:
             raise ValueError("no DP-SGD settings in this task")
         per_sample = vmap(vmap(grad(self._sample_loss), in_dims=(None, None, 0, 0)), in_dims=(0, None, 0, 0))
         names = [n for n, p in self._model.named_parameters() if p.requires_grad]  # the stepper's noise order
         numels = [weights[n][0].numel() for n in names]
-        std = dp.noise_multiplier * dp.max_grad_norm
+        stds = [sigma * dp.max_grad_norm for sigma in sigmas]
         step = _optimizer(task, weights, anchor)
         for t, j, idx, mask in batches:
+            deadline.check()
             g = per_sample({name: w[:j] for name, w in weights.items()}, consts, x[idx], y[idx])
             squared = sum(g[n].flatten(2).pow(2).sum(dim=2) for n in names)
             factors = clip_factors(squared.sqrt(), dp.max_grad_norm) * mask
-            noise = torch.stack([noises[i].gaussian(sum(numels), std, torch.device("cpu")) for i in range(j)])
+            noise = torch.stack([noises[i].gaussian(sum(numels), stds[i], torch.device("cpu")) for i in range(j)])
             grads = {}
             for name, z in zip(names, noise.to(x.device).split(numels, dim=1)):
                 summed = torch.einsum("cb,cb...->c...", factors, g[name])
@@ -596,7 +627,7 @@ class BatchedBackend:
 
     def _gradients(
         self, params: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor,
-        batches: _Batches, sizes: torch.Tensor,
+        batches: _Batches, sizes: torch.Tensor, deadline: Deadline,
     ) -> tuple[Tensors, torch.Tensor]:
         """FedSGD: each client's mean gradient over all its records at the global
         parameters (summed over its batches), and its summed loss."""
@@ -605,6 +636,7 @@ class BatchedBackend:
         total = {name: torch.zeros((k, *p.shape), device=x.device) for name, p in params.items()}
         loss = torch.zeros(k, device=x.device)
         for _, j, idx, mask in batches:
+            deadline.check()
             grads, summed = grads_of(params, consts, x[idx], y[idx], mask, sizes[:j])
             loss[:j] += summed
             for name, g in grads.items():
@@ -664,7 +696,9 @@ def _with_consts(p: Tensors, consts: Tensors) -> Tensors:
     return {**p, **{name: c.expand(k, *c.shape) for name, c in consts.items()}}
 
 
-def _epoch_batches(n: int, task: TrainTask, generator: Callable[[], torch.Generator]) -> list[np.ndarray]:
+def _epoch_batches(
+    n: int, task: TrainTask, generator: Callable[[], torch.Generator], deadline: Deadline
+) -> list[np.ndarray]:
     """The record indices of each step, as LocalTrainer._train_sgd draws them.
     When one batch holds all ``n`` records, every step is the whole client in
     some order, and the order changes a batch's loss only by float rounding:
@@ -674,6 +708,7 @@ def _epoch_batches(n: int, task: TrainTask, generator: Callable[[], torch.Genera
     g = generator()
     batches: list[np.ndarray] = []
     for _ in range(task.epochs):
+        deadline.check()
         order = torch.randperm(n, generator=g).numpy()
         batches.extend(order[s:s + task.batch_size] for s in range(0, n, task.batch_size))
     return batches

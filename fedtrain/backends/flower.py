@@ -16,6 +16,12 @@ Messages (Flower's Message API, ``flwr.app``):
   :class:`~fedtrain.client.TrainTask` as JSON; reply: the flat update, the
   record count and the metrics, or ``status = "error"`` with a reason.
 
+Every reply is data from another party, checked field by field where it
+enters (:func:`parse_hello_reply`, :func:`parse_train_reply`): a reply that
+fails a check leaves its client out of the run (hello) or of the round
+(training, recorded in ``metrics.jsonl``'s ``failures``) with the reason,
+and never ends the run.
+
 Under secure aggregation (:class:`SecureFlowerBackend`) ``train`` becomes:
 
 - ``train.secure`` → the model, the task and the round's encoded
@@ -80,6 +86,186 @@ def _status_error(reason: str) -> RecordDict:
     return RecordDict({"result": ConfigRecord({"status": "error", "reason": reason})})
 
 
+MAX_ID_CHARS = 128
+"""Longest client id a hello may carry (ids key ``metrics.jsonl``'s ``failures``)."""
+
+MAX_DEVICE_CHARS = 64
+"""Longest device name a hello may carry (``cuda:0``, ``cpu``)."""
+
+MAX_REASON_CHARS = 300
+"""A client's own error text is cut to this many characters in logs and ``failures``."""
+
+MAX_METRICS_CHARS = 1024
+"""Longest metrics JSON a training reply may carry: two known keys with
+floats need under 80 characters; the bound is checked before parsing, so a
+huge or deeply nested value costs nothing."""
+
+ARRAY_HEADER_BYTES = 4096
+"""Slack over ``4 · numel`` bytes for the ``.npy`` header of an update (numpy
+writes 128 bytes for a 1-D float32 array)."""
+
+HELLO_KEYS = frozenset({"status", "name", "num_records", "device"})
+TRAIN_KEYS = frozenset({"status", "num_examples", "metrics"})
+ERROR_KEYS = frozenset({"status", "reason"})
+
+
+class RejectedReply(ValueError):
+    """A client's message that fails a check where it enters the coordinator:
+    the message names the field, the value and what is allowed. The client is
+    left out (of the run, or of the round); the run goes on."""
+
+
+class ClientReportedError(RejectedReply):
+    """A well-formed reply in which the client says it failed (``status = "error"``)."""
+
+
+def _clean(text: object, limit: int = MAX_REASON_CHARS) -> str:
+    """A client-supplied text fit for a log line and ``metrics.jsonl``: a
+    string cut to ``limit`` characters, anything unprintable escaped."""
+    raw = text if isinstance(text, str) else f"<{type(text).__name__}>"
+    cut = raw[:limit]
+    shown = cut if cut.isprintable() else cut.encode("unicode_escape").decode("ascii")[:limit]
+    return shown + ("…" if len(raw) > limit else "")
+
+
+def _text_field(name: str, value: object, limit: int) -> str:
+    """``value`` when it is a printable string of 1 … ``limit`` characters
+    without surrounding spaces, else :class:`RejectedReply`."""
+    from fedtrain.validation import describe
+
+    if not isinstance(value, str):
+        raise RejectedReply(f"{name} = {describe(value)}: expected a string of 1 … {limit} characters")
+    if not 1 <= len(value) <= limit or not value.isprintable() or value.strip() != value:
+        raise RejectedReply(
+            f"{name} = {describe(value)}: expected 1 … {limit} printable characters, no surrounding spaces"
+        )
+    return value
+
+
+def _result_record(content: RecordDict, records: frozenset[str], keys: frozenset[str]) -> ConfigRecord:
+    """The ``result`` record of a reply that holds exactly ``records``, with
+    exactly ``keys``; a client's own error becomes :class:`RejectedReply`."""
+    from fedtrain.validation import describe
+
+    names = set(content.keys())
+    result = content.get("result") if "result" in names else None
+    if not isinstance(result, ConfigRecord):
+        raise RejectedReply(f"records {_clean(str(sorted(names)[:8]), 120)}: expected a 'result' config record")
+    status = result.get("status")
+    if status == "error":
+        _check_keys(result, ERROR_KEYS, frozenset({"status"}))
+        raise ClientReportedError(f"client error: {_clean(result.get('reason'))}")
+    if status != "ok":
+        raise RejectedReply(f"status = {describe(status)}: expected 'ok' or 'error'")
+    if names != records:
+        raise RejectedReply(f"records {_clean(str(sorted(names)[:8]), 120)}: expected exactly {sorted(records)}")
+    _check_keys(result, keys, keys)
+    return result
+
+
+def _check_keys(result: ConfigRecord, allowed: frozenset[str], required: frozenset[str]) -> None:
+    present = set(result.keys())
+    unknown = sorted(present - allowed)
+    if unknown:
+        raise RejectedReply(f"result: unknown key {_clean(repr(unknown[0]), 60)}; allowed are {sorted(allowed)}")
+    missing = sorted(required - present)
+    if missing:
+        raise RejectedReply(f"result: missing {missing}")
+
+
+def parse_hello_reply(content: RecordDict, min_records: int = 1) -> ClientInfo:
+    """The :class:`ClientInfo` of a hello reply, every field checked where it
+    enters: ``name`` a printable id of at most :data:`MAX_ID_CHARS`
+    characters, ``num_records`` an integer in ``min_records`` …
+    :data:`fedtrain.types.MAX_RECORDS` (``min_records`` is
+    ``privacy.min_records`` under sample-level DP), ``device`` a short
+    printable name, nothing else. Raises :class:`RejectedReply`."""
+    from fedtrain.privacy.sample_level import size_refusal
+
+    try:
+        result = _result_record(content, frozenset({"result"}), HELLO_KEYS)
+        name = _text_field("name", result.get("name"), MAX_ID_CHARS)
+        count = result.get("num_records")
+        reason = size_refusal(count, min_records)  # type: ignore[arg-type]
+        if reason is not None:
+            raise RejectedReply(reason)
+        device = _text_field("device", result.get("device"), MAX_DEVICE_CHARS)
+    except RejectedReply:
+        raise
+    except Exception as exc:  # whatever a hostile record does, it is this client's failure
+        raise RejectedReply(f"malformed hello reply: {type(exc).__name__}: {_clean(str(exc))}") from None
+    return ClientInfo(name, int(count), device)  # type: ignore[arg-type]
+
+
+def _metrics(text: object) -> dict[str, float]:
+    from fedtrain.validation import metrics_reason
+
+    if not isinstance(text, str) or len(text) > MAX_METRICS_CHARS:
+        shown = f"{len(text)} characters" if isinstance(text, str) else f"a {type(text).__name__}"
+        raise RejectedReply(f"metrics = {shown}: expected a JSON object of at most {MAX_METRICS_CHARS} characters")
+    try:
+        metrics = json.loads(text)
+    except Exception as exc:  # bad JSON, nesting past the recursion limit
+        raise RejectedReply(f"metrics: not JSON ({type(exc).__name__})") from None
+    if not isinstance(metrics, dict):
+        raise RejectedReply(f"metrics = a {type(metrics).__name__}: expected a JSON object")
+    reason = metrics_reason(metrics)
+    if reason is not None:
+        raise RejectedReply(reason)
+    return metrics
+
+
+def _update_vector(content: RecordDict, numel: int) -> np.ndarray:
+    record = content.get("update")
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != ["update"]:
+        raise RejectedReply("update: expected an array record holding exactly one array, 'update'")
+    array = record["update"]
+    if not isinstance(array, Array):
+        raise RejectedReply(f"update = a {type(array).__name__}: expected an array")
+    if array.stype != "numpy.ndarray" or array.dtype != "float32" or tuple(array.shape) != (numel,):
+        raise RejectedReply(
+            f"update = {_clean(array.stype, 40)} {_clean(array.dtype, 20)} of shape {_clean(str(array.shape), 60)}: "
+            f"expected a numpy.ndarray float32 of shape ({numel},)"
+        )
+    if not isinstance(array.data, bytes):
+        raise RejectedReply(f"update data = a {type(array.data).__name__}: expected bytes")
+    if len(array.data) > 4 * numel + ARRAY_HEADER_BYTES:
+        raise RejectedReply(f"update: {len(array.data)} bytes, more than a float32 vector of {numel} values")
+    try:
+        vector = array.numpy()  # np.load(..., allow_pickle=False): never unpickled
+    except Exception as exc:  # not .npy bytes, or an object array
+        raise RejectedReply(
+            f"update: its bytes are not a .npy array ({type(exc).__name__}: {_clean(str(exc))})"
+        ) from None
+    if not isinstance(vector, np.ndarray) or vector.dtype != np.dtype(np.float32) or vector.shape != (numel,):
+        raise RejectedReply(f"update: its bytes do not hold the float32 vector of shape ({numel},) it declares")
+    return vector
+
+
+def parse_train_reply(content: RecordDict, numel: int) -> tuple[np.ndarray, int, dict[str, float]]:
+    """The update vector, ``num_examples`` and metrics of a training reply,
+    each checked where it enters: a native float32 vector of ``numel``
+    values, an integer count in 1 … :data:`fedtrain.types.MAX_RECORDS`, and
+    metrics that :func:`fedtrain.validation.metrics_reason` accepts (finite
+    floats, known keys). Raises :class:`RejectedReply`."""
+    from fedtrain.types import MAX_RECORDS
+    from fedtrain.validation import count_reason
+
+    try:
+        result = _result_record(content, frozenset({"result", "update"}), TRAIN_KEYS)
+        count = result.get("num_examples")
+        reason = count_reason("num_examples", count, 1, MAX_RECORDS)
+        if reason is not None:
+            raise RejectedReply(reason)
+        metrics = _metrics(result.get("metrics"))
+        vector = _update_vector(content, numel)
+    except RejectedReply:
+        raise
+    except Exception as exc:  # whatever a hostile record does, it is this client's failure
+        raise RejectedReply(f"malformed training reply: {type(exc).__name__}: {_clean(str(exc))}") from None
+    return vector, int(count), metrics  # type: ignore[arg-type]
+
+
 class FlowerBackend:
     """Carries rounds to SuperNodes through a Flower ``Grid``.
 
@@ -88,13 +274,32 @@ class FlowerBackend:
     privacy ledger see the same ids as in a simulation; the map to Flower
     node ids is refreshed every round, so a client that restarts (same key,
     same node id) or reconnects is found again.
+
+    Every reply is checked where it enters (:func:`parse_hello_reply`,
+    :func:`parse_train_reply`): a malformed hello leaves that node out with a
+    logged reason, a malformed training reply fails that client for the
+    round; neither ends the run. ``min_records`` is the fewest records a
+    client may join with (``privacy.min_records`` under sample-level DP,
+    :func:`fedtrain.privacy.sample_level.min_records`), and a client that
+    rejoins keeps the record count it first joined with.
     """
 
-    def __init__(self, grid: Grid, hello: Hello, timeout: float, poll_seconds: float) -> None:
+    ids_follow_keys = False
+    """Whether a client id, once claimed, stays with that node for the run.
+    Node ids follow registered keys, so the coordinator sets this when
+    clients authenticate (:func:`fedtrain.deploy.coordinate`): no other key
+    can take over an id, even while its holder is away. Without keys
+    (``--insecure``) a restarted client is a new node and may claim its id
+    again once the old node is gone."""
+
+    def __init__(
+        self, grid: Grid, hello: Hello, timeout: float, poll_seconds: float, min_records: int = 1
+    ) -> None:
         self.grid = grid
         self.hello = hello
         self.timeout = timeout
         self.poll_seconds = poll_seconds
+        self.min_records = min_records
         self.clients: dict[str, ClientInfo] = {}
         self._node_of: dict[str, int] = {}
         self._greeted: set[int] = set()
@@ -131,21 +336,32 @@ class FlowerBackend:
         ]
         for node, reply in self._exchange(messages, HELLO_SECONDS).items():
             self._greeted.add(node)
-            if reply.has_error():
-                log.warning("node %d refused the run: %s", node, reply.error.reason)
-                continue
-            result = reply.content["result"]
-            if result.get("status") != "ok":
-                log.warning("node %d refused the run: %s", node, result.get("reason"))
-                continue
-            info = ClientInfo(str(result["name"]), int(result["num_records"]), str(result["device"]))
-            holder = self._node_of.get(info.name)
-            if holder is not None and holder != node and holder in self.grid.get_node_ids():
-                log.warning("node %d claims client id %s, already held by node %d; ignored", node, info.name, holder)
-                continue
-            self._node_of[info.name] = node
-            self.clients[info.name] = info
-            log.warning("client %s joined (node %d, %d records, %s)", info.name, node, info.num_records, info.device)
+            reason = self.admit(node, reply)
+            if reason is not None:
+                log.warning("node %d left out: %s", node, reason)
+
+    def admit(self, node: int, reply: Message) -> str | None:
+        """Register the client that ``node`` answered the hello with; why it
+        was left out, or None when it joined."""
+        if reply.has_error():
+            return f"refused the run: {_clean(reply.error.reason)}"
+        try:
+            info = parse_hello_reply(reply.content, self.min_records)
+        except RejectedReply as exc:
+            return str(exc)
+        holder = self._node_of.get(info.name)
+        if holder is not None and holder != node and (self.ids_follow_keys or holder in self.grid.get_node_ids()):
+            return f"claims client id {info.name}, which node {holder} (another key) holds in this run"
+        known = self.clients.get(info.name)
+        if known is not None and known.num_records != info.num_records:
+            return (
+                f"client {info.name} joined with {known.num_records} records and now declares "
+                f"{info.num_records}; the run weights and accounts it by the first count"
+            )
+        self._node_of[info.name] = node
+        self.clients[info.name] = info
+        log.warning("client %s joined (node %d, %d records, %s)", info.name, node, info.num_records, info.device)
+        return None
 
     def wait_for_clients(self, expected: int, minimum: int, wait: float) -> list[str]:
         """Greet nodes until ``expected`` clients joined or ``wait`` seconds
@@ -163,33 +379,34 @@ class FlowerBackend:
         return sorted(self.clients, key=lambda c: (len(c), c))
 
     def _decode(
-        self, cid: str, reply: Message, kind: UpdateKind, device: torch.device
+        self, cid: str, reply: Message, kind: UpdateKind, params: torch.Tensor
     ) -> ClientUpdate | ClientFailure:
+        """Client ``cid``'s update from its training ``reply``, or its failure."""
         import torch
 
         from fedtrain.engine import ClientFailure
         from fedtrain.types import ClientUpdate
 
         if reply.has_error():
-            return ClientFailure(cid, f"client error: {reply.error.reason}")
+            return ClientFailure(cid, f"client error: {_clean(reply.error.reason)}")
         try:
-            result = reply.content["result"]
-            if result.get("status") != "ok":
-                return ClientFailure(cid, f"client error: {result.get('reason')}")
-            vector = torch.from_numpy(np.ascontiguousarray(reply.content["update"]["update"].numpy())).to(device)
-            num_examples = int(result["num_examples"])
-            metrics = {str(k): float(v) for k, v in json.loads(str(result["metrics"])).items()}
-        except Exception as exc:  # a malformed reply is this client's failure, not the round's
-            return ClientFailure(cid, f"malformed reply: {type(exc).__name__}: {exc}")
+            vector, num_examples, metrics = parse_train_reply(reply.content, params.numel())
+        except ClientReportedError as exc:
+            return ClientFailure(cid, str(exc))
+        except RejectedReply as exc:
+            return ClientFailure(cid, f"malformed reply: {exc}")
         registered = self.clients[cid].num_records
         if num_examples != registered:
             return ClientFailure(
                 cid, f"declared {num_examples} examples, but joined with {registered} records"
             )
-        return ClientUpdate(cid, vector, num_examples, kind, metrics)
+        return ClientUpdate(cid, torch.from_numpy(vector).to(params.device), num_examples, kind, metrics)
 
-    def _connected(self, clients: Sequence[str]) -> tuple[dict[str, int], list[ClientFailure]]:
-        """The node of each of ``clients`` that is connected, and a failure for each that is not."""
+    def _connected(
+        self, clients: Sequence[str], task: TrainTask
+    ) -> tuple[dict[str, int], list[ClientFailure]]:
+        """The node of each of ``clients`` that is connected and may train
+        under ``task``'s privacy setting, and a failure for each other."""
         from fedtrain.engine import ClientFailure
 
         self.discover()
@@ -198,17 +415,34 @@ class FlowerBackend:
         failures: list[ClientFailure] = []
         for cid in clients:
             node = self._node_of.get(cid)
-            if node is None or node not in live:
+            refusal = task.privacy.refusal(cid)
+            if refusal is not None:
+                failures.append(ClientFailure(cid, refusal))
+            elif node is None or node not in live:
                 failures.append(ClientFailure(cid, "not connected"))
             else:
                 nodes[cid] = node
         return nodes, failures
 
-    def _train_content(self, rnd: int, task: TrainTask, params: torch.Tensor) -> RecordDict:
+    def _train_content(self, rnd: int, task: TrainTask, params: torch.Tensor | ArrayRecord) -> RecordDict:
+        """A training message's content: the model (or an already built
+        record of it, shared by the round's messages) and the task."""
+        weights = params if isinstance(params, ArrayRecord) else self._model_record(params)
         return RecordDict({
-            "params": ArrayRecord({"params": Array(params.detach().cpu().numpy())}),
+            "params": weights,
             "task": ConfigRecord({"round": rnd, "task": json.dumps(task.as_json())}),
         })
+
+    @staticmethod
+    def _model_record(params: torch.Tensor) -> ArrayRecord:
+        return ArrayRecord({"params": Array(params.detach().cpu().numpy())})
+
+    @staticmethod
+    def _own_task(task: TrainTask, cid: str) -> TrainTask:
+        """``task`` as client ``cid`` gets it: its own DP-SGD noise, nothing about the other clients."""
+        from dataclasses import replace
+
+        return replace(task, privacy=task.privacy.for_client(cid))
 
     def train_round(
         self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
@@ -216,11 +450,14 @@ class FlowerBackend:
         from fedtrain.engine import ClientFailure, RoundOutcome
         from fedtrain.types import ClientUpdate
 
-        nodes, failures = self._connected(clients)
-        content = self._train_content(rnd, task, params)
+        nodes, failures = self._connected(clients, task)
+        weights = self._model_record(params)
         messages = [
-            Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.timeout, group_id=str(rnd))
-            for node in nodes.values()
+            Message(
+                self._train_content(rnd, self._own_task(task, cid), weights),
+                dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.timeout, group_id=str(rnd),
+            )
+            for cid, node in nodes.items()
         ]
         replies = self._exchange(messages, self.timeout)
         updates: list[ClientUpdate] = []
@@ -228,7 +465,7 @@ class FlowerBackend:
             reply = replies.get(node)
             outcome = (
                 ClientFailure(cid, f"no reply within {self.timeout:g} s")
-                if reply is None else self._decode(cid, reply, task.kind, params.device)
+                if reply is None else self._decode(cid, reply, task.kind, params)
             )
             if isinstance(outcome, ClientUpdate):
                 updates.append(outcome)
@@ -261,14 +498,14 @@ def _secure_record(rnd: int, stage: SecureStage | None, payload: bytes) -> Confi
 def _reply_error(reply: Message) -> str | None:
     """Why ``reply`` carries no result, or None."""
     if reply.has_error():
-        return f"client error: {reply.error.reason}"
+        return f"client error: {_clean(reply.error.reason)}"
     try:
         result = reply.content["result"]
         status = result.get("status")
     except Exception as exc:  # a malformed reply is this client's failure
-        return f"malformed reply: {type(exc).__name__}: {exc}"
+        return f"malformed reply: {type(exc).__name__}: {_clean(str(exc))}"
     if status != "ok":
-        return f"client error: {result.get('reason')}"
+        return f"client error: {_clean(result.get('reason'))}"
     return None
 
 
@@ -296,9 +533,9 @@ class SecureFlowerBackend(FlowerBackend):
 
     def __init__(
         self, grid: Grid, hello: Hello, timeout: float, poll_seconds: float,
-        settings: SecureSettings, weighted: bool,
+        settings: SecureSettings, weighted: bool, min_records: int = 1,
     ) -> None:
-        super().__init__(grid, hello, timeout, poll_seconds)
+        super().__init__(grid, hello, timeout, poll_seconds, min_records)
         self.settings = settings
         self.weighted = weighted
 
@@ -361,24 +598,28 @@ class SecureFlowerBackend(FlowerBackend):
         from fedtrain.secure.messages import AdvertiseRequest, KeyAdvert, MaskedInput, SharedKeys, UnmaskResponse
         from fedtrain.secure.protocol import SecureAggregationAborted, SecureServer
 
-        connected, failures = self._connected(clients)
+        connected, failures = self._connected(clients, task)
         if not connected:
             return RoundOutcome((), tuple(failures))
         ids = sorted(connected, key=lambda c: (len(c), c))
         nodes = {i: connected[cid] for i, cid in enumerate(ids)}
         noise = task.privacy.distributed_noise
+        graph = self.settings.graph(len(ids))
         setup = self.settings.setup(
-            num_clients=len(ids),
+            graph,
             vector_length=params.numel(),
             noise_stddev=noise / math.sqrt(len(clients)) if noise > 0 else 0.0,
             weighted=self.weighted and noise == 0,
         )
-        server = SecureServer(setup, self.settings.graph(len(ids)))
+        server = SecureServer(setup, graph)
         why: dict[int, str] = {}
-        train = self._train_content(rnd, task, params)
+        weights = self._model_record(params)
         opening = {
             i: Message(
-                RecordDict({**train, "secure": _secure_record(rnd, None, wire.encode(AdvertiseRequest(i, setup)))}),
+                RecordDict({
+                    **self._train_content(rnd, self._own_task(task, ids[i]), weights),
+                    "secure": _secure_record(rnd, None, wire.encode(AdvertiseRequest(i, setup))),
+                }),
                 dst_node_id=node, message_type=TRAIN_SECURE, ttl=self.timeout, group_id=str(rnd),
             )
             for i, node in nodes.items()
@@ -423,10 +664,14 @@ def _serve(grid: Grid, context: Context) -> None:
     request = DeployRequest.read(Path(str(context.run_config["run-dir"])))
 
     def make_backend(hello: Hello, secure: SecureDeployment | None) -> FlowerBackend:
+        from fedtrain.config import from_dict
+        from fedtrain.privacy.sample_level import min_records
+
+        floor = min_records(from_dict(hello.config))
         if secure is None:
-            return FlowerBackend(grid, hello, request.timeout, request.poll_seconds)
+            return FlowerBackend(grid, hello, request.timeout, request.poll_seconds, floor)
         return SecureFlowerBackend(
-            grid, hello, request.timeout, request.poll_seconds, secure.settings, secure.weighted
+            grid, hello, request.timeout, request.poll_seconds, secure.settings, secure.weighted, floor
         )
 
     coordinate(request, make_backend)

@@ -9,7 +9,7 @@ aggregation is a single ``w @ X`` over memory that is already warm.
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 
 from fedtrain.client import LocalTrainer, TrainTask
 from fedtrain.data.clients import ClientData
-from fedtrain.deadline import ClientTimeout, call_with_timeout
+from fedtrain.deadline import ClientTimeout, Deadline, call_with_timeout, timeout_reason
 from fedtrain.engine import ClientFailure, RoundOutcome
 from fedtrain.types import ClientUpdate
 
@@ -58,17 +58,19 @@ class LocalBackend:
             if cid not in self.index:
                 failures.append(ClientFailure(cid, "unknown client id"))
                 continue
+            refusal = task.privacy.refusal(cid)
+            if refusal is not None:
+                failures.append(ClientFailure(cid, refusal))
+                continue
             out = rows[len(updates)]
-            started = time.monotonic()
+            deadline = Deadline(self.timeout)
             try:
                 x, y = call_with_timeout(lambda: self.data.load(cid), self.timeout)
-                result = self.trainer.train(
-                    params, x, y, task, client_generator(self.seed, rnd, self.index[cid]), out
-                )
-                if self.timeout and time.monotonic() - started > self.timeout:
-                    raise ClientTimeout
+                own = replace(task, privacy=task.privacy.for_client(cid))
+                result = self.trainer.train(params, x, y, own, client_generator(self.seed, rnd, self.index[cid]), out)
+                deadline.check()
             except ClientTimeout:
-                failures.append(ClientFailure(cid, f"took longer than client.timeout = {self.timeout} s"))
+                failures.append(ClientFailure(cid, timeout_reason(self.timeout)))
                 continue
             except Exception as exc:  # a failing client must not end the round
                 log.debug("round %d: client %s failed", rnd, cid, exc_info=True)

@@ -25,6 +25,17 @@ since the coordinator can no longer. A client that fails, sends a malformed
 message or drops is excluded and reported as a :class:`ClientFailure`; when
 too few remain to unmask, the round aborts, every participant is reported
 failed with the reason, and the engine skips the round (model unchanged).
+
+A malicious client can still write any ring element into its masked input.
+The coordinator refuses a sum no honest cohort could produce (a summed
+weight outside ``[m, m · max_weight]`` for ``m`` survivors, or a coordinate
+beyond ``clip_range · Σ w / max_weight``) and aborts the round the same way;
+within those bounds one client can move the released mean anywhere within
+``±clip_range`` per coordinate, which is the limit of what a sum without
+range proofs can guarantee (see :mod:`fedtrain.secure.protocol`). Record
+counts never reach floating point here: a weight is the integer
+``min(num_examples, max_weight)``, and the summed weight the coordinator
+divides by is bounded as above.
 """
 
 from __future__ import annotations
@@ -40,7 +51,13 @@ from fedtrain.client import TrainTask
 from fedtrain.engine import Backend, ClientFailure, RoundOutcome
 from fedtrain.privacy.noise import NoiseSource, noise_source
 from fedtrain.secure.messages import AggregateSum, SecureSetup
-from fedtrain.secure.protocol import ProtocolError, SecureAggregationAborted, SecureClient, SecureServer
+from fedtrain.secure.protocol import (
+    ProtocolError,
+    SecureAggregationAborted,
+    SecureClient,
+    SecureServer,
+    sum_rejection_reason,
+)
 from fedtrain.secure.setting import SecureSettings
 from fedtrain.types import ClientUpdate, UpdateKind
 from fedtrain.validation import rejection_reason
@@ -58,7 +75,20 @@ def aggregate_update(
     result: AggregateSum, setup: SecureSetup, kind: UpdateKind, device: torch.device
 ) -> ClientUpdate:
     """The one update the engine sees from a secure round: the survivors'
-    weighted mean, their summed weight, and how many they were."""
+    weighted mean, their summed weight, and how many they were.
+
+    The weight is the one slot of the sum the coordinator divides by, and any
+    client can write any ring element into it. :meth:`SecureServer.collect_unmask`
+    already refuses a summed weight outside ``[m, m · max_weight]`` for ``m``
+    survivors and a sum larger than honest clamped contributions allow
+    (:func:`fedtrain.secure.protocol.sum_rejection_reason`); the check is
+    repeated here for any other source of an :class:`AggregateSum`, and
+    raises :class:`SecureAggregationAborted`, the round-skipping path, rather
+    than divide by zero or release an amplified mean.
+    """
+    reason = sum_rejection_reason(result.total, result.weight, len(result.contributors), setup)
+    if reason is not None:
+        raise SecureAggregationAborted(f"the unmasked sum cannot be released: {reason}")
     mean = result.total * (setup.max_weight / result.weight)
     return ClientUpdate(
         client_id=AGGREGATE_ID,
@@ -115,8 +145,9 @@ class SecureAggregationBackend:
         if not ready:
             return RoundOutcome((), tuple(failures))
         noise = task.privacy.distributed_noise
+        graph = self.settings.graph(len(ready))
         setup = self.settings.setup(
-            num_clients=len(ready),
+            graph,
             vector_length=params.numel(),
             noise_stddev=noise / math.sqrt(len(clients)) if noise > 0 else 0.0,
             weighted=self.weighted and noise == 0,
@@ -126,12 +157,13 @@ class SecureAggregationBackend:
         try:
             result = run_in_process(
                 setup,
-                SecureServer(setup, self.settings.graph(len(ready))),
+                SecureServer(setup, graph),
                 [SecureClient(i, setup, self._noise(rnd, i) if noise > 0 else None) for i in range(len(ready))],
                 [u.vector.detach().cpu().numpy() for u in ready],
                 [self._weight(u, setup) for u in ready],
                 dropouts,
             )
+            aggregate = aggregate_update(result, setup, task.kind, params.device)
         except SecureAggregationAborted as exc:
             log.warning("round %d: secure aggregation aborted, round skipped: %s", rnd, exc)
             failures.extend(ClientFailure(cid, f"secure aggregation aborted: {exc}") for cid in ids)
@@ -139,7 +171,7 @@ class SecureAggregationBackend:
         for index, reason in result.excluded:
             why = "dropped after sharing keys (secure.simulated_dropout)" if index in dropouts else reason
             failures.append(ClientFailure(ids[index], f"secure aggregation: {why}"))
-        return RoundOutcome((aggregate_update(result, setup, task.kind, params.device),), tuple(failures))
+        return RoundOutcome((aggregate,), tuple(failures))
 
 
 def _step_live_clients_(

@@ -1,6 +1,6 @@
 """Datasets as in-memory tensors, loaded by name from a small registry.
 
-Built-in names are ``digits`` (scikit-learn, bundled, no files), ``mnist`` and
+Built-in names are ``digits`` (the copy bundled with scikit-learn, no files), ``mnist`` and
 ``cifar10`` (read from ``data.root`` in the on-disk layout that torchvision's
 ``datasets.MNIST`` / ``datasets.CIFAR10`` leave after a download). Any other
 name is a ``'package.module:function'`` or ``'path/to/file.py:function'`` that
@@ -15,6 +15,8 @@ must be reproducible offline and must not reach the network unannounced.
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,16 +75,87 @@ def _load_digits(cfg: DataConfig, seed: int) -> Dataset:
     from 0..16 to [0, 1], shape ``(64,)``. The test split is a stratified
     ``data.test_fraction`` of the records, drawn with ``seed``, so every class
     keeps its share in both splits."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    x, y = read_digits()
+    x = x.astype(np.float32) / 16.0
+    y = y.astype(np.int64)
+    train, test = stratified_split(y, cfg.test_fraction, seed)
+    return _from_numpy("digits", x[train], y[train], x[test], y[test], 10)
 
-    bunch = load_digits()
-    x = bunch.data.astype(np.float32) / 16.0
-    y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=cfg.test_fraction, stratify=y, random_state=seed
+
+def read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The pixels (float64, 0..16, shape ``(1797, 64)``) and labels of the digits,
+    exactly as ``sklearn.datasets.load_digits()`` returns ``data`` and
+    ``target``: read from the same file, scikit-learn's bundled
+    ``datasets/data/digits.csv.gz``, in the same way. The file is found
+    without importing scikit-learn, whose package import (scipy with it)
+    costs more than a short run's training."""
+    spec = importlib.util.find_spec("sklearn")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder, "datasets", "data", "digits.csv.gz")
+        if path.is_file():
+            with gzip.open(path, mode="rt", encoding="utf-8") as f:
+                data = np.loadtxt(f, delimiter=",")
+            return data[:, :-1], data[:, -1].astype(int, copy=False)
+    raise FileNotFoundError(
+        "data.dataset = 'digits' reads the copy of the digits that scikit-learn ships "
+        f"(sklearn/datasets/data/digits.csv.gz); not found in {folders or 'any installed scikit-learn'}: "
+        "install scikit-learn"
     )
-    return _from_numpy("digits", x_tr, y_tr, x_te, y_te, 10)
+
+
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and test indices: ``ceil(test_fraction · len(y))`` test records,
+    every class keeping its share (to within a record), drawn with ``seed``.
+
+    The same indices in the same order as scikit-learn's ``train_test_split(...,
+    test_size=test_fraction, stratify=y, random_state=seed)`` (its
+    ``StratifiedShuffleSplit``, the same draws from a ``RandomState(seed)``),
+    so the digits' splits are the ones runs have always used, without
+    importing scikit-learn's model selection (and scipy)."""
+    n = len(y)
+    n_test = math.ceil(test_fraction * n)
+    n_train = n - n_test
+    classes, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    where = f"data.test_fraction = {test_fraction!r} of {n} records"
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"{where}: a split needs at least one training and one test record")
+    if class_counts.min() < 2:
+        raise ValueError(f"{where}: classes {classes[class_counts < 2].tolist()} have a single record, "
+                         "which cannot be stratified")
+    if min(n_train, n_test) < len(classes):
+        raise ValueError(f"{where}: {n_train} training and {n_test} test records cannot both hold "
+                         f"each of the {len(classes)} classes")
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(seed)
+    in_train = _approximate_mode(class_counts, n_train, rng)
+    in_test = _approximate_mode(class_counts - in_train, n_test, rng)
+    train: list[np.integer] = []
+    test: list[np.integer] = []
+    for i in range(len(classes)):
+        shuffled = class_indices[i].take(rng.permutation(class_counts[i]), mode="clip")
+        train.extend(shuffled[: in_train[i]])
+        test.extend(shuffled[in_train[i] : in_train[i] + in_test[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """How many of ``n_draws`` records each class gets: its floored share, then
+    one more for the largest remainders, ties broken at random (scikit-learn's
+    ``utils.extmath._approximate_mode``, draw for draw)."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need = int(n_draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (tied,) = np.where(remainder == value)
+            add = min(len(tied), need)
+            floored[rng.choice(tied, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
 
 
 def _root(cfg: DataConfig, name: str, folder: str) -> Path:

@@ -10,18 +10,36 @@ deviations α and β, as the authors' generator does), a local model
 client's features, and so its label mix; every client has its own ``W_k``.
 As in the authors' generator, ``u_k`` (scale α) shifts all classes' logits by
 the same amount, so under the argmax it leaves the labels unchanged.
+``iid=True`` is the paper's Synthetic-IID: one shared ``W, b`` and ``v = 0``
+for every client.
 
 Nothing is stored per client: a client's records are regenerated from
 ``(seed, k)`` whenever it is sampled, so 100,000 clients cost memory only for
 the ones that train. Record counts follow the authors' lognormal(4, 2) + 50,
 capped at :data:`MAX_RECORDS` so that a round's memory stays bounded (their
-uncapped tail reaches 10⁵ records for one client among 10⁵ clients).
+uncapped tail reaches 10⁵ records for one client among 10⁵ clients). Each
+client trains on the first ``1 − test_fraction`` of its records; the rest
+is held out and unused, so record counts are what they always were.
 
-Because every client labels with its own ``W_k``, a global model can only
-learn the clients it has seen; evaluation uses the held-out records of the
-first :data:`EVAL_CLIENTS` clients, so with 10⁵ clients (rarely sampled) the
-non-IID variant shows scale, not accuracy. ``iid=True`` is the paper's
-Synthetic-IID: one shared ``W, b`` and ``v = 0`` for every client.
+The test set is nobody's data. Accuracy on it is published every round
+without any privacy accounting, so it must not be computed from any client's
+records — nor from any client's own labelling model ``W_k`` or feature mean
+``v_k``, which are what a client's records are made of. It is the held-out
+share of :data:`TEST_CLIENTS` fresh *test clients*, drawn from the same prior
+as the population but from their own random stream: children spawned from a
+``SeedSequence`` of ``(seed, test stream)``, a stream no client's
+``(seed, client stream, k)`` can equal. So it does not depend on
+``num_clients``, and it measures what a deployed model meets: a client it
+never trained on (the "participation gap" of Yuan et al. 2022, "What Do We
+Mean by Generalization in Federated Learning?"). For Synthetic-IID that is
+the shared model's accuracy. For the non-IID variant an unseen client's
+``W_k`` and ``b_k`` are independent of every other client's, so given ``x``
+its ten logits are exchangeable and its label is uniform: in expectation over
+test clients no global model beats chance (0.1; the 200 realised test
+clients' label mix lets a model land somewhat above it), and the non-IID
+variant shows scale and heterogeneity, not accuracy. (Evaluating on the
+population's own ``W_k`` would score better and leak exactly what
+user-level DP protects.)
 """
 
 from __future__ import annotations
@@ -34,18 +52,25 @@ import torch
 DIMENSION = 60
 CLASSES = 10
 MAX_RECORDS = 1000
-EVAL_CLIENTS = 200
-"""Clients whose held-out records form the global test set."""
+TEST_CLIENTS = 200
+"""Fresh clients, outside the population, whose held-out records form the test set."""
 
 _STREAM = 0x5E7
+_TEST_STREAM = 0x7E57
+
+
+def _record_counts(rng: np.random.Generator, count: int) -> np.ndarray:
+    """The authors' lognormal(4, 2) + 50 records per client, capped at :data:`MAX_RECORDS`."""
+    return np.minimum(rng.lognormal(4.0, 2.0, count).astype(np.int64) + 50, MAX_RECORDS)
 
 
 class SyntheticData:
     """Synthetic(α, β) clients; implements :class:`fedtrain.data.clients.ClientData`.
 
     Each client's records are split into a training part (what ``load``
-    returns) and a held-out ``test_fraction``; the held-out records of the
-    first :data:`EVAL_CLIENTS` clients form the test set.
+    returns) and a held-out ``test_fraction`` that nothing uses; the test
+    set is the held-out share of :data:`TEST_CLIENTS` test clients outside
+    the population (see the module docstring).
     """
 
     def __init__(
@@ -69,9 +94,7 @@ class SyntheticData:
         self.iid = iid
         shared = np.random.default_rng(np.random.SeedSequence([seed, _STREAM, 2**40]))
         self._shared_model = (shared.normal(0.0, 1.0, (DIMENSION, CLASSES)), shared.normal(0.0, 1.0, CLASSES))
-        rng = np.random.default_rng(np.random.SeedSequence([seed, _STREAM]))
-        totals = rng.lognormal(4.0, 2.0, num_clients).astype(np.int64) + 50
-        self._totals = np.minimum(totals, MAX_RECORDS)
+        self._totals = _record_counts(np.random.default_rng(np.random.SeedSequence([seed, _STREAM])), num_clients)
         self._ids = tuple(str(k) for k in range(num_clients))
         self._std = np.arange(1, DIMENSION + 1, dtype=np.float64) ** (-1.2 / 2)
 
@@ -85,8 +108,8 @@ class SyntheticData:
     def size(self, client_id: str) -> int:
         return self._split(int(self._totals[int(client_id)]))
 
-    def _generate(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, _STREAM, k]))
+    def _records(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """``count`` records of a client drawn from the prior with ``rng``."""
         u = rng.normal(0.0, self.alpha)
         b_mean = rng.normal(0.0, self.beta)
         weights = rng.normal(u, 1.0, (DIMENSION, CLASSES))
@@ -95,8 +118,7 @@ class SyntheticData:
         if self.iid:
             weights, bias = self._shared_model
             v = np.zeros(DIMENSION)
-        total = int(self._totals[k])
-        x = v + rng.standard_normal((total, DIMENSION)) * self._std
+        x = v + rng.standard_normal((count, DIMENSION)) * self._std
         y = np.argmax(x @ weights + bias, axis=1)
         return x.astype(np.float32), y.astype(np.int64)
 
@@ -107,16 +129,19 @@ class SyntheticData:
         k = int(client_id)
         if not 0 <= k < self.num_clients:
             raise KeyError(f"no synthetic client {client_id!r}")
-        x, y = self._generate(k)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, _STREAM, k]))
+        x, y = self._records(rng, int(self._totals[k]))
         n = self._split(len(y))
         return self._tensors(x[:n], y[:n])
 
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The held-out records of the first :data:`EVAL_CLIENTS` clients."""
+        """The held-out share of :data:`TEST_CLIENTS` test clients drawn from
+        the prior on their own stream: the same for every ``num_clients``."""
+        root = np.random.SeedSequence([self.seed, _TEST_STREAM])
+        totals = _record_counts(np.random.default_rng(root), TEST_CLIENTS)
         xs, ys = [], []
-        for k in range(min(EVAL_CLIENTS, self.num_clients)):
-            x, y = self._generate(k)
-            n = self._split(len(y))
-            xs.append(x[n:])
-            ys.append(y[n:])
+        for child, total in zip(root.spawn(TEST_CLIENTS), totals.tolist()):
+            x, y = self._records(np.random.default_rng(child), total - self._split(total))
+            xs.append(x)
+            ys.append(y)
         return self._tensors(np.concatenate(xs), np.concatenate(ys))

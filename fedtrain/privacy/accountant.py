@@ -13,14 +13,21 @@ asks one of Opacus' accountants for ε:
 
 Both give upper bounds on ε, so a value here never under-counts. Opacus is
 imported inside the functions that need it: importing it costs seconds, and a
-run without differential privacy must not pay that.
+run without differential privacy must not pay that. RDP needs only Opacus'
+analysis module, which is run without the rest of Opacus (see
+``_opacus_rdp``), so RDP accounting and calibration never import torch.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import math
+import sys
 import warnings
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Mapping
 
 from fedtrain.config import AccountantKind
@@ -216,6 +223,8 @@ def calibrate_noise(
 
 
 def _search_noise(kind: AccountantKind, target: float, delta: float, sample_rate: float, steps: int) -> float:
+    if kind is AccountantKind.RDP:
+        return _search_rdp_noise(target, delta, sample_rate, steps)
     from opacus.accountants.utils import get_noise_multiplier
 
     extra: dict[str, Any] = (
@@ -232,6 +241,36 @@ def _search_noise(kind: AccountantKind, target: float, delta: float, sample_rate
             **extra,
         )
     return float(sigma)
+
+
+OPACUS_MAX_SIGMA = 1e6
+"""``opacus.accountants.utils.MAX_SIGMA``: the noise search gives up above it."""
+
+
+def _search_rdp_noise(target: float, delta: float, sample_rate: float, steps: int) -> float:
+    """What Opacus' ``get_noise_multiplier(accountant="rdp", alphas=RDP_ORDERS,
+    epsilon_tolerance=CALIBRATION_TOLERANCE · target)`` returns, by the same
+    search: σ doubles from 10 until ε ≤ target, then bisection until ε is
+    within the tolerance below the target; each ε is :func:`_rdp_epsilon`,
+    the value Opacus' ``RDPAccountant.get_epsilon`` gives. Written out because
+    importing ``opacus.accountants`` imports torch and Opacus' privacy engine,
+    which planning a budget does not need."""
+    tolerance = CALIBRATION_TOLERANCE * target
+    eps_high = math.inf
+    sigma_low, sigma_high = 0.0, 10.0
+    while eps_high > target:
+        sigma_high = 2 * sigma_high
+        eps_high = _rdp_epsilon((GaussianEvent(sigma_high, sample_rate, steps),), delta)
+        if sigma_high > OPACUS_MAX_SIGMA:
+            raise ValueError("The privacy budget is too low.")
+    while target - eps_high > tolerance:
+        sigma = (sigma_low + sigma_high) / 2
+        eps = _rdp_epsilon((GaussianEvent(sigma, sample_rate, steps),), delta)
+        if eps < target:
+            sigma_high, eps_high = sigma, eps
+        else:
+            sigma_low = sigma
+    return sigma_high
 
 
 def _composed(history: tuple[GaussianEvent, ...], event: GaussianEvent) -> tuple[GaussianEvent, ...]:
@@ -290,21 +329,48 @@ def _rdp_epsilon(history: tuple[GaussianEvent, ...], delta: float) -> float:
     client's ledger does, costs one conversion per round instead of one
     evaluation of the curve at 160 orders (0.05–0.5 s)."""
     import numpy as np
-    from opacus.accountants.analysis.rdp import get_privacy_spent
 
     rdp = sum(np.asarray(_rdp_curve(e.noise_multiplier, e.sample_rate)) * e.steps for e in history)
     with _quiet():
-        eps, _ = get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+        eps, _ = _opacus_rdp().get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
     return float(eps)
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _rdp_curve(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
-    from opacus.accountants.analysis.rdp import compute_rdp
-
     with _quiet():
-        curve = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS))
+        curve = _opacus_rdp().compute_rdp(
+            q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
+        )
     return tuple(float(x) for x in curve)
+
+
+_RDP_MODULE = "opacus.accountants.analysis.rdp"
+
+
+@functools.cache
+def _opacus_rdp() -> ModuleType:
+    """Opacus' RDP analysis (``opacus/accountants/analysis/rdp.py``, which needs
+    only numpy and scipy), run from its file unless Opacus is loaded already:
+    importing it by name runs ``opacus/__init__`` first, which imports torch
+    and the whole privacy engine. The module keeps its name (warning filters
+    match it) but is not registered in ``sys.modules``, so a later import of
+    Opacus loads its own copy. The functions are Opacus' own either way."""
+    if _RDP_MODULE in sys.modules:
+        return sys.modules[_RDP_MODULE]
+    package = importlib.util.find_spec("opacus")
+    if package is None or not package.submodule_search_locations:
+        return importlib.import_module(_RDP_MODULE)  # raises, naming what is missing
+    path = Path(list(package.submodule_search_locations)[0], "accountants", "analysis", "rdp.py")
+    spec = importlib.util.spec_from_file_location(_RDP_MODULE, path)
+    if spec is None or spec.loader is None or not path.is_file():
+        return importlib.import_module(_RDP_MODULE)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:  # a future version that imports the rest of Opacus
+        return importlib.import_module(_RDP_MODULE)
+    return module
 
 
 class _quiet(warnings.catch_warnings):

@@ -45,7 +45,8 @@ from typing import Any, Mapping, Sequence
 
 from fedtrain.config import PrivacyMode
 from fedtrain.privacy.accountant import Accountant
-from fedtrain.privacy.policy import ClientPrivacy, PrivacyReport, Release
+from fedtrain.privacy.events import GaussianEvent
+from fedtrain.privacy.policy import COORDINATOR_LEDGER, ClientPrivacy, PrivacyReport, Release, coordinator_events
 from fedtrain.privacy.user_level import budget_refusal, check_round_setting, round_event
 from fedtrain.types import ClientUpdate
 
@@ -116,7 +117,8 @@ class DistributedDP:
         aggregate = aggregates[0]
         planned = max(len(cohort), aggregate.contributors)
         z = effective_noise_multiplier(self.noise_multiplier, aggregate.contributors, planned)
-        self.accountant.compose(round_event(z, self.sample_rate, self.amplified))
+        event = round_event(z, self.sample_rate, self.amplified)
+        self.accountant.compose(event)
         self.last_effective = z
         total = aggregate.vector * float(aggregate.num_examples)
         released = ClientUpdate(
@@ -126,7 +128,7 @@ class DistributedDP:
             kind=aggregate.kind,
             contributors=aggregate.contributors,
         )
-        return Release((released,), tuple(rejected))
+        return Release((released,), tuple(rejected), {COORDINATOR_LEDGER: (event,)})
 
     def report(self) -> PrivacyReport:
         return PrivacyReport(
@@ -145,3 +147,7 @@ class DistributedDP:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
         self.last_effective = float(state.get("last_effective", self.noise_multiplier))
+
+    def compose_release_(self, events: Mapping[str, Sequence[GaussianEvent]]) -> None:
+        for event in coordinator_events(events, self.mode):
+            self.accountant.compose(event)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import secrets
 
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -43,6 +42,9 @@ class Keystream:
         self._rekey()
 
     def _rekey(self) -> None:
+        # imported here, so that runs which never draw a secret do not load cryptography
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
         counter0 = bytes(COUNTER_BYTES)
         nonce = counter0 + secrets.token_bytes(NONCE_BYTES)
         self._encryptor = Cipher(algorithms.ChaCha20(secrets.token_bytes(KEY_BYTES), nonce), mode=None).encryptor()

@@ -9,12 +9,17 @@ computed from a round leaves the coordinator without its cost recorded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Protocol, Sequence
 
 from fedtrain.config import PrivacyMode
 from fedtrain.privacy.dpsgd import DpSgdTask
+from fedtrain.privacy.events import GaussianEvent
 from fedtrain.types import ClientUpdate
+
+COORDINATOR_LEDGER = "coordinator"
+"""The ledger name in :attr:`Release.events` of a policy that keeps one
+ledger for the whole run (user-level and distributed DP)."""
 
 
 @dataclass(frozen=True)
@@ -26,11 +31,43 @@ class ClientPrivacy:
     noise the round's sum must carry; inside secure aggregation each of the
     ``n`` planned clients adds ``N(0, (distributed_noise / √n)²)`` to its
     clipped update (see :mod:`fedtrain.privacy.distributed`).
+
+    ``noise_multipliers`` (sample level with ``privacy.target_epsilon``) is
+    each client's own DP-SGD noise multiplier, calibrated from its own record
+    count, so that no client's size sets another's noise. A backend hands a
+    client :meth:`for_client`'s setting; ``dp_sgd.noise_multiplier`` is the
+    largest of them, what a client missing from the map trains with.
+    ``excluded`` names the clients the policy leaves out (e.g. below
+    ``privacy.min_records``) with the reason: a backend does not train them
+    and reports the reason as their failure (:meth:`refusal`).
     """
 
     clip: float = 0.0
     dp_sgd: DpSgdTask | None = None
     distributed_noise: float = 0.0
+    noise_multipliers: Mapping[str, float] = field(default_factory=dict, hash=False)
+    excluded: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def refusal(self, client_id: str) -> str | None:
+        """Why client ``client_id`` may not train under this setting, or None."""
+        return self.excluded.get(client_id)
+
+    def noise_multiplier_for(self, client_id: str) -> float:
+        """Client ``client_id``'s DP-SGD noise multiplier (0.0 without DP-SGD)."""
+        if self.dp_sgd is None:
+            return 0.0
+        return self.noise_multipliers.get(client_id, self.dp_sgd.noise_multiplier)
+
+    def for_client(self, client_id: str) -> ClientPrivacy:
+        """The setting client ``client_id`` trains with: DP-SGD at its own noise
+        multiplier, and nothing about the other clients."""
+        if not self.noise_multipliers and not self.excluded:
+            return self
+        dp_sgd = self.dp_sgd
+        own = self.noise_multipliers.get(client_id)
+        if dp_sgd is not None and own is not None:
+            dp_sgd = replace(dp_sgd, noise_multiplier=own)
+        return ClientPrivacy(self.clip, dp_sgd, self.distributed_noise)
 
 
 @dataclass(frozen=True)
@@ -39,6 +76,12 @@ class Release:
 
     updates: tuple[ClientUpdate, ...]
     rejected: tuple[tuple[str, str], ...] = ()
+    events: Mapping[str, tuple[GaussianEvent, ...]] = field(default_factory=dict)
+    """The privacy events this release composed, by ledger (``COORDINATOR_LEDGER``,
+    or a client id at sample level). The engine journals them before the round
+    is published, so that a resume whose checkpoint lost this ledger composes
+    them again (:meth:`PrivacyPolicy.compose_release_`) instead of forgetting
+    a release that was seen."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +112,22 @@ class PrivacyPolicy(Protocol):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
+    def compose_release_(self, events: Mapping[str, Sequence[GaussianEvent]]) -> None:
+        """Compose a release made earlier, as its :attr:`Release.events` said."""
+        ...
+
+
+def coordinator_events(events: Mapping[str, Sequence[GaussianEvent]], mode: PrivacyMode) -> tuple[GaussianEvent, ...]:
+    """The events of a one-ledger policy's release; raises, naming the ledger,
+    on events of any other ledger (they belong to another privacy mode)."""
+    unknown = sorted(set(events) - {COORDINATOR_LEDGER})
+    if unknown:
+        raise ValueError(
+            f"release events ledger {unknown[0]!r}: privacy.mode = {mode.value!r} keeps one ledger, "
+            f"{COORDINATOR_LEDGER!r}"
+        )
+    return tuple(events.get(COORDINATOR_LEDGER, ()))
+
 
 class NoPrivacy:
     """Updates pass unchanged; nothing is accounted."""
@@ -93,3 +152,7 @@ class NoPrivacy:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state:
             raise ValueError("privacy.mode = 'none' keeps no privacy state")
+
+    def compose_release_(self, events: Mapping[str, Sequence[GaussianEvent]]) -> None:
+        if any(events.values()):
+            raise ValueError(f"release events for ledgers {sorted(events)}: privacy.mode = 'none' keeps no ledger")

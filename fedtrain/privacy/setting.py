@@ -2,8 +2,9 @@
 
 Noise calibration happens here, up front: with ``privacy.target_epsilon`` the
 noise multiplier is the smallest one whose ε after all ``run.rounds`` stays
-within the target for every client (sample level) or for the population
-(user level).
+within the target for each client, calibrated from its own record count
+(sample level, :func:`fedtrain.privacy.sample_level.calibrate_client_noise`),
+or for the population (user level).
 """
 
 from __future__ import annotations
@@ -48,30 +49,6 @@ def user_level_noise(config: Config) -> float:
     return 2.0 * _calibrate(p.target_epsilon, p.delta, p.accountant, 1.0, rounds)
 
 
-def sample_level_noise(config: Config, client_sizes: Mapping[str, int]) -> float:
-    """DP-SGD's noise multiplier: configured, or calibrated so that every
-    client that takes part in every round stays within the target."""
-    from fedtrain.privacy.accountant import epsilon_for
-    from fedtrain.privacy.dpsgd import client_event
-
-    p = config.privacy
-    if p.noise_multiplier > 0:
-        return p.noise_multiplier
-    batch, epochs, rounds = config.client.batch_size, config.client.epochs, config.run.rounds
-    sizes = sorted(set(client_sizes.values()))
-    worst = client_event(1.0, sizes[0], batch, epochs)
-    sigma = _calibrate(p.target_epsilon, p.delta, p.accountant, worst.sample_rate, worst.steps * rounds)
-    for _ in range(100):
-        events = [client_event(sigma, n, batch, epochs) for n in sizes]
-        if all(
-            epsilon_for(sigma, e.sample_rate, e.steps * rounds, p.delta, p.accountant) <= p.target_epsilon
-            for e in events
-        ):
-            return sigma
-        sigma *= 1.01
-    raise ConfigError(f"privacy.target_epsilon = {p.target_epsilon}: calibration did not converge")
-
-
 def build_policy(
     config: Config,
     strategy: Strategy,
@@ -91,7 +68,13 @@ def build_policy(
     from fedtrain.privacy.noise import noise_source
 
     if not p.secure_noise:
-        log.warning("privacy.secure_noise = false: DP noise comes from a seeded generator and protects nothing")
+        log.warning(
+            "privacy.secure_noise = false: DP noise, the cohort and DP-SGD's batches come from generators "
+            "seeded by run.seed = %d, which config.toml and summary.json publish: the noise protects nothing, "
+            "and the reported ε assumes the seed is secret (amplification by sampling needs a secret sample); "
+            "for reproducible experiments only",
+            config.run.seed,
+        )
     if p.mode is PrivacyMode.USER:
         from fedtrain.privacy.user_level import AdaptiveClipping, UserLevelDP
 
@@ -142,23 +125,8 @@ def build_policy(
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-    from fedtrain.privacy.dpsgd import DpSgdTask
     from fedtrain.privacy.sample_level import SampleLevelDP
 
     if grad_sample_mode is GradSampleMode.AUTO:
         raise ValueError("build_policy needs a resolved grad_sample_mode (see dpsgd.choose_mode)")
-    task = DpSgdTask(
-        noise_multiplier=sample_level_noise(config, client_sizes),
-        max_grad_norm=p.max_grad_norm,
-        mode=grad_sample_mode,
-        secure_noise=p.secure_noise,
-    )
-    return SampleLevelDP(
-        kind=p.accountant,
-        task=task,
-        client_sizes=client_sizes,
-        batch_size=config.client.batch_size,
-        epochs=config.client.epochs,
-        delta=p.delta,
-        max_epsilon=p.max_epsilon,
-    )
+    return SampleLevelDP.of(config, client_sizes, grad_sample_mode)

@@ -43,7 +43,7 @@ from fedtrain.privacy.accountant import Accountant
 from fedtrain.privacy.events import GaussianEvent
 from fedtrain.privacy.mechanisms import add_gaussian_
 from fedtrain.privacy.noise import NoiseSource
-from fedtrain.privacy.policy import ClientPrivacy, PrivacyReport, Release
+from fedtrain.privacy.policy import COORDINATOR_LEDGER, ClientPrivacy, PrivacyReport, Release, coordinator_events
 from fedtrain.types import ClientUpdate
 
 NORM_TOLERANCE = 1e-5
@@ -166,7 +166,7 @@ class UserLevelDP:
             released = (ClientUpdate(client_id="dp-fedavg", vector=mean, num_examples=1, kind=updates[0].kind),)
         if self.adaptive is not None:
             self._adapt_clip(accepted)
-        return Release(released, tuple(rejected))
+        return Release(released, tuple(rejected), {COORDINATOR_LEDGER: (self.event,)})
 
     def _adapt_clip(self, accepted: Sequence[ClientUpdate]) -> None:
         adaptive = self.adaptive
@@ -191,3 +191,7 @@ class UserLevelDP:
         self.accountant.load_state_dict(state["accountant"])
         self.clip = float(state["clip"])
         self.noise.load_state_dict(state.get("noise", {}))
+
+    def compose_release_(self, events: Mapping[str, Sequence[GaussianEvent]]) -> None:
+        for event in coordinator_events(events, self.mode):
+            self.accountant.compose(event)

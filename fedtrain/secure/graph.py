@@ -66,6 +66,18 @@ class NeighbourGraph:
     def size(self) -> int:
         return len(self.neighbours)
 
+    @property
+    def min_degree(self) -> int:
+        """The fewest neighbours any client has: the degree the Shamir
+        threshold must be computed from (every client must be able to hand
+        out ``t`` shares)."""
+        return min((len(ns) for ns in self.neighbours), default=0)
+
+    @property
+    def max_degree(self) -> int:
+        """The most neighbours any client has: ``t`` must exceed half of it."""
+        return max((len(ns) for ns in self.neighbours), default=0)
+
     @classmethod
     def complete(cls, num_clients: int) -> "NeighbourGraph":
         return cls(tuple(tuple(j for j in range(num_clients) if j != i) for i in range(num_clients)))
@@ -73,7 +85,10 @@ class NeighbourGraph:
     @classmethod
     def harary(cls, num_clients: int, degree: int) -> "NeighbourGraph":
         """Bell et al.'s ``H(k, n)`` under a random relabelling; complete when
-        ``degree ≥ n − 1``. An odd ``degree`` below ``n − 1`` is raised by one."""
+        ``degree ≥ n − 1``. An odd ``degree`` below ``n − 1`` is raised by one,
+        so the result is regular but its degree may exceed the one asked for:
+        derive the threshold from :attr:`min_degree` of the graph built, never
+        from ``degree``."""
         if num_clients < 1:
             raise ValueError(f"num_clients = {num_clients}: must be >= 1")
         if degree < 1:

@@ -88,7 +88,11 @@ def seal(key: bytes, plaintext: bytes, associated: bytes) -> tuple[bytes, bytes]
     """AES-256-GCM encryption under a fresh random nonce; returns ``(nonce, ciphertext)``.
 
     The same pairwise key encrypts in both directions, so the nonce is random
-    (96 bits from :mod:`secrets`), never a counter.
+    (96 bits from :mod:`secrets`), never a counter. That is safe because a
+    share key lives for one round (fresh X25519 pairs, salted with the
+    round's session id) and seals exactly two messages, one share pair each
+    way: a nonce collision has probability 2^−96, far inside NIST SP 800-38D
+    §8.3's limit of 2^32 random-nonce messages per key.
     """
     nonce = secrets.token_bytes(NONCE_BYTES)
     return nonce, AESGCM(key).encrypt(nonce, plaintext, associated)

@@ -4,10 +4,28 @@ A mask must be indistinguishable from uniform over ``Z_{2^bits}^P`` for
 anyone without the seed, so it is the keystream of AES-256 in counter mode
 (NIST SP 800-38A) under the seed as key, read as little-endian words and
 reduced modulo ``2^bits``: every output bit is a keystream bit, so the words
-are uniform. Each seed is fresh per round (an X25519 agreement over fresh
-keys, or ``secrets.token_bytes``), so a zero IV never repeats a
-(key, counter) pair. Flower's SecAgg+ instead seeds numpy's generator with a
-32-bit value, which 2^32 guesses recover.
+are uniform. Flower's SecAgg+ instead seeds numpy's generator with a 32-bit
+value, which 2^32 guesses recover.
+
+Why a fixed all-zero initial counter block is safe here: CTR mode is secure
+as long as no (key, counter block) pair encrypts two different things
+(SP 800-38A, Appendix B), and each key here expands exactly one keystream,
+starting at block 0, once per round:
+
+* a self-mask seed ``b_u`` is 32 bytes from :mod:`secrets`, drawn fresh for
+  each round and each client;
+* a pairwise seed ``s_uv`` is HKDF-SHA256 (RFC 5869) of the X25519 agreement
+  of two key pairs generated fresh for the round, salted with the round's
+  random session id and labelled :attr:`~fedtrain.secure.keys.Purpose.MASK`,
+  distinct from the :attr:`~fedtrain.secure.keys.Purpose.SHARES` label of
+  the share-encryption key, so no mask key is ever an AES-GCM key.
+
+``u`` and ``v`` both expand ``s_uv`` into the same keystream, on purpose: one
+adds it and the other subtracts it, so it cancels in the sum (the
+coordinator re-expands it only to remove the mask of a dropped client). That
+is one stream used twice with opposite signs, never one key stretched over
+two different streams. A stream is at most ``P + 1`` ring words of 4 or 8
+bytes, far below the ``2^128`` blocks at which the 128-bit counter wraps.
 """
 
 from __future__ import annotations

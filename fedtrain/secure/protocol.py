@@ -26,6 +26,53 @@ client messages exclude that client (a dropout), with the reason kept in
 ``SecureServer.excluded``; when too few shares remain to unmask, the round
 aborts with :class:`SecureAggregationAborted` and nothing is revealed — the
 abort happens before any unmask request when it is foreseeable.
+
+Threat model. The coordinator is assumed semi-honest. The consistency-check
+round of the malicious-server variant (Bonawitz et al. 2017, Fig. 4, round
+"ConsistencyCheck", kept in Bell et al. 2020's malicious variant of SecAgg+:
+every survivor signs the survivor set it was told of and checks the others'
+signatures before unmasking) is **not** implemented, and neither are the
+signed key adverts it relies on. What each client checks, so that a
+deviating coordinator that does not control clients is bounded:
+
+* the threshold is a strict majority of the ``k`` neighbours it was given
+  (``k/2 < t ≤ k``), and it answers one unmask request per round, revealing
+  for each neighbour either the self-mask-seed share or the mask-key share,
+  never both. Any ``t`` holders of one secret of a client and any ``t``
+  holders of the other overlap in at least one neighbour (``2t > k``), so
+  however the coordinator splits its requests it cannot reconstruct both a
+  survivor's seed and its mask key from honest neighbours alone;
+* its neighbours' public keys are distinct from each other's and from its
+  own: a coordinator replaying one client's advert under two identities, or
+  this client's own key back to it, is refused before any share leaves;
+* it masks with at least ``t`` peers, and unmasks only when the request
+  names at least ``t`` survivors (as Flower's ``secaggplus_mod`` does), only
+  its own mask peers, and no client as both survivor and dropped.
+
+What is not bounded: with ``c`` neighbours of a client colluding with the
+coordinator — or played by it, since nothing authenticates an advert end to
+end — the coordinator reconstructs both secrets once ``2t ≤ k + c``, by
+telling some neighbours the client survived and others that it dropped. The
+consistency check and signed adverts are what close that gap (security then
+holds while ``c < t``); until they exist, treat the coordinator as trusted
+to follow the protocol, and TLS client authentication as what keeps
+impostors out of the cohort.
+
+Malicious clients. No range proof accompanies a masked input, so a client
+can add any ring element to any slot of the sum. The coordinator bounds the
+damage after unmasking (:func:`sum_rejection_reason`): the summed weight must
+lie in ``[m, m · max_weight]`` for ``m`` survivors (each weight is at least
+1 and at most ``max_weight``), and each coordinate of the sum in
+``±clip_range · W / max_weight`` for the summed weight ``W``, which every
+honest sum satisfies because honest clients clamp each coordinate to
+``±clip_range`` before weighting. A round that fails either aborts. What a
+malicious client can still do is the semi-honest model's residue: shift the
+released mean anywhere within ``±clip_range`` per coordinate (by its own
+contribution, and by moving the weight slot within its range); bounding it
+more tightly needs zero-knowledge range proofs on each contribution
+(e.g. Bell et al. 2023, "ACORN: Input Validation for Secure Aggregation";
+Lycklama et al. 2023, "RoFL: Robustness of Secure Federated Learning") or robust
+aggregation, which a sum alone does not allow.
 """
 
 from __future__ import annotations
@@ -56,6 +103,7 @@ from fedtrain.secure.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from fedtrain.secure.quantize import FLOAT_ROUNDING
 from fedtrain.secure.shamir import SECRET_BYTES, SHARE_BYTES, Share, reconstruct, split
 
 COMMITMENT_BYTES = 32
@@ -66,7 +114,9 @@ class ProtocolError(RuntimeError):
 
 
 class SecureAggregationAborted(RuntimeError):
-    """Too few clients remain to unmask the sum; nothing was revealed."""
+    """The round produced no sum: too few clients remain to unmask it (nothing
+    was revealed), or the unmasked sum is one no honest cohort could produce
+    (it is discarded)."""
 
 
 class ClientStage(enum.Enum):
@@ -93,6 +143,40 @@ def commitment(session: bytes, seed: bytes) -> bytes:
 
 def _associated(session: bytes, sender: int, recipient: int) -> bytes:
     return session + sender.to_bytes(4, "big") + recipient.to_bytes(4, "big")
+
+
+def sum_rejection_reason(total: np.ndarray, weight: int, contributors: int, setup: SecureSetup) -> str | None:
+    """Why an unmasked sum cannot be released, or None when it can.
+
+    ``contributors`` honest clients send weights in ``1 … max_weight``, so
+    their summed ``weight`` lies in ``[contributors, contributors ·
+    max_weight]``; each clamps its update to ``±clip_range`` and scales it by
+    ``weight_i / max_weight``, so each coordinate of ``total`` lies within
+    ``clip_range · weight / max_weight`` plus the quantisation error of the
+    sum. Outside either range some client wrote into the ring what no honest
+    client can: a summed weight of 0 would divide by zero, a weight of 1
+    among thousands of records would amplify the mean a thousandfold.
+    """
+    if contributors < 1:
+        return f"contributors = {contributors}: a sum needs at least one"
+    low, high = contributors, contributors * setup.max_weight
+    if isinstance(weight, bool) or not isinstance(weight, int) or not low <= weight <= high:
+        return (
+            f"summed weight = {weight!r}: {contributors} survivors with weights in 1 … {setup.max_weight} "
+            f"allow {low} … {high}"
+        )
+    limit = setup.clip_range * weight / setup.max_weight * (1.0 + FLOAT_ROUNDING)
+    limit += setup.quantizer.sum_error_bound(contributors)
+    values = np.asarray(total, dtype=np.float64)
+    if values.shape != (setup.vector_length,):
+        return f"sum of shape {values.shape}, expected ({setup.vector_length},)"
+    peak = float(np.abs(values).max(initial=0.0))
+    if not peak <= limit:
+        return (
+            f"sum coordinate of magnitude {peak:.6g}: {contributors} survivors clamped to "
+            f"±clip_range = {setup.clip_range} with summed weight {weight} allow at most {limit:.6g}"
+        )
+    return None
 
 
 def _share_plaintext(sender: int, recipient: int, seed_share: Share, key_share: Share) -> bytes:
@@ -155,10 +239,20 @@ class SecureClient:
             raise ProtocolError(f"client {self.index}: neighbourhood repeats a client or names this one")
         if any(not 0 <= v < self.setup.num_clients for v in peers):
             raise ProtocolError(f"client {self.index}: neighbourhood names clients outside the round")
-        if len(peers) < self.setup.threshold:
+        t = self.setup.threshold
+        if len(peers) < t:
             raise ProtocolError(
-                f"client {self.index}: {len(peers)} neighbours, fewer than the threshold {self.setup.threshold}"
+                f"client {self.index}: {len(peers)} neighbours, fewer than the threshold {t}"
             )
+        if 2 * t <= len(peers):
+            raise ProtocolError(
+                f"client {self.index}: threshold = {t} with {len(peers)} neighbours is not a strict majority; "
+                f"allowed: threshold > {len(peers) // 2}, so that no two disjoint groups of neighbours can "
+                "each reconstruct one of its secrets"
+            )
+        repeated = self._repeated_keys(peers)
+        if repeated:
+            raise ProtocolError(f"client {self.index}: neighbourhood repeats public keys ({repeated})")
         self._seed = secrets.token_bytes(SECRET_BYTES)
         order = sorted(peers)
         xs = [v + 1 for v in order]
@@ -179,6 +273,20 @@ class SecureClient:
         self._peers = peers
         self.stage = ClientStage.MASKED_INPUT
         return SharedKeys(self.index, commitment(self.setup.session, self._seed), tuple(sealed))
+
+    def _repeated_keys(self, peers: dict[int, KeyAdvert]) -> str:
+        """Who advertised a public key that someone else (or this client, or
+        the same advert for its other purpose) also holds; empty when every
+        key of the neighbourhood is distinct."""
+        if self._mask_keys is None or self._share_keys is None:
+            raise ProtocolError(f"client {self.index}: no keys advertised")
+        owners: dict[bytes, list[str]] = {}
+        owners.setdefault(self._mask_keys.public, []).append(f"client {self.index} (itself) mask key")
+        owners.setdefault(self._share_keys.public, []).append(f"client {self.index} (itself) share key")
+        for v in sorted(peers):
+            owners.setdefault(peers[v].mask_public, []).append(f"client {v} mask key")
+            owners.setdefault(peers[v].share_public, []).append(f"client {v} share key")
+        return "; ".join(" = ".join(names) for names in owners.values() if len(names) > 1)
 
     def _open(self, share: EncryptedShare) -> tuple[Share, Share]:
         if share.recipient != self.index or share.sender not in self._pair_keys:
@@ -203,12 +311,15 @@ class SecureClient:
             raise ProtocolError(f"client {self.index}: share from {share.sender}: {exc}") from None
 
     def masked_input(self, delivery: ShareDelivery, update: np.ndarray, weight: int) -> MaskedInput:
-        """Mask ``(weight / max_weight) · update`` (plus this client's noise
-        share under distributed DP), quantised, followed by ``weight``.
+        """Mask ``(weight / max_weight) · clamp(update)`` (plus this client's
+        noise share under distributed DP), quantised, followed by ``weight``.
 
-        Scaling by ``weight / max_weight`` keeps every contribution inside
+        ``clamp`` limits each coordinate to ``±clip_range`` before weighting,
+        and scaling by ``weight / max_weight`` keeps every contribution inside
         ``[−range, range]``, so the weighted sum cannot overflow however many
-        records a client has; the coordinator divides by the summed weight.
+        records a client has, and an honest sum never exceeds ``clip_range ·
+        Σ weight / max_weight`` per coordinate, which the coordinator checks
+        (:func:`sum_rejection_reason`) before dividing by the summed weight.
         """
         self._expect(ClientStage.MASKED_INPUT)
         self._expect_recipient(delivery.recipient)
@@ -227,9 +338,11 @@ class SecureClient:
                 "too few pairwise masks would leave the input to its self-mask alone"
             )
         self._received = {s.sender: self._open(s) for s in delivery.shares}
-        contribution = vector.astype(np.float64) * (weight / setup.max_weight)
+        contribution = vector.astype(np.float64)
         if not np.isfinite(contribution).all():
             raise ValueError("update has NaN or infinite values")
+        np.clip(contribution, -setup.clip_range, setup.clip_range, out=contribution)
+        contribution *= weight / setup.max_weight
         if setup.noise_stddev > 0 and self._noise is not None:
             noise = self._noise.gaussian(setup.vector_length, setup.noise_stddev, torch.device("cpu"))
             contribution += noise.numpy().astype(np.float64)
@@ -256,6 +369,12 @@ class SecureClient:
         self._expect(ClientStage.UNMASK)
         self._expect_recipient(request.recipient)
         survivors, dropped = set(request.survivors), set(request.dropped)
+        if len(survivors) < self.setup.threshold:
+            raise ProtocolError(
+                f"client {self.index}: unmask request names {len(survivors)} surviving neighbours, fewer than "
+                f"the threshold {self.setup.threshold}; refusing to reveal shares for a round that cannot "
+                "recover this client's own self-mask"
+            )
         if survivors & dropped:
             raise ProtocolError(
                 f"client {self.index}: clients {sorted(survivors & dropped)} named as both survivor and dropped"
@@ -282,6 +401,11 @@ class SecureServer:
     def __init__(self, setup: SecureSetup, graph: NeighbourGraph) -> None:
         if graph.size != setup.num_clients:
             raise ValueError(f"graph of {graph.size} clients: the setup has num_clients = {setup.num_clients}")
+        if graph.size > 1 and 2 * setup.threshold <= graph.max_degree:
+            raise ValueError(
+                f"threshold = {setup.threshold}: not a strict majority of a client's {graph.max_degree} "
+                f"neighbours; allowed: threshold > {graph.max_degree // 2} (derive the setup from this graph)"
+            )
         self.setup = setup
         self.graph = graph
         self.stage = ServerStage.ADVERTISE_KEYS
@@ -489,9 +613,13 @@ class SecureServer:
                 seed = keys.agree(private, self._adverts[v].mask_public, session, Purpose.MASK)
                 add_mask_(total, seed, ring, -1 if v < u else 1)
         weight = int(ring.to_signed(total[-1:])[0])
+        decoded = self.setup.quantizer.decode(total[:-1])
+        reason = sum_rejection_reason(decoded, weight, len(survivors), self.setup)
+        if reason is not None:
+            raise self._abort(f"unmask: the sum is not one honest clients can produce ({reason}); it is discarded")
         self.stage = ServerStage.DONE
         return AggregateSum(
-            total=self.setup.quantizer.decode(total[:-1]),
+            total=decoded,
             weight=weight,
             contributors=tuple(sorted(survivors)),
             excluded=tuple((c, why) for c, why in sorted(self.excluded.items()) if c not in survivors),

@@ -46,17 +46,34 @@ class SecureSettings:
         return max(1, min(chosen, num_clients - 1)) if num_clients > 1 else 1
 
     def graph(self, num_clients: int) -> NeighbourGraph:
+        """A fresh random neighbourhood graph for a round of ``num_clients``;
+        pass it to :meth:`setup`, which derives the threshold from it."""
+        if num_clients < 1:
+            raise ValueError(f"num_clients = {num_clients}: must be >= 1")
         if num_clients == 1:
             return NeighbourGraph(((),))
         return NeighbourGraph.harary(num_clients, self.degree(num_clients))
 
-    def setup(self, num_clients: int, vector_length: int, noise_stddev: float, weighted: bool) -> SecureSetup:
-        """The public parameters of a round of ``num_clients`` (fresh session id).
+    def setup(self, graph: NeighbourGraph, vector_length: int, noise_stddev: float, weighted: bool) -> SecureSetup:
+        """The public parameters of a round on ``graph`` (fresh session id),
+        one client per vertex.
+
+        The threshold comes from the graph actually built, not from the
+        configured degree: :meth:`NeighbourGraph.harary` raises an odd degree
+        by one, and ``t`` from the smaller degree would be half of a client's
+        neighbours, not a majority, so a coordinator splitting its unmask
+        requests between two halves could learn both secrets of one client.
 
         A round of one client aborts in the protocol (it has no neighbour to
         share with), which is right: the sum of one update is that update.
         """
-        threshold = threshold_for(self.degree(num_clients), self.threshold) if num_clients > 1 else 1
+        num_clients = graph.size
+        threshold = threshold_for(graph.min_degree, self.threshold) if num_clients > 1 else 1
+        if num_clients > 1 and 2 * threshold <= graph.max_degree:
+            raise ValueError(
+                f"graph degrees {graph.min_degree} … {graph.max_degree}: threshold {threshold} is not a majority "
+                "of every client's neighbours; allowed: a graph whose degrees differ by less than the threshold"
+            )
         return SecureSetup(
             session=secrets.token_bytes(SESSION_BYTES),
             num_clients=num_clients,

@@ -1,0 +1,137 @@
+"""``curves.png``: a run's test accuracy, loss and (with privacy) ε per round.
+
+The figure is drawn with matplotlib's object API (a ``Figure`` saved through
+its Agg canvas), which neither imports pyplot nor changes the backend of the
+process that calls it. Importing matplotlib costs about as much as a short
+run's whole training, so ``fedtrain simulate`` draws in a
+:class:`CurvesProcess`: a child started before the parent imports torch, which
+imports matplotlib on another core meanwhile and draws as soon as the rows
+arrive. This module imports neither torch nor matplotlib until it draws.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+Rows = Sequence[Mapping[str, Any]]
+"""Rounds as ``metrics.jsonl`` rows (``RoundRecord.as_json()``)."""
+
+
+def plot_curves(rows: Rows, path: Path) -> None:
+    """Test accuracy, loss and (with privacy) ε per round, side by side, as a PNG."""
+    from matplotlib.figure import Figure
+
+    rounds = [r["round"] for r in rows]
+    private = [(r["round"], r["epsilon"]) for r in rows if r.get("epsilon") is not None]
+    fig = Figure(figsize=(15 if private else 10, 4))
+    axes = fig.subplots(1, 3 if private else 2)
+    ax_acc, ax_loss = axes[0], axes[1]
+    ax_acc.plot(rounds, [r["accuracy"] for r in rows], marker=".")
+    ax_acc.set(xlabel="round", ylabel="test accuracy", title="Accuracy", ylim=(0, 1))
+    ax_acc.grid(alpha=0.3)
+    ax_loss.plot(rounds, [r["loss"] for r in rows], marker=".", color="tab:red", label="test")
+    train = [(r["round"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+    if train:
+        ax_loss.plot(*zip(*train), marker=".", color="tab:orange", alpha=0.6, label="train (clients)")
+    ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    if private:
+        ax_eps = axes[2]
+        ax_eps.plot(*zip(*private), marker=".", color="tab:purple")
+        ax_eps.set(xlabel="round", ylabel="ε", title=f"Privacy spent (δ = {rows[-1]['delta']:g})")
+        ax_eps.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+class CurvesProcess:
+    """Draws ``curves.png`` in a child process, so that importing matplotlib
+    overlaps the parent's own start-up and training instead of following them.
+
+    Use it as a context manager: :meth:`draw` stands in for
+    :func:`plot_curves` and returns at once; leaving the block waits until
+    the child has written the file (when nothing was drawn, or the block
+    raised, the child is stopped instead). Should the child fail or not start (e.g. ``fedtrain`` is not
+    importable from its ``sys.path``), the plot is drawn in this process
+    instead, so an error (matplotlib missing, the folder not writable) is
+    raised here as it would be without the child.
+    """
+
+    def __init__(self) -> None:
+        self._job: tuple[list[Mapping[str, Any]], Path] | None = None
+        try:
+            self._child: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [sys.executable, "-m", "fedtrain.curves"],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            log.debug("could not start the plotting process (%s); plotting in process", exc)
+            self._child = None
+
+    def draw(self, rows: Rows, path: Path) -> None:
+        """Hand the child the rows to plot to ``path``."""
+        self._job = ([dict(r) for r in rows], Path(path))
+        if self._child is None or self._child.stdin is None:
+            return
+        try:
+            self._child.stdin.write(json.dumps({"path": str(path), "rows": self._job[0]}).encode())
+            self._child.stdin.close()
+        except OSError:  # the child has died; close() plots in process
+            pass
+
+    def close(self) -> None:
+        """Wait until the child has written the file, or plot here if it did
+        not; with nothing to draw, stop the child."""
+        if self._child is not None and self._job is None:
+            self._child.kill()
+            self._child.wait()
+            return
+        code = None
+        if self._child is not None:
+            if self._child.stdin is not None and not self._child.stdin.closed:
+                try:
+                    self._child.stdin.close()
+                except OSError:
+                    pass
+            code = self._child.wait()
+        if self._job is not None and code != 0:
+            log.debug("the plotting process exited with %s; plotting in process", code)
+            plot_curves(*self._job)
+
+    def __enter__(self) -> CurvesProcess:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is not None:  # the run failed: no plot
+            self._job = None
+        self.close()
+
+
+def _serve() -> int:
+    """The child: import matplotlib, then plot the job read from stdin (none: exit)."""
+    import matplotlib.figure  # noqa: F401  (the slow part, done while the parent works)
+
+    request = sys.stdin.buffer.read()
+    if not request:
+        return 0
+    job = json.loads(request)
+    plot_curves(job["rows"], Path(job["path"]))
+    return 0
+
+
+if __name__ == "__main__":
+    code = _serve()
+    sys.stdout.flush()
+    os._exit(code)  # the file is written and closed; tearing down matplotlib would only delay the parent
