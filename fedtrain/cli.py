@@ -214,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one config key; repeatable")
     server.add_argument("--certs", help="folder written by fedtrain certs")
     server.add_argument("--insecure", action="store_true", help="plain text, no client authentication")
-    server.add_argument("--address", default="0.0.0.0:9092",
-                        help="HOST:PORT clients dial (default 0.0.0.0:9092); it serves Flower's Fleet API only, "
-                        "every other Flower API listens on a port of 127.0.0.1")
+    server.add_argument("--address", default="127.0.0.1:9092",
+                        help="HOST:PORT clients dial (default 127.0.0.1:9092, this machine only; 0.0.0.0:9092 for "
+                        "clients elsewhere, which needs --certs); it serves Flower's Fleet API only, every other "
+                        "Flower API listens on a port of 127.0.0.1")
     server.add_argument("--out", help="run folder (default: runs/<config>-<time>)")
     server.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last valid checkpoint")
     server.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)

@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 REQUEST_FILE = "deploy.json"
 FLOWER_DIR = "flower"
 CONNECTION = "fedtrain"
-DEFAULT_ADDRESS = "0.0.0.0:9092"
+DEFAULT_ADDRESS = "127.0.0.1:9092"
 DEFAULT_TIMEOUT = 600.0
 """Seconds the coordinator waits for a client's update when
 ``client.timeout`` is 0 (no limit makes no sense once clients can vanish)."""
@@ -397,6 +397,18 @@ def split_address(address: str, parameter: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -692,6 +704,11 @@ def serve(options: ServerOptions) -> dict[str, Any]:
     host, port = split_address(options.address, "--address")
     check_flower_version()
     check_secure_deployment(options.config)
+    if options.certs is None and not _is_loopback(host):
+        raise ValueError(
+            f"--address {options.address} with --insecure: a plain-text listener that authenticates nobody may "
+            "bind to loopback only (127.0.0.1, ::1, localhost); give --certs DIR to serve clients on other machines"
+        )
     certs = None if options.certs is None else CertificateSet(options.certs)
     if certs is not None:
         certs.require_server()

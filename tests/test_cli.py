@@ -126,7 +126,25 @@ def test_privacy_planner_does_not_import_torch_or_opacus(tmp_path: Path) -> None
         assert seen["loaded"] == ["scipy"]
 
 
-def test_poll_default_is_the_deployments() -> None:
+def test_poll_and_address_defaults_are_the_deployments() -> None:
     from fedtrain import cli, deploy
 
     assert cli.DEFAULT_POLL == deploy.DEFAULT_POLL
+    server = cli.build_parser().parse_args(["server", "--insecure"])
+    assert server.address == deploy.DEFAULT_ADDRESS == "127.0.0.1:9092"
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:9092", "[::]:9092", "10.0.0.5:9092", "coordinator.example.org:9092"])
+def test_an_unauthenticated_server_off_loopback_is_refused_before_starting(
+    address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every listening socket is authenticated or bound to loopback: --insecure
+    serves plain text to anyone, so it may not listen beyond this machine."""
+    from fedtrain.cli import main
+
+    code = main(["server", "--insecure", "--address", address, "--out", str(tmp_path / "run"), "--wait", "1"])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--address {address} with --insecure" in err and "loopback only" in err
+    assert not (tmp_path / "run" / "flower" / "superlink.log").exists()
