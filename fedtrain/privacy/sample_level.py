@@ -72,7 +72,7 @@ def calibrate_client_noise(
     that client alone (:func:`fedtrain.privacy.accountant.calibrate_noise`,
     which checks with the ledger's own accountant). Clients whose rounds are
     the same event share one calibration (cached: a resumed run or a
-    rebuilt policy pays nothing); each costs 0.01–3 s with RDP."""
+    rebuilt policy pays nothing)."""
     noise: dict[str, float] = {}
     for cid, n in client_sizes.items():
         event = client_event(1.0, n, batch_size, epochs)
