@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
+import torch
 
 from fedtrain import config
 from fedtrain.config import Config
@@ -12,3 +15,13 @@ from fedtrain.config import Config
 def quick_config() -> Config:
     """The default digits setup cut to a few cheap rounds."""
     return config.load(None, ["run.rounds=3", "client.epochs=1", "strategy.clients_per_round=4"])
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread, as ``simulate`` picks for small models (modules that
+    compare engines bit for bit use it through ``pytest.mark.usefixtures``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -54,12 +54,7 @@ SYNTHETIC = [
 USER_DP = ["privacy.mode=user", "privacy.noise_multiplier=1.0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cohorts(monkeypatch: pytest.MonkeyPatch, overrides: Sequence[str]) -> list[tuple[str, ...]]:

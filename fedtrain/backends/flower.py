@@ -786,12 +786,3 @@ def run_supernode(poll_seconds: float, argv: Sequence[str]) -> None:
         log.warning("this Flower release has no SuperNode poll to shorten; polling every %g s", FLOWER_IDLE_POLL)
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="flower-supernode with a shorter idle poll")
-    parser.add_argument("--poll", type=float, required=True)
-    known, rest = parser.parse_known_args()
-    run_supernode(known.poll, rest)
