@@ -4,7 +4,7 @@ plain memory copy of the same bytes in the same run.
 Two layouts of ``n`` client updates of ``P`` float32 values:
 
 * **rows of one buffer**: the vectors are consecutive rows of one
-  preallocated ``(n, P)`` tensor, as ``LocalBackend`` writes them, so
+  preallocated ``(n, P)`` tensor, as ``SequentialExecutor`` writes them, so
   ``fedtrain.stack`` returns a view and the reduction is one ``w @ X``;
 * **separate tensors**: each vector allocated on its own, so ``stack`` copies
   them into a fresh ``(n, P)`` matrix first.

@@ -1,5 +1,5 @@
-"""Batched virtual clients (``BatchedBackend``) against one-after-another
-(``LocalBackend``): wall time of one round's client work, same cohort, same task.
+"""Batched virtual clients (``BatchedExecutor``) against one-after-another
+(``SequentialExecutor``): wall time of one round's client work, same cohort, same task.
 
 Digits (1,437 training records), ``fedtrain.models.mlp`` with hidden 32 (and
 128), batch 32, SGD lr 0.3; iid partitions over 500 clients (~3 records each)
@@ -8,7 +8,7 @@ and 100 clients (~14 each), and a Dirichlet(0.5) partition over 100 clients
 clients, hidden 128, 5 epochs, batch 8, lr 0.1) with its cohort of 5 (the
 issue's target: >= 5x) and 50. Each configuration times ``train_round`` for both backends,
 interleaved, repeated; the first (warm-up, probe) call is not timed. Threads:
-1, as ``fedtrain.simulation.cpu_threads`` picks for these models. The updates
+1, as ``fedtrain.run.cpu_threads`` picks for these models. The updates
 of both backends are compared (they must agree).
 
 A second table runs ``simulations/many_clients.toml`` whole, through
@@ -32,10 +32,11 @@ import torch
 from _common import median, report, table
 from fedtrain import ParamLayout, config
 from fedtrain.aggregation import stack
-from fedtrain.backends.batched import BatchedBackend
-from fedtrain.backends.local import LocalBackend
+from fedtrain.training.batched import BatchedExecutor
+from fedtrain.training.sequential import SequentialExecutor
 from fedtrain.data.clients import partitions_by_id
-from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.training.trainer import LocalTrainer
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import DataConfig, GradSampleMode, Partition
 from fedtrain.data import load_dataset, partition
 from fedtrain.data.clients import PartitionedData
@@ -60,7 +61,7 @@ def _setup(num_clients: int, kind: Partition, hidden: int) -> tuple[PartitionedD
     return clients, trainers[0], trainers[1]
 
 
-def _time(backend: LocalBackend | BatchedBackend, cohort: list[str], task: TrainTask, params: torch.Tensor,
+def _time(backend: SequentialExecutor | BatchedExecutor, cohort: list[str], task: TrainTask, params: torch.Tensor,
           rnd: int) -> float:
     started = time.perf_counter()
     backend.train_round(rnd, cohort, task, params)
@@ -117,8 +118,8 @@ def main() -> None:
         data, seq_trainer, batched_trainer = _setup(clients, kind, hidden)
         params = seq_trainer.layout.flatten(seq_trainer.model.state_dict())
         cohort = list(data.ids)[:cohort_size]
-        seq = LocalBackend(seq_trainer, data, seed=0)
-        batched = BatchedBackend(batched_trainer, data, seed=0)
+        seq = SequentialExecutor(seq_trainer, data, seed=0)
+        batched = BatchedExecutor(batched_trainer, data, seed=0)
         a = stack(seq.train_round(0, cohort, task, params).updates).clone()
         b = stack(batched.train_round(0, cohort, task, params).updates)
         error = float((a - b).abs().max() / a.abs().max())
@@ -143,7 +144,7 @@ def main() -> None:
            "Batched virtual clients vs sequential (one round's client work)" + (" (--quick)" if args.quick else ""),
            body,
            ["1 torch thread; medians (and ratio of minima) over the repeats; the first call of each backend "
-            "(warm-up, BatchedBackend's one-time probe) is not timed.",
+            "(warm-up, BatchedExecutor's one-time probe) is not timed.",
             "max |Δ| / max |u|: largest difference of the two backends' update rows over the largest entry.",
             "Whole run: a round is training, aggregation and evaluation (the records' `seconds`); the whole call "
             "adds start-up (data, model, the batched engine's probe), a checkpoint per round and the run folder; "

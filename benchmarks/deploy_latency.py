@@ -36,7 +36,8 @@ from _common import report, revision, table
 
 from fedtrain import config as config_mod
 from fedtrain.certs import create_certificates
-from fedtrain.deploy import DEFAULT_POLL, free_port
+from fedtrain.deploy.addresses import free_port
+from fedtrain.transport.flower import DEFAULT_POLL
 from fedtrain.simulation import simulate
 
 

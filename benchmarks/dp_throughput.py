@@ -16,7 +16,7 @@ stay on a wrapped model, so the plain reference never shares an instance with
 a DP variant); every call starts from the same global parameters, batch 32,
 SGD lr 0.3, ``max_grad_norm`` 0.2, σ = 1. DP-SGD draws Poisson batches of
 expected size 32, so records/s counts ``n · epochs`` for both. Threads as
-``fedtrain.simulation.cpu_threads`` picks (1 for these models). Timings are
+``fedtrain.run.cpu_threads`` picks (1 for these models). Timings are
 interleaved over the variants and repeated; min and median are reported (other
 processes share the cores: they only add time). Also reported: the mode
 ``choose_mode(model, AUTO, x[:2])`` picks and whether it is the fastest one
@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 
 from _common import report, revision, table
-from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.training.trainer import LocalTrainer
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import DataConfig, GradSampleMode, ModelConfig
 from fedtrain.data import load_dataset
 from fedtrain.layout import ParamLayout
@@ -61,7 +62,7 @@ from fedtrain.privacy.dpsgd import MODE_PREFERENCE, DpSgdTask, _wrap, choose_mod
 from fedtrain.privacy.mechanisms import per_sample_clipped_sum
 from fedtrain.privacy.noise import SecureGaussian, SeededGaussian
 from fedtrain.privacy.policy import ClientPrivacy
-from fedtrain.simulation import cpu_threads
+from fedtrain.run import cpu_threads
 
 MODES = (GradSampleMode.EW, GradSampleMode.HOOKS, GradSampleMode.FUNCTORCH)
 BATCH, LR, CLIP, SIGMA, SEED = 32, 0.3, 0.2, 1.0, 0
@@ -179,6 +180,7 @@ def step_breakdown(wl: Workload, mode: GradSampleMode, repeats: int) -> dict[str
     stepper uses), fedtrain's clip-and-sum (``per_sample_clipped_sum``) and one
     secure noise draw of the model size; and a plain forward + backward."""
     from fedtrain.privacy.dpsgd import DpSgdStepper
+    from fedtrain.training.loss import summed_loss
 
     x, y = wl.x[:BATCH], wl.y[:BATCH]
     model = build_model(wl.model, wl.input_shape, 10, SEED)
@@ -195,7 +197,7 @@ def step_breakdown(wl: Workload, mode: GradSampleMode, repeats: int) -> dict[str
     grad_samples = [p.grad_sample for p in params]
     noise = SecureGaussian()
     numel = sum(p.numel() for p in params)
-    stepper = DpSgdStepper(build_model(wl.model, wl.input_shape, 10, SEED))
+    stepper = DpSgdStepper(build_model(wl.model, wl.input_shape, 10, SEED), summed_loss)
     task = DpSgdTask(SIGMA, CLIP, mode, secure_noise=True)
     plain_model = build_model(wl.model, wl.input_shape, 10, SEED)
 
@@ -353,7 +355,7 @@ def main() -> None:
         [
             revision(),
             f"min and median of {repeats} interleaved repeats per variant (other processes share the cores); "
-            f"torch threads = fedtrain.simulation.cpu_threads (1 for these models)",
+            f"torch threads = fedtrain.run.cpu_threads (1 for these models)",
             f"batch {BATCH} (DP: Poisson, expected {BATCH}), SGD lr {LR}, max_grad_norm {CLIP}, σ {SIGMA}; "
             "records/s = records × epochs / seconds of LocalTrainer.train (load, train, flatten the update)",
             f"auto = the mode choose_mode(model, GradSampleMode.AUTO, x[:2]) returns; it counts as the fastest "

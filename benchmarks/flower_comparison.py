@@ -66,7 +66,7 @@ def _client_state(overrides: tuple[str, ...]) -> tuple[Any, dict[str, Any], torc
     if _ACTOR_CACHE.get("key") != overrides:
         from fedtrain.data import load_dataset
         from fedtrain.models import build_model
-        from fedtrain.simulation import client_partitions
+        from fedtrain.run import client_partitions
 
         cfg = config.load(None, list(overrides))
         data = load_dataset(cfg.data, cfg.run.seed)

@@ -10,7 +10,7 @@ device is known (H100 SXM / H200: 67 fp32, 495 TF32, 989 bf16 TFLOP/s;
 H100 PCIe: 51, 378, 756).
 
 Workloads, each one round's client work (``train_round``) of
-``LocalBackend`` (one client after another) and ``BatchedBackend`` (the
+``SequentialExecutor`` (one client after another) and ``BatchedExecutor`` (the
 cohort stacked), on the device, timed with ``torch.cuda.synchronize``:
 
 * **digits MLP**, the many-small-clients scenario: digits over 500 iid clients
@@ -26,7 +26,7 @@ and convolutions, forward and backward) on the sequential round: the useful
 work, without the batched engine's padding (its counter also overcounts
 grouped convolutions); achieved TFLOP/s = those FLOPs / batched round time. The wide MLP is also run with TF32 matmuls allowed and under
 ``torch.autocast(bfloat16)`` (not an engine option: what the same code reaches
-in lower precision). ``BatchedBackend`` gets a 16 GiB memory budget so the
+in lower precision). ``BatchedExecutor`` gets a 16 GiB memory budget so the
 cohort is one chunk. Min over repeats (interleaved); threads: torch's default.
 
     python benchmarks/gpu_throughput.py [--quick] [--device cuda]
@@ -47,9 +47,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from _common import report, revision, table
 from fedtrain import ParamLayout
-from fedtrain.backends.batched import BatchedBackend
-from fedtrain.backends.local import LocalBackend
-from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.training.batched import BatchedExecutor
+from fedtrain.training.sequential import SequentialExecutor
+from fedtrain.training.trainer import LocalTrainer
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import DataConfig, Partition
 from fedtrain.data import load_dataset, partition
 from fedtrain.data.clients import PartitionedData, partitions_by_id
@@ -203,8 +204,8 @@ def main() -> None:
     peak_cohort = 0
     kernels: list[list[object]] = []
     for wl in workloads(device, args.quick):
-        seq = LocalBackend(_trainer(wl.model, device), wl.data, seed=0)
-        batched = BatchedBackend(_trainer(wl.model, device), wl.data, seed=0, memory_budget=16 * GIB, strict=True)
+        seq = SequentialExecutor(_trainer(wl.model, device), wl.data, seed=0)
+        batched = BatchedExecutor(_trainer(wl.model, device), wl.data, seed=0, memory_budget=16 * GIB, strict=True)
         params = seq.trainer.layout.flatten(seq.trainer.model.state_dict()).to(device)
         for cohort_size in wl.cohorts:
             cohort = list(wl.data.ids)[:cohort_size]
@@ -253,7 +254,7 @@ def main() -> None:
         f"Device: {name}. Reference, measured in this run: {n}³ `torch.mm` TFLOP/s against the data sheet's "
         "dense peak:",
         table(["precision", "measured TFLOP/s", "data-sheet TFLOP/s", "measured / data sheet"], ref_rows),
-        "One round's client work, sequential (`LocalBackend`) vs batched (`BatchedBackend`), on the device:",
+        "One round's client work, sequential (`SequentialExecutor`) vs batched (`BatchedExecutor`), on the device:",
         table(["workload", "cohort", "samples / round", "sequential ms", "batched ms", "sequential samples/s",
                "batched samples/s", "batched speed-up", "batched TFLOP/s", "of measured fp32 mm",
                "peak GiB"], rows),
@@ -276,7 +277,7 @@ def main() -> None:
         [revision(), f"min of {repeats} interleaved rounds per engine after a warm-up round; "
          "FLOPs by torch.utils.flop_counter on the sequential round (matmuls and convolutions, forward and "
          "backward; the useful work, no padding)",
-         "BatchedBackend(memory_budget = 16 GiB, strict = True); sequential = LocalBackend, one client after another",
+         "BatchedExecutor(memory_budget = 16 GiB, strict = True); sequential = SequentialExecutor, one client after another",
          "peak GiB: torch.cuda.max_memory_allocated over the timed rounds of that cohort (both engines)"],
     )
 

@@ -92,7 +92,8 @@ def run_point(point: Point) -> Measured:
     from fedtrain import config
     from fedtrain.engine import RngStreams
     from fedtrain.sampling import make_sampler
-    from fedtrain.simulation import client_data, simulate
+    from fedtrain.run import client_data
+    from fedtrain.simulation import simulate
 
     baseline = _rss_mb()
     cfg = config.load(SCENARIO, [

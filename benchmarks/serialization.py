@@ -5,7 +5,7 @@ Methods, each an encode (tensor → bytes) and a decode (bytes → tensor):
 
 * **raw** (the reference): ``tensor.numpy().tobytes()`` and
   ``torch.from_numpy(numpy.frombuffer(...))``: one copy out, none back;
-* **Flower message (deployment)**: what ``fedtrain.backends.flower`` sends:
+* **Flower message (deployment)**: what ``fedtrain.transport.flower`` sends:
   ``ArrayRecord({"update": Array(ndarray)})`` serialized to its protobuf wire
   bytes (``array_record_to_proto(...).SerializeToString()``), and back with
   ``ProtoArrayRecord.FromString``, ``array_record_from_proto``,

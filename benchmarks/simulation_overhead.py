@@ -5,7 +5,7 @@ imports are paid; dataset load, partitioning, model build, every round's
 training, aggregation and test evaluation are all included) against two plain
 PyTorch loops in the same run, on the same model (``fedtrain.models.build_model``),
 SGD with the same lr, tensors in memory, ``torch.set_num_threads`` as
-``fedtrain.simulation.cpu_threads`` picks:
+``fedtrain.run.cpu_threads`` picks:
 
 * **raw** (the reference of the target): the same number of sample-steps
   (sum over rounds and participating clients of epochs x partition size,
@@ -48,7 +48,8 @@ from fedtrain.config import Config
 from fedtrain.data import Dataset, load_dataset
 from fedtrain.engine import RngStreams
 from fedtrain.models import build_model
-from fedtrain.simulation import client_partitions, cpu_threads, simulate
+from fedtrain.run import client_partitions, cpu_threads
+from fedtrain.simulation import simulate
 from fedtrain.strategy import load_strategy
 
 MANY = DEFAULT_RUN + ["data.num_clients=500", "strategy.clients_per_round=5", "data.partition=iid"]
@@ -215,7 +216,7 @@ def main() -> None:
         table(header, rows),
         [
             f"min of {repeats} interleaved repeats (other processes share the cores; they only add "
-            f"time); threads = fedtrain.simulation.cpu_threads (1 for these models)",
+            f"time); threads = fedtrain.run.cpu_threads (1 for these models)",
             "raw = same sample-steps in full batches over the whole train set; raw same-batches = "
             "the simulation's exact per-client batch sequence (same optimizer-step count)",
             "simulate includes data load, partitioning, model build, per-round aggregation, "

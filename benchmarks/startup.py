@@ -142,7 +142,7 @@ def pfl_app() -> None:
     from fedtrain import config
     from fedtrain.data import load_dataset
     from fedtrain.models import build_model
-    from fedtrain.simulation import client_partitions
+    from fedtrain.run import client_partitions
 
     torch.set_num_threads(1)
     cfg = config.load(None, list(OVERRIDES))
@@ -180,7 +180,7 @@ def pfl_app() -> None:
         algorithm_params=NNAlgorithmParams(central_num_iterations=cfg.run.rounds,
                                            evaluation_frequency=cfg.run.rounds + 1,  # no per-user evaluation
                                            train_cohort_size=cfg.strategy.clients_per_round, val_cohort_size=0),
-        backend=SimulatedBackend(training_data=train, val_data=None, postprocessors=[]),
+        executor=SimulatedBackend(training_data=train, val_data=None, postprocessors=[]),
         model=model,
         model_train_params=NNTrainHyperParams(local_learning_rate=cfg.client.lr, local_num_epochs=cfg.client.epochs,
                                               local_batch_size=cfg.client.batch_size),

@@ -3,7 +3,7 @@
 The fastest weighted sum on a CPU is one matrix-vector product ``w @ X`` over
 updates that already sit in one stacked, preallocated buffer (measured here:
 ~25 GB/s on one core, against ~14 GB/s for a loop of ``add_``). The local
-backend writes each client's update straight into a row of such a buffer, so
+executor writes each client's update straight into a row of such a buffer, so
 :func:`stack` usually returns a view and costs nothing.
 """
 

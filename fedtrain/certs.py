@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedtrain.errors import ExistingFileError, MissingFileError, UsageError
+
 VALIDITY_DAYS = 825
 """The longest lifetime browsers and the CA/Browser Forum baseline accepted
 for server certificates (BR 6.3.2, 2018–2020); long enough for a study."""
@@ -79,7 +81,7 @@ class CertificateSet:
         """Raise naming every file the coordinator needs and lacks."""
         missing = [p for p in (self.ca, self.server_cert, self.server_key) if not p.is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"--certs {self.root}: missing {', '.join(str(p) for p in missing)}; "
                 f"create them with `fedtrain certs --out {self.root}`"
             )
@@ -139,12 +141,12 @@ def create_certificates(out: Path, hosts: Sequence[str], clients: int) -> Certif
     """Write a CA, a server certificate for ``hosts`` and ``clients`` client key
     pairs into ``out``; refuses to overwrite an existing CA."""
     if not hosts:
-        raise ValueError("--hosts is empty: name at least one host clients will dial, e.g. 127.0.0.1")
+        raise UsageError("--hosts is empty: name at least one host clients will dial, e.g. 127.0.0.1")
     if clients < 0:
-        raise ValueError(f"--clients = {clients}: must be >= 0")
+        raise UsageError(f"--clients = {clients}: must be >= 0")
     certs = CertificateSet(Path(out))
     if certs.ca.exists():
-        raise FileExistsError(
+        raise ExistingFileError(
             f"{certs.ca} exists: refusing to replace a CA that clients may already trust; "
             "choose another --out or remove the folder"
         )
@@ -177,7 +179,7 @@ def add_client_key(certs: CertificateSet, name: str) -> Path:
     """Write the key pair ``name`` (OpenSSH private key, 0600) and ``name.pub``."""
     path = certs.root / name
     if path.exists():
-        raise FileExistsError(f"{path} exists: refusing to replace a client key")
+        raise ExistingFileError(f"{path} exists: refusing to replace a client key")
     key = _new_key()
     _write_private(
         path,

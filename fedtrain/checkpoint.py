@@ -59,6 +59,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from fedtrain.errors import UserError
 from fedtrain.types import RoundRecord
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ _SCALARS = (str, bytes, int, float, bool, type(None))
 _TRUST_HINT = "--trust-checkpoint accepts it if you trust where the run folder came from (still loaded as data only)"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint, or one that does not fit the run."""
 
 

@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from fedtrain.errors import UsageError, UserError
+
 if TYPE_CHECKING:
     from fedtrain.config import Config
 
 DEFAULT_POLL = 0.1
-"""``fedtrain.deploy.DEFAULT_POLL``, the default of ``--poll``, repeated here so
+"""``fedtrain.transport.flower.DEFAULT_POLL``, the default of ``--poll``, repeated here so
 that building the parser (``--help``, every command) does not import the
 deployment's dependencies; tests/test_cli.py keeps the two equal."""
 
@@ -37,10 +39,10 @@ def _config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
     from fedtrain import config as config_mod
 
     if args.trust_checkpoint and not args.resume:
-        raise ValueError("--trust-checkpoint applies to --resume RUN_DIR only: a new run has no checkpoint to trust")
+        raise UsageError("--trust-checkpoint applies to --resume RUN_DIR only: a new run has no checkpoint to trust")
     if args.resume:
         if args.config or args.out:
-            raise ValueError("--resume RUN_DIR takes its config from RUN_DIR/config.toml; give no CONFIG or --out")
+            raise UsageError("--resume RUN_DIR takes its config from RUN_DIR/config.toml; give no CONFIG or --out")
         out = Path(args.resume)
         return config_mod.load(out / "config.toml", args.set), out
     out = Path(args.out) if args.out else _default_out(args.config)
@@ -89,15 +91,15 @@ def _exit_on_sigterm() -> None:
 
 def _security(args: argparse.Namespace) -> Path | None:
     if args.insecure and args.certs:
-        raise ValueError("give either --certs DIR (TLS, authenticated clients) or --insecure, not both")
+        raise UsageError("give either --certs DIR (TLS, authenticated clients) or --insecure, not both")
     if not args.insecure and not args.certs:
-        raise ValueError("--certs DIR is required (create it with fedtrain certs); "
+        raise UsageError("--certs DIR is required (create it with fedtrain certs); "
                          "--insecure runs without TLS or client authentication")
     return None if args.insecure else Path(args.certs)
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from fedtrain.deploy import ServerOptions, serve
+    from fedtrain.deploy.server import ServerOptions, serve
     from fedtrain.results import read_summary
 
     certs = _security(args)
@@ -112,11 +114,11 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from fedtrain.deploy import ClientOptions, join
+    from fedtrain.deploy.client import ClientOptions, join
 
     certs = _security(args)
     if (args.partition is None) == (args.data is None):
-        raise ValueError("give exactly one of --partition N (a share of the run's data set) and --data PATH")
+        raise UsageError("give exactly one of --partition N (a share of the run's data set) and --data PATH")
     _exit_on_sigterm()
     return join(ClientOptions(
         server=args.server,
@@ -137,20 +139,23 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
 
     kind = AccountantKind(args.accountant)
     if (args.noise_multiplier is None) == (args.target_epsilon is None):
-        raise ValueError("give exactly one of --noise-multiplier and --target-epsilon")
-    if args.target_epsilon is not None:
-        sigma = calibrate_noise(args.target_epsilon, args.delta, args.sample_rate, args.steps, kind)
-        eps = epsilon_for(sigma, args.sample_rate, args.steps, args.delta, kind)
-        print(
-            f"noise multiplier {sigma:.4f} reaches ε = {eps:.4f} (target {args.target_epsilon:g}) "
-            f"at δ = {args.delta:g} after {args.steps} steps at sample rate {args.sample_rate:g} ({kind.value})"
-        )
-    else:
-        eps = epsilon_for(args.noise_multiplier, args.sample_rate, args.steps, args.delta, kind)
-        print(
-            f"ε = {eps:.4f} at δ = {args.delta:g} after {args.steps} steps of noise multiplier "
-            f"{args.noise_multiplier:g} at sample rate {args.sample_rate:g} ({kind.value})"
-        )
+        raise UsageError("give exactly one of --noise-multiplier and --target-epsilon")
+    try:
+        if args.target_epsilon is not None:
+            sigma = calibrate_noise(args.target_epsilon, args.delta, args.sample_rate, args.steps, kind)
+            eps = epsilon_for(sigma, args.sample_rate, args.steps, args.delta, kind)
+            print(
+                f"noise multiplier {sigma:.4f} reaches ε = {eps:.4f} (target {args.target_epsilon:g}) "
+                f"at δ = {args.delta:g} after {args.steps} steps at sample rate {args.sample_rate:g} ({kind.value})"
+            )
+        else:
+            eps = epsilon_for(args.noise_multiplier, args.sample_rate, args.steps, args.delta, kind)
+            print(
+                f"ε = {eps:.4f} at δ = {args.delta:g} after {args.steps} steps of noise multiplier "
+                f"{args.noise_multiplier:g} at sample rate {args.sample_rate:g} ({kind.value})"
+            )
+    except ValueError as exc:  # the accountant's check of a flag's value
+        raise UsageError(str(exc)) from None
     return 0
 
 
@@ -254,18 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _reported_errors() -> tuple[type[Exception], ...]:
-    """The errors ``main`` reports as one line with exit code 2. Those of the
-    checkpoint and deployment modules are looked up only when the module is
-    loaded (nothing else can have raised them), so that a command which never
-    loads them does not import them (torch; cryptography) for its error handling."""
-    errors: list[type[Exception]] = [ValueError, FileNotFoundError, FileExistsError]
-    for module, name in (("fedtrain.checkpoint", "CheckpointError"), ("fedtrain.deploy", "DeployError")):
-        if module in sys.modules:
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``fedtrain`` command. Called as the console script (``argv`` None),
     every live object is moved to the garbage collector's permanent generation
@@ -273,15 +266,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     the collections the interpreter runs at exit would otherwise traverse every
     object torch created at import, which takes longer than writing a short
     run's results. Objects are still freed by reference counting; a caller
-    that passes ``argv`` (a test, a script) keeps its collector as it was."""
+    that passes ``argv`` (a test, a script) keeps its collector as it was.
+
+    fedtrain's progress is logged at INFO and shown; other libraries' only
+    from WARNING. A :class:`~fedtrain.errors.UserError` is printed as one
+    line, exit code 2; any other exception is a bug and keeps its traceback
+    (exit code 1)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedtrain").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         code = int(args.func(args))
         if argv is None:
             gc.freeze()
         return code
-    except _reported_errors() as exc:
+    except UserError as exc:
         print(f"fedtrain: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,8 +18,10 @@ from typing import Any, Mapping, Sequence
 
 import tomli_w
 
+from fedtrain.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot be used; the message names the key."""
 
 
@@ -402,10 +404,16 @@ def validate(config: Config) -> Config:
             f"strategy.clients_per_round = {config.strategy.clients_per_round}"
         )
     _check_privacy(config)
-    if config.secure.aggregation or config.secure.simulated_dropout:
-        from fedtrain.secure.setting import check_secure
-
-        check_secure(config)
+    s = config.secure
+    if s.simulated_dropout and not s.aggregation:
+        raise ConfigError(
+            f"secure.simulated_dropout = {s.simulated_dropout}: has no effect with secure.aggregation = false"
+        )
+    if s.aggregation and config.strategy.clients_per_round < 2:
+        raise ConfigError(
+            f"strategy.clients_per_round = {config.strategy.clients_per_round} with secure.aggregation = true: "
+            "the sum of one update is that update; allowed: >= 2"
+        )
     if (config.attack.kind is AttackKind.NONE) != (config.attack.fraction == 0.0):
         raise ConfigError(
             f"attack.kind = {config.attack.kind.value!r}, attack.fraction = {config.attack.fraction}: "

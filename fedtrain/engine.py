@@ -1,7 +1,8 @@
 """The round loop, and nothing else.
 
 plan → train → validate → aggregate → evaluate → record. The engine does not
-know how clients are reached (a :class:`Backend` does that) nor what a
+know how clients are reached (an :class:`~fedtrain.training.executor.Executor`
+or a transport does that) nor what a
 strategy computes; the same loop runs the in-process simulation and a
 deployment.
 """
@@ -16,43 +17,16 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from fedtrain.client import TrainTask
+from fedtrain.training.executor import Executor
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import ClientConfig
 from fedtrain.privacy.policy import BudgetExhausted, NoPrivacy, PrivacyPolicy, Release
 from fedtrain.sampling import Randomness, Sampler, SecretRandomness, SeededRandomness
 from fedtrain.strategy import Strategy
-from fedtrain.types import ClientUpdate, Evaluation, RoundRecord
-from fedtrain.validation import rejection_reason
+from fedtrain.types import ClientFailure, ClientMetric, Evaluation, RoundRecord
+from fedtrain.validation import split_valid
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClientFailure:
-    """A client that produced no usable update this round, and why."""
-
-    client_id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class RoundOutcome:
-    """What a backend brings back from one round of client work."""
-
-    updates: tuple[ClientUpdate, ...]
-    failures: tuple[ClientFailure, ...]
-
-
-class Backend(Protocol):
-    """Carries a round's task to the clients and their updates back.
-
-    Update vectors may live in a buffer that the backend reuses next round;
-    they are valid until the next call.
-    """
-
-    def train_round(
-        self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
-    ) -> RoundOutcome: ...
 
 
 class RoundObserver(Protocol):
@@ -95,10 +69,10 @@ class RngStreams:
 
 @dataclass
 class Engine:
-    """Runs federated rounds: the same loop for every backend."""
+    """Runs federated rounds: the same loop for every executor and transport."""
 
     strategy: Strategy
-    backend: Backend
+    executor: Executor
     sampler: Sampler
     evaluate: Callable[[torch.Tensor], Evaluation]
     clients: Sequence[str]
@@ -139,15 +113,9 @@ class Engine:
             raise BudgetExhausted(stop)
         plan = self.strategy.configure(rnd, cohort, self.rngs.strategy)
         task = TrainTask.of(self.client, plan, self.privacy.client_privacy(rnd))
-        outcome = self.backend.train_round(rnd, plan.clients, task, params)
-        failures = list(outcome.failures)
-        valid: list[ClientUpdate] = []
-        for update in outcome.updates:
-            reason = rejection_reason(update, params.numel(), plan.kind)
-            if reason is None:
-                valid.append(update)
-            else:
-                failures.append(ClientFailure(update.client_id, reason))
+        outcome = self.executor.train_round(rnd, plan.clients, task, params)
+        valid, rejected_updates = split_valid(outcome.updates, params.numel(), plan.kind)
+        failures = [*outcome.failures, *rejected_updates]
         release = self.privacy.release(rnd, plan.clients, valid)
         if self.journal is not None:
             self.journal(rnd, release)
@@ -165,7 +133,7 @@ class Engine:
                 rnd, contributors, self.min_clients,
             )
         evaluation = self.evaluate(params)
-        losses = [u.metrics.get("train_loss") for u in valid]
+        losses = [u.metrics.get(ClientMetric.TRAIN_LOSS.value) for u in valid]
         train_loss = (
             float(np.average(losses, weights=[u.num_examples for u in valid]))
             if valid and all(isinstance(x, float) for x in losses) else None

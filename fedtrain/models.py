@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fedtrain.config import ModelConfig
+from fedtrain.config import ConfigError, ModelConfig
 from fedtrain.plugin import load_object
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
@@ -35,7 +35,7 @@ def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(input_shape) == 1 and math.isqrt(input_shape[0]) ** 2 == input_shape[0]:
         side = math.isqrt(input_shape[0])
         return 1, side, side
-    raise ValueError(
+    raise ConfigError(
         f"model.name = 'cnn' needs images (C, H, W) or square flat inputs; got input shape {input_shape}"
     )
 
@@ -76,7 +76,7 @@ def build_model(
             factory = load_object(cfg.name, "model function", "model.name")
             model = factory(input_shape, num_classes)
     if not isinstance(model, nn.Module):
-        raise ValueError(
+        raise ConfigError(
             f"model.name = {cfg.name!r}: the factory returned {type(model).__name__}, "
             "not a torch.nn.Module"
         )

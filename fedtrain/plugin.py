@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedtrain.errors import UserError
 
-class PluginError(ValueError):
+
+class PluginError(UserError, ValueError):
     """A plug-in name (strategy, model, dataset) or its options cannot be used."""
 
 

@@ -3,7 +3,7 @@
 A strategy decides what the sampled clients do in a round (:meth:`configure`)
 and how their updates become the next global model (:meth:`aggregate`). It
 sees flat ``float32`` vectors (see :mod:`fedtrain.layout`) and never learns
-which backend carries the messages. Built-ins live in the top-level
+which executor or transport carries the messages. Built-ins live in the top-level
 ``strategies`` package, written only against this public API, so each one is
 also an example of a plug-in.
 """
@@ -27,10 +27,13 @@ class Strategy:
 
     ``needs_individual_updates`` is true for strategies that look at each
     update on its own (median, Krum): they cannot run on a securely
-    aggregated sum.
+    aggregated sum. ``weighted`` says whether the strategy averages updates
+    by their record counts; secure aggregation then sums each client's
+    update with its (capped) count as weight, and with 1 when it is false.
     """
 
     needs_individual_updates: bool = False
+    weighted: bool = True
 
     def configure(
         self, rnd: int, clients: Sequence[str], rng: np.random.Generator

@@ -1,6 +1,6 @@
 """Plain data that crosses the boundaries of one federated round.
 
-Everything here is a frozen dataclass or an enum: the engine, the backends and
+Everything here is a frozen dataclass or an enum: the engine, the executors and
 the strategies exchange these values and nothing else, so a strategy never
 learns whether it runs in a simulation or in a deployment.
 
@@ -90,6 +90,52 @@ class ClientUpdate:
     contributors: int = 1
 
 
+class AggregateOrigin(str, enum.Enum):
+    """Where an :class:`AggregateUpdate` comes from; its value is the
+    update's ``client_id`` (what logs and ``metrics.jsonl`` name it by).
+
+    ``SECURE_SUM``: the one update of a secure-aggregation round, the
+    survivors' weighted mean (:mod:`fedtrain.secure.round`).
+    ``DP_FEDAVG``: user-level DP's noisy mean (:mod:`fedtrain.privacy.user_level`).
+    ``DISTRIBUTED_DP``: distributed DP's release of a secure sum
+    (:mod:`fedtrain.privacy.distributed`).
+    """
+
+    SECURE_SUM = "secure-aggregate"
+    DP_FEDAVG = "dp-fedavg"
+    DISTRIBUTED_DP = "distributed-dp"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregateUpdate(ClientUpdate):
+    """An update that stands for several clients, made by fedtrain itself
+    rather than sent by a client: what it is, is its type and ``origin``,
+    never its id or a coincidence of its counts.
+
+    ``client_id`` is not passed: it is ``origin.value``. ``unit_weights``
+    says that the vector is the mean of ``contributors`` contributions each
+    weighted 1, so that ``num_examples == contributors`` (checked): a secure
+    sum under unit weights, which is the only input distributed DP may
+    release. It is false where ``num_examples`` is a weight of its own (the
+    DP releases carry 1).
+    """
+
+    client_id: str = field(init=False)
+    origin: AggregateOrigin
+    unit_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.origin, AggregateOrigin):
+            raise TypeError(f"origin = {self.origin!r}: expected an AggregateOrigin")
+        if self.contributors < 1:
+            raise ValueError(f"contributors = {self.contributors}: an aggregate stands for at least one client")
+        if self.unit_weights and self.num_examples != self.contributors:
+            raise ValueError(
+                f"num_examples = {self.num_examples} with unit_weights: must equal contributors = {self.contributors}"
+            )
+        object.__setattr__(self, "client_id", self.origin.value)
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """Loss and accuracy of a model on a held-out split."""
@@ -143,3 +189,19 @@ class RoundRecord:
             failures={str(k): str(v) for k, v in row.get("failures", {}).items()},
             privacy={k: float(v) for k, v in row.items() if k not in known and k != "failures"},
         )
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """A client that produced no usable update this round, and why."""
+
+    client_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What an executor or transport brings back from one round of client work."""
+
+    updates: tuple[ClientUpdate, ...]
+    failures: tuple[ClientFailure, ...]

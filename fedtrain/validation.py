@@ -9,12 +9,12 @@ the record count that weights it and the metrics that may reach
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from fedtrain.types import MAX_RECORDS, ClientMetric, ClientUpdate, UpdateKind
+from fedtrain.types import MAX_RECORDS, ClientFailure, ClientMetric, ClientUpdate, UpdateKind
 
 _METRICS = {m.value for m in ClientMetric}
 
@@ -79,6 +79,22 @@ def rejection_reason(update: ClientUpdate, numel: int, kind: UpdateKind) -> str 
     if not math.isfinite(float(v.sum(dtype=torch.float64))):
         return "vector has NaN or infinite values"
     return None
+
+
+def split_valid(
+    updates: Sequence[ClientUpdate], numel: int, kind: UpdateKind, prefix: str = ""
+) -> tuple[list[ClientUpdate], list[ClientFailure]]:
+    """The updates :func:`rejection_reason` accepts, and a failure (its
+    reason after ``prefix``) for each other, both in the order given."""
+    valid: list[ClientUpdate] = []
+    failures: list[ClientFailure] = []
+    for update in updates:
+        reason = rejection_reason(update, numel, kind)
+        if reason is None:
+            valid.append(update)
+        else:
+            failures.append(ClientFailure(update.client_id, prefix + reason))
+    return valid, failures
 
 
 def describe(value: Any, limit: int = 80) -> str:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fedtrain import ClientUpdate, config
-from fedtrain.backends.attack import AttackingBackend, choose_attackers
+from fedtrain.training.attack import AttackingExecutor, choose_attackers
 from fedtrain.config import AttackKind, ConfigError
-from fedtrain.engine import ClientFailure, RoundOutcome
+from fedtrain.types import ClientFailure, RoundOutcome
 from fedtrain.simulation import simulate
 
 ATTACK = ["attack.kind=sign_flip", "attack.fraction=0.2", "data.partition=iid", "run.rounds=60"]
@@ -44,7 +44,7 @@ class _Fixed:
     ],
 )
 def test_only_attackers_updates_change(kind: AttackKind, check) -> None:  # noqa: ANN001
-    backend = AttackingBackend(_Fixed(), frozenset({"b"}), kind, scale=2.0, seed=0)
+    backend = AttackingExecutor(_Fixed(), frozenset({"b"}), kind, scale=2.0, seed=0)
 
     outcome = backend.train_round(1, ["a", "b"], None, torch.zeros(3))  # type: ignore[arg-type]
 

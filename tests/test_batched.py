@@ -1,4 +1,4 @@
-"""BatchedBackend: a cohort trained at once gives the sequential backend's updates."""
+"""BatchedExecutor: a cohort trained at once gives the sequential backend's updates."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ from torch import nn
 
 from fedtrain import ParamLayout, UpdateKind
 from fedtrain.aggregation import stack
-from fedtrain.backends.batched import BatchedBackend
-from fedtrain.backends.local import LocalBackend
-from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.training.batched import BatchedExecutor, stacked_optimizer
+from fedtrain.training.optimizer import LocalOptimizer
+from fedtrain.training.sequential import SequentialExecutor
+from fedtrain.training.trainer import LocalTrainer
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import GradSampleMode, Optimizer, Partition
 from fedtrain.data import partition
 from fedtrain.data.clients import PartitionedData, partitions_by_id
-from fedtrain.engine import RoundOutcome
+from fedtrain.types import RoundOutcome
 from fedtrain.models import cnn, mlp
 from fedtrain.privacy.dpsgd import DpSgdTask
 from fedtrain.privacy.policy import ClientPrivacy
@@ -55,13 +57,13 @@ def _both(
     task: TrainTask, data: PartitionedData, model: Callable[[], nn.Module] = _mlp, rnd: int = 3,
     clients: Sequence[str] | None = None, options: Mapping[str, Any] | None = None,
 ) -> tuple[RoundOutcome, RoundOutcome, torch.Tensor]:
-    """The same round through LocalBackend and BatchedBackend (separate models)."""
+    """The same round through SequentialExecutor and BatchedExecutor (separate models)."""
     seq_trainer = _trainer(model)
     batched_trainer = _trainer(model)
     params = seq_trainer.layout.flatten(seq_trainer.model.state_dict())
     cohort = list(clients if clients is not None else data.ids)
-    seq = LocalBackend(seq_trainer, data, seed=7).train_round(rnd, cohort, task, params)
-    backend = BatchedBackend(batched_trainer, data, seed=7, **(options or {}))
+    seq = SequentialExecutor(seq_trainer, data, seed=7).train_round(rnd, cohort, task, params)
+    backend = BatchedExecutor(batched_trainer, data, seed=7, **(options or {}))
     batched = backend.train_round(rnd, cohort, task, params)
     return seq, batched, params
 
@@ -153,9 +155,9 @@ def test_dp_sgd_with_secure_noise_runs_batched(caplog: pytest.LogCaptureFixture)
     data = _data()
     trainer = _trainer()
     params = trainer.layout.flatten(trainer.model.state_dict())
-    backend = BatchedBackend(trainer, data, seed=7)
+    backend = BatchedExecutor(trainer, data, seed=7)
 
-    with caplog.at_level(logging.WARNING, logger="fedtrain.backends.batched"):
+    with caplog.at_level(logging.WARNING, logger="fedtrain.training.batched"):
         first = stack(backend.train_round(1, list(data.ids), secure, params).updates).clone()
         second = stack(backend.train_round(1, list(data.ids), secure, params).updates)
 
@@ -212,7 +214,7 @@ def test_a_chunk_that_cannot_be_stacked_trains_one_by_one(caplog: pytest.LogCapt
     base = _data()
     data = _OddShapeData(base.x, base.y, {c: base._indices[c].numpy() for c in base.ids}, CPU)
 
-    with caplog.at_level(logging.WARNING, logger="fedtrain.backends.batched"):
+    with caplog.at_level(logging.WARNING, logger="fedtrain.training.batched"):
         seq, batched, _ = _both(_task(), data)
 
     _assert_same(seq, batched)
@@ -247,11 +249,11 @@ def test_batchnorm_models_fall_back_to_sequential(
     cohort = [c for c in data.ids if data.size(c) % 8 != 1]
     trainer = _trainer(factory)
     params = trainer.layout.flatten(trainer.model.state_dict())
-    backend = BatchedBackend(trainer, data, seed=7)
+    backend = BatchedExecutor(trainer, data, seed=7)
 
-    with caplog.at_level(logging.WARNING, logger="fedtrain.backends.batched"):
+    with caplog.at_level(logging.WARNING, logger="fedtrain.training.batched"):
         first = backend.train_round(3, cohort, _task(), params)
-        _assert_same(LocalBackend(_trainer(factory), data, seed=7).train_round(3, cohort, _task(), params), first)
+        _assert_same(SequentialExecutor(_trainer(factory), data, seed=7).train_round(3, cohort, _task(), params), first)
         second = backend.train_round(4, cohort, _task(), params)  # reuses the first round's buffer
 
     assert len(second.updates) == len(cohort)
@@ -265,12 +267,12 @@ def test_dropout_model_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     trainer = _trainer(_dropout_model)
     params = trainer.layout.flatten(trainer.model.state_dict())
 
-    with caplog.at_level(logging.WARNING, logger="fedtrain.backends.batched"):
-        outcome = BatchedBackend(trainer, data, seed=7).train_round(1, list(data.ids), _task(), params)
+    with caplog.at_level(logging.WARNING, logger="fedtrain.training.batched"):
+        outcome = BatchedExecutor(trainer, data, seed=7).train_round(1, list(data.ids), _task(), params)
 
     assert len(outcome.updates) == len(data.ids)
     assert "unsupported" in caplog.records[0].getMessage()
-    strict = BatchedBackend(_trainer(_dropout_model), data, seed=7, strict=True)
+    strict = BatchedExecutor(_trainer(_dropout_model), data, seed=7, strict=True)
     with pytest.raises(ValueError, match="batched clients unsupported for train tasks"):
         strict.train_round(1, list(data.ids), _task(), params)
 
@@ -291,7 +293,7 @@ def _cnn() -> nn.Module:
 def test_per_sample_normalisation_runs_batched(
     factory: Callable[[], nn.Module], task: TrainTask, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="fedtrain.backends.batched"):
+    with caplog.at_level(logging.WARNING, logger="fedtrain.training.batched"):
         seq, batched, _ = _both(task, _data(), model=factory)
 
     _assert_same(seq, batched)
@@ -304,7 +306,7 @@ def test_gradient_with_dp_sgd_fails_each_client_like_sequential() -> None:
     trainer = _trainer()
     params = trainer.layout.flatten(trainer.model.state_dict())
 
-    outcome = BatchedBackend(trainer, data, seed=7).train_round(1, list(data.ids)[:3], task, params)
+    outcome = BatchedExecutor(trainer, data, seed=7).train_round(1, list(data.ids)[:3], task, params)
 
     assert not outcome.updates
     assert all("cannot be combined" in f.reason for f in outcome.failures)
@@ -312,8 +314,36 @@ def test_gradient_with_dp_sgd_fails_each_client_like_sequential() -> None:
 
 def test_bad_options_are_errors() -> None:
     with pytest.raises(ValueError, match="max_batch_clients"):
-        BatchedBackend(_trainer(), _data(), seed=0, max_batch_clients=0)
+        BatchedExecutor(_trainer(), _data(), seed=0, max_batch_clients=0)
     with pytest.raises(ValueError, match="min_batch_clients"):
-        BatchedBackend(_trainer(), _data(), seed=0, min_batch_clients=0)
+        BatchedExecutor(_trainer(), _data(), seed=0, min_batch_clients=0)
     with pytest.raises(ValueError, match="memory_budget"):
-        BatchedBackend(_trainer(), _data(), seed=0, memory_budget=0)
+        BatchedExecutor(_trainer(), _data(), seed=0, memory_budget=0)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum+weight_decay", "adam"])
+def test_stacked_optimizer_steps_are_local_optimizers_bit_for_bit(name: str) -> None:
+    """The batched engine's optimiser step on stacked rows is LocalOptimizer's
+    on each client's own tensors, to the bit, also for the clients that stop
+    early (only a prefix of the stack keeps stepping)."""
+    task, k = TASKS[name], 3
+    shapes = {"weight": (4, 5), "bias": (4,)}
+    g = torch.Generator().manual_seed(0)
+    start = {n: torch.randn(k, *s, generator=g) for n, s in shapes.items()}
+    grads = [{n: torch.randn(k, *s, generator=g) for n, s in shapes.items()} for _ in range(5)]
+    running = [3, 3, 2, 2, 1]
+    stacked = {n: w.clone() for n, w in start.items()}
+    step = stacked_optimizer(task, stacked, {n: torch.zeros(s) for n, s in shapes.items()})
+    with torch.no_grad():
+        for j, grad in zip(running, grads):
+            step(j, {n: grad[n][:j] for n in shapes})
+
+    for i in range(k):
+        params = [nn.Parameter(start[n][i].clone()) for n in shapes]
+        optimizer = LocalOptimizer(params, task)
+        for j, grad in zip(running, grads):
+            if i < j:
+                for p, n in zip(params, shapes):
+                    p.grad = grad[n][i].clone()
+                optimizer.step()
+        assert all(torch.equal(p.detach(), stacked[n][i]) for p, n in zip(params, shapes)), i

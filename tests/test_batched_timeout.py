@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from fedtrain import ParamLayout, config
-from fedtrain.backends.batched import BatchedBackend
-from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.training.batched import BatchedExecutor
+from fedtrain.training.trainer import LocalTrainer
+from fedtrain.training.train_task import TrainTask
 from fedtrain.data.clients import PartitionedData
 from fedtrain.deadline import ClientTimeout, Deadline
 from fedtrain.models import mlp
@@ -32,7 +33,7 @@ def test_a_chunk_past_the_timeout_fails_its_clients_and_the_round_goes_on(record
     model = mlp((6,), 3, hidden=8)
     layout = ParamLayout.of(model.state_dict())
     params = layout.flatten(model.state_dict())
-    backend = BatchedBackend(LocalTrainer(model, layout, torch.device("cpu")), _data(records), seed=0,
+    backend = BatchedExecutor(LocalTrainer(model, layout, torch.device("cpu")), _data(records), seed=0,
                              max_batch_clients=4, timeout=1.0, strict=True)
     backend.train_round(0, ["0", "1"], TrainTask(epochs=1, batch_size=4, lr=0.1), params)  # warm-up, probe
     started = time.monotonic()

@@ -198,7 +198,7 @@ def test_run_folder_without_its_key_is_refused_unless_trusted(valid_run: Path, t
 
 def test_server_resume_hands_trust_checkpoint_to_the_coordinator(tmp_path: Path) -> None:
     from fedtrain.cli import build_parser
-    from fedtrain.deploy import DeployRequest
+    from fedtrain.deploy.server import DeployRequest
 
     args = build_parser().parse_args(["server", "--insecure", "--resume", str(tmp_path), "--trust-checkpoint"])
     DeployRequest(str(tmp_path), {}, True, 2, 1.0, 1.0, trust_checkpoint=args.trust_checkpoint).write()

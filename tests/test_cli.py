@@ -127,11 +127,13 @@ def test_privacy_planner_does_not_import_torch_or_opacus(tmp_path: Path) -> None
 
 
 def test_poll_and_address_defaults_are_the_deployments() -> None:
-    from fedtrain import cli, deploy
+    from fedtrain import cli
+    from fedtrain.deploy import server as deploy_server
+    from fedtrain.transport import flower
 
-    assert cli.DEFAULT_POLL == deploy.DEFAULT_POLL
+    assert cli.DEFAULT_POLL == flower.DEFAULT_POLL == deploy_server.DEFAULT_POLL
     server = cli.build_parser().parse_args(["server", "--insecure"])
-    assert server.address == deploy.DEFAULT_ADDRESS == "127.0.0.1:9092"
+    assert server.address == deploy_server.DEFAULT_ADDRESS == "127.0.0.1:9092"
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0:9092", "[::]:9092", "10.0.0.5:9092", "coordinator.example.org:9092"])

@@ -7,9 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from fedtrain import ParamLayout, UpdateKind
-from fedtrain.client import LocalOptimizer, LocalTrainer, TrainTask, resolve_device
-from fedtrain.config import ConfigError, Optimizer
+from fedtrain.training.optimizer import LocalOptimizer
+from fedtrain.training.trainer import LocalTrainer, clip_and_report_, resolve_device
+from fedtrain.training.train_task import TrainTask
+from fedtrain.config import ConfigError, GradSampleMode, Optimizer
 from fedtrain.models import mlp
+from fedtrain.privacy.dpsgd import DpSgdTask
+from fedtrain.privacy.policy import ClientPrivacy
+from fedtrain.types import ClientMetric
 
 
 def _setup() -> tuple[LocalTrainer, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,3 +175,24 @@ def test_local_optimizer_is_bit_identical_to_torch_optim(changes: dict[str, obje
     ours, torchs = _steps(task, ours=True), _steps(task, ours=False)
 
     assert all(torch.equal(a, b) for a, b in zip(ours, torchs))
+
+
+def test_clip_and_report_clips_rows_in_place_and_reports_only_the_clipped_bit() -> None:
+    updates = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
+
+    metrics = clip_and_report_(updates, [1.0, 2.0, 3.0], _task(privacy=ClientPrivacy(clip=1.0)))
+
+    assert metrics == [{ClientMetric.UNCLIPPED.value: 0.0}, {ClientMetric.UNCLIPPED.value: 1.0},
+                       {ClientMetric.UNCLIPPED.value: 1.0}]
+    torch.testing.assert_close(updates, torch.tensor([[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]]))
+
+
+def test_clip_and_report_reports_the_loss_only_without_privacy() -> None:
+    dp_sgd = ClientPrivacy(dp_sgd=DpSgdTask(1.0, 1.0, GradSampleMode.HOOKS, secure_noise=False))
+    vector = torch.tensor([3.0, 4.0])
+
+    assert clip_and_report_(vector, [0.25], _task()) == [{ClientMetric.TRAIN_LOSS.value: 0.25}]
+    assert clip_and_report_(vector, [0.25], _task(privacy=dp_sgd)) == [{}]
+    assert torch.equal(vector, torch.tensor([3.0, 4.0]))
+    with pytest.raises(ValueError, match="2 training losses for 1 updates"):
+        clip_and_report_(vector, [0.25, 0.5], _task())

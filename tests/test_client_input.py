@@ -19,13 +19,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtrain import ParamLayout, load_strategy
-from fedtrain.backends import flower
-from fedtrain.client import TrainTask
+from fedtrain.transport import flower
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import ClientConfig, load, to_dict
-from fedtrain.engine import Engine, RngStreams, RoundOutcome
+from fedtrain.engine import Engine, RngStreams
+from fedtrain.types import RoundOutcome
 from fedtrain.models import mlp
 from fedtrain.privacy.policy import ClientPrivacy
-from fedtrain.relay import ClientInfo, Hello
+from fedtrain.transport.relay import ClientInfo, Hello
 from fedtrain.sampling import UniformSampler
 from fedtrain.types import MAX_RECORDS, ClientUpdate, Evaluation, RoundPlan, UpdateKind
 from fedtrain.validation import metrics_reason, rejection_reason
@@ -210,10 +211,10 @@ class CannedGrid:
         return out
 
 
-def _backend(replies: Mapping[int, Reply], min_records: int = 1) -> flower.FlowerBackend:
+def _backend(replies: Mapping[int, Reply], min_records: int = 1) -> flower.FlowerTransport:
     config = load(None, ["data.num_clients=4", "strategy.clients_per_round=4"])
     hello = Hello(to_dict(config), (NUMEL,), 2)
-    return flower.FlowerBackend(CannedGrid(replies), hello, timeout=5.0, poll_seconds=0.0,  # type: ignore[arg-type]
+    return flower.FlowerTransport(CannedGrid(replies), hello, timeout=5.0, poll_seconds=0.0,  # type: ignore[arg-type]
                                 min_records=min_records)
 
 
@@ -358,7 +359,7 @@ def test_the_engine_refuses_bad_counts_and_metrics_and_records_why() -> None:
     ]
     engine = Engine(
         strategy=load_strategy("fedavg"),
-        backend=CraftedBackend(updates),
+        executor=CraftedBackend(updates),
         sampler=UniformSampler(4),
         evaluate=lambda p: Evaluation(0.0, 0.0, 1),
         clients=[u.client_id for u in updates],

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fedtrain.certs import CertificateSet, add_client_key, create_certificates
-from fedtrain.deploy import free_port
+from fedtrain.deploy.addresses import free_port
 
 from deployed import Started, cli, rows
 

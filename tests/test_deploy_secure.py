@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedtrain.deploy import free_port
+from fedtrain.deploy.addresses import free_port
 
 from deployed import Started, cli, rows
 

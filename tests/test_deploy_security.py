@@ -38,18 +38,13 @@ import httpx
 import pytest
 
 from fedtrain.certs import CertificateSet, add_client_key, create_certificates
-from fedtrain.client_worker import plugin_refusal
 from fedtrain.config import from_dict, to_dict
 from fedtrain.config import load as load_config
-from fedtrain.deploy import (
-    APP_PYPROJECT,
-    FLEET_PREFIX,
-    LOOPBACK,
-    _flower_env,
-    fab_refusal,
-    free_port,
-    refusal_reason,
-)
+from fedtrain.deploy.addresses import LOOPBACK, free_port
+from fedtrain.deploy.app import APP_PYPROJECT, fab_refusal
+from fedtrain.deploy.flower import FLEET_PREFIX, flower_env
+from fedtrain.deploy.server import refusal_reason
+from fedtrain.deploy.worker import plugin_refusal
 
 from deployed import Started, descendants, fedtrain_script, listening, rows, wait_for
 
@@ -154,7 +149,7 @@ def _attacker_register(root: Path, address: str, ca: Path, key: Path) -> subproc
     )
     flwr = Path(sys.executable).with_name("flwr")
     return subprocess.run([str(flwr), "supernode", "register", str(key), "x", "--format", "json"],
-                          env=_flower_env(home), capture_output=True, text=True, timeout=120)
+                          env=flower_env(home), capture_output=True, text=True, timeout=120)
 
 
 def _probe_http(address: str, ca: Path) -> dict[str, int]:
@@ -237,7 +232,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
         (foreign_dir / "foreign_app.py").write_text(FOREIGN_APP.format(marker=str(marker), result=str(result)))
         submitted = subprocess.run(
             [str(Path(sys.executable).with_name("flwr")), "run", str(foreign_dir), "fedtrain", "--format", "json"],
-            env=_flower_env(run_dir / "flower" / "home"), capture_output=True, text=True, timeout=120,
+            env=flower_env(run_dir / "flower" / "home"), capture_output=True, text=True, timeout=120,
         )
         assert json.loads(submitted.stdout).get("success"), submitted.stdout + submitted.stderr
         wait_for(result.exists, 150, "the foreign app's ServerApp to hear back from the clients")
@@ -389,11 +384,11 @@ def _hello_reply(name: str):  # type: ignore[no-untyped-def]
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_client_id_stays_with_the_key_that_claimed_it() -> None:
-    from fedtrain.backends.flower import FlowerBackend
-    from fedtrain.relay import Hello
+    from fedtrain.transport.flower import FlowerTransport
+    from fedtrain.transport.relay import Hello
 
     grid = _Grid({1, 2})
-    keyed = FlowerBackend(grid, Hello({}, (4,), 2), 10.0, 0.1)  # type: ignore[arg-type]
+    keyed = FlowerTransport(grid, Hello({}, (4,), 2), 10.0, 0.1)  # type: ignore[arg-type]
     keyed.ids_follow_keys = True
     assert keyed.admit(1, _hello_reply("0")) is None
     grid.live = {2}
@@ -401,7 +396,7 @@ def test_a_client_id_stays_with_the_key_that_claimed_it() -> None:
     grid.live = {1, 2}
     assert keyed.admit(1, _hello_reply("0")) is None
 
-    keyless = FlowerBackend(grid, Hello({}, (4,), 2), 10.0, 0.1)  # type: ignore[arg-type]
+    keyless = FlowerTransport(grid, Hello({}, (4,), 2), 10.0, 0.1)  # type: ignore[arg-type]
     assert keyless.admit(1, _hello_reply("0")) is None
     grid.live = {2}
     assert keyless.admit(2, _hello_reply("0")) is None
@@ -421,11 +416,15 @@ def test_fedtrains_own_app_bundle_is_accepted() -> None:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("change, expected", [
-    (lambda files: {**files, "fedtrain/backends/flower.py": "print('shadow')"}, "holds fedtrain/backends/flower.py"),
+    (lambda files: {**files, "fedtrain/transport/flower_client_app.py": "print('shadow')"},
+     "holds fedtrain/transport/flower_client_app.py"),
+    (lambda files: {**files, "fedtrain/deploy/server.py": "print('shadow')"}, "holds fedtrain/deploy/server.py"),
     (lambda files: {"pyproject.toml": files["pyproject.toml"].replace(
-        "fedtrain.backends.flower:client_app", "mine:client_app"), "mine.py": ""}, "holds mine.py"),
+        "fedtrain.transport.flower_client_app:client_app", "mine:client_app"), "mine.py": ""}, "holds mine.py"),
     (lambda files: {"pyproject.toml": files["pyproject.toml"].replace(
-        "fedtrain.backends.flower:client_app", "os:system")}, "components"),
+        "fedtrain.transport.flower_client_app:client_app", "os:system")}, "components"),
+    (lambda files: {"pyproject.toml": files["pyproject.toml"].replace(
+        "fedtrain.deploy.server:server_app", "fedtrain.transport.flower:server_app")}, "components"),
     (lambda files: {"pyproject.toml": files["pyproject.toml"].replace(
         "dependencies = []", 'dependencies = ["evil"]')}, "asks to install"),
 ])

@@ -7,9 +7,10 @@ import torch
 from typing import Sequence
 
 from fedtrain import ClientUpdate, Strategy, load_strategy
-from fedtrain.client import TrainTask
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import ClientConfig
-from fedtrain.engine import ClientFailure, Engine, RngStreams, RoundOutcome
+from fedtrain.types import ClientFailure, RoundOutcome
+from fedtrain.engine import Engine, RngStreams
 from fedtrain.sampling import UniformSampler
 from fedtrain.types import Evaluation
 
@@ -36,7 +37,7 @@ class ScriptedBackend:
 def _engine(vectors: dict[str, torch.Tensor | str], strategy: Strategy, min_clients: int = 1) -> Engine:
     return Engine(
         strategy=strategy,
-        backend=ScriptedBackend(vectors),
+        executor=ScriptedBackend(vectors),
         sampler=UniformSampler(len(vectors)),
         evaluate=lambda p: Evaluation(loss=float(p.sum()), accuracy=0.5, num_examples=1),
         clients=tuple(vectors),

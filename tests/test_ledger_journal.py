@@ -26,7 +26,7 @@ from fedtrain.privacy.sample_level import SampleLevelDP
 from fedtrain.privacy.user_level import UserLevelDP
 from fedtrain.results import read_metrics
 from fedtrain.simulation import simulate
-from fedtrain.types import ClientUpdate
+from fedtrain.types import AggregateOrigin, AggregateUpdate, ClientUpdate
 
 USER_DP = ["run.rounds=3", "strategy.clients_per_round=4", "run.keep_checkpoints=3", "privacy.mode=user",
            "privacy.noise_multiplier=0.8", "strategy.sampling=poisson", "privacy.secure_noise=false"]
@@ -235,7 +235,8 @@ def _distributed() -> DistributedDP:
 def test_release_events_composed_again_give_the_ledger_of_the_release(make: Any) -> None:
     policy: PrivacyPolicy = make()
     if isinstance(policy, DistributedDP):
-        updates = [ClientUpdate("aggregate", torch.full((3,), 0.1), num_examples=2, contributors=2)]
+        updates = [AggregateUpdate(torch.full((3,), 0.1), num_examples=2, contributors=2,
+                                   origin=AggregateOrigin.SECURE_SUM, unit_weights=True)]
     else:
         updates = [ClientUpdate(c, torch.full((3,), 0.1), num_examples=5) for c in ("a", "b")]
     policy.release(1, ["a", "b"], updates)

@@ -1,4 +1,4 @@
-"""User-level (DP-FedAvg) and sample-level (DP-SGD ledger) policies, as units."""
+"""User-level (DP-FedAvg), distributed and sample-level (DP-SGD ledger) policies, as units."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from fedtrain import ClientUpdate
+from fedtrain.types import AggregateOrigin, AggregateUpdate, ClientMetric
 from fedtrain.config import AccountantKind, GradSampleMode
 from fedtrain.privacy.accountant import Accountant, epsilon_for
+from fedtrain.privacy.distributed import DistributedDP
 from fedtrain.privacy.dpsgd import DpSgdTask, client_event
 from fedtrain.privacy.noise import SeededGaussian
 from fedtrain.privacy.sample_level import SampleLevelDP
 from fedtrain.privacy.user_level import (
-    UNCLIPPED,
     AdaptiveClipping,
     UserLevelDP,
     round_event,
@@ -32,7 +33,7 @@ def _user(noise: float = 1.0, clip: float = 1.0, max_epsilon: float = 0.0,
 
 
 def _update(cid: str, vector: list[float], unclipped: float = 1.0) -> ClientUpdate:
-    return ClientUpdate(cid, torch.tensor(vector), num_examples=5, metrics={UNCLIPPED: unclipped})
+    return ClientUpdate(cid, torch.tensor(vector), num_examples=5, metrics={ClientMetric.UNCLIPPED.value: unclipped})
 
 
 def test_release_is_the_noisy_sum_over_the_expected_cohort() -> None:
@@ -55,6 +56,61 @@ def test_release_charges_the_ledger_before_returning() -> None:
 
     assert policy.accountant.history[0].steps == 2
     assert policy.report().epsilon == pytest.approx(epsilon_for(1.0, 0.1, 2, 1e-5, AccountantKind.RDP))
+
+
+def test_releases_are_typed_aggregates_named_by_their_origin() -> None:
+    (user,) = _user().release(1, ["a"], [_update("a", [0.1, 0.1])]).updates
+    (distributed,) = _distributed().release(1, ["a", "b"], [_secure_sum(2)]).updates
+
+    assert isinstance(user, AggregateUpdate) and user.origin is AggregateOrigin.DP_FEDAVG
+    assert user.client_id == "dp-fedavg"
+    assert isinstance(distributed, AggregateUpdate) and distributed.origin is AggregateOrigin.DISTRIBUTED_DP
+    assert (distributed.client_id, distributed.num_examples, distributed.contributors) == ("distributed-dp", 1, 2)
+
+
+def _distributed() -> DistributedDP:
+    return DistributedDP(Accountant(AccountantKind.RDP), noise_multiplier=1.0, clip=1.0, sample_rate=0.1,
+                         amplified=True, expected_cohort=2.0, delta=1e-5, max_epsilon=0.0)
+
+
+def _secure_sum(contributors: int, unit_weights: bool = True, weight: int | None = None) -> AggregateUpdate:
+    return AggregateUpdate(torch.full((2,), 0.1), num_examples=contributors if weight is None else weight,
+                           contributors=contributors, origin=AggregateOrigin.SECURE_SUM, unit_weights=unit_weights)
+
+
+UNIT_WEIGHT_REFUSAL = "distributed DP releases only a securely aggregated sum of unit-weight contributions"
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        ClientUpdate("secure-aggregate", torch.full((2,), 0.1), num_examples=2, contributors=2),
+        ClientUpdate("a", torch.full((2,), 0.1), num_examples=1),
+        _secure_sum(2, unit_weights=False, weight=7),
+        AggregateUpdate(torch.full((2,), 0.1), num_examples=1, contributors=2, origin=AggregateOrigin.DP_FEDAVG),
+    ],
+    ids=["plain-update-whose-counts-match", "client-update", "weighted-secure-sum", "other-origin"],
+)
+def test_distributed_dp_refuses_anything_but_a_unit_weight_secure_sum(update: ClientUpdate) -> None:
+    policy = _distributed()
+
+    release = policy.release(1, ["a", "b"], [update])
+
+    assert release.updates == () and release.events == {}
+    assert release.rejected == ((update.client_id, UNIT_WEIGHT_REFUSAL),)
+    assert not policy.accountant.history
+
+
+def test_distributed_dp_refuses_two_secure_sums_in_one_round() -> None:
+    release = _distributed().release(1, ["a", "b"], [_secure_sum(1), _secure_sum(1)])
+
+    assert release.updates == ()
+    assert release.rejected == (("secure-aggregate", "expected exactly one secure aggregate per round"),) * 2
+
+
+def test_a_unit_weight_aggregate_must_count_each_contributor_once() -> None:
+    with pytest.raises(ValueError, match="num_examples = 3 with unit_weights: must equal contributors = 2"):
+        _secure_sum(2, weight=3)
 
 
 def test_update_above_the_clip_bound_is_rejected() -> None:

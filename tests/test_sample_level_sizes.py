@@ -15,9 +15,10 @@ import torch
 
 from fedtrain import ParamLayout, config, load_strategy
 from fedtrain.aggregation import stack
-from fedtrain.backends.batched import BatchedBackend
-from fedtrain.backends.local import LocalBackend
-from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.training.batched import BatchedExecutor
+from fedtrain.training.sequential import SequentialExecutor
+from fedtrain.training.trainer import LocalTrainer
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import ConfigError, GradSampleMode, Partition
 from fedtrain.data import partition
 from fedtrain.data.clients import PartitionedData, partitions_by_id
@@ -125,9 +126,9 @@ def test_batched_dp_sgd_adds_each_clients_own_noise_as_sequential_does() -> None
     trainer = _trainer()
     params = trainer.layout.flatten(trainer.model.state_dict())
 
-    seq = LocalBackend(trainer, data, seed=3).train_round(1, ids, task, params)
-    batched = BatchedBackend(_trainer(), data, seed=3, strict=True).train_round(1, ids, task, params)
-    uniform = LocalBackend(_trainer(), data, seed=3).train_round(
+    seq = SequentialExecutor(trainer, data, seed=3).train_round(1, ids, task, params)
+    batched = BatchedExecutor(_trainer(), data, seed=3, strict=True).train_round(1, ids, task, params)
+    uniform = SequentialExecutor(_trainer(), data, seed=3).train_round(
         1, ids, dataclasses.replace(task, privacy=ClientPrivacy(dp_sgd=dp)), params)
 
     assert [(f.client_id, f.reason) for f in batched.failures] == [(ids[-1], "left out")] == [

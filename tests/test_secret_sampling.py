@@ -24,9 +24,10 @@ import torch
 
 from fedtrain import ParamLayout, config
 from fedtrain.aggregation import stack
-from fedtrain.backends.batched import BatchedBackend
-from fedtrain.backends.local import LocalBackend
-from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.training.batched import BatchedExecutor
+from fedtrain.training.sequential import SequentialExecutor
+from fedtrain.training.trainer import LocalTrainer
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import GradSampleMode, PrivacyConfig, PrivacyMode
 from fedtrain.data.clients import PartitionedData
 from fedtrain.engine import RngStreams
@@ -265,7 +266,7 @@ def test_secret_dp_sgd_batch_sizes_have_the_expected_mean(monkeypatch: pytest.Mo
     assert abs(sum(sizes) - steps * n * q) < 6 * math.sqrt(steps * n * q * (1 - q))
 
 
-def _round(backend: LocalBackend | BatchedBackend, task: TrainTask, params: torch.Tensor) -> torch.Tensor:
+def _round(backend: SequentialExecutor | BatchedExecutor, task: TrainTask, params: torch.Tensor) -> torch.Tensor:
     outcome = backend.train_round(1, list(backend.data.ids), task, params)
     assert not outcome.failures
     return stack(outcome.updates).clone()
@@ -275,8 +276,8 @@ def test_batched_dp_sgd_draws_secret_batches_and_seeded_ones_match_sequential() 
     data = _records()
     batched_trainer, sequential_trainer = _trainer(), _trainer()
     params = batched_trainer.layout.flatten(batched_trainer.model.state_dict())
-    batched = BatchedBackend(batched_trainer, data, seed=7, strict=True)
-    sequential = LocalBackend(sequential_trainer, data, seed=7)
+    batched = BatchedExecutor(batched_trainer, data, seed=7, strict=True)
+    sequential = SequentialExecutor(sequential_trainer, data, seed=7)
 
     secret = [_round(batched, _dp_task(secure=True), params) for _ in range(2)]
     seeded = _round(batched, _dp_task(secure=False), params)

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from fedtrain import config
-from fedtrain.backends.secure import AGGREGATE_ID, SecureAggregationBackend, aggregate_update
-from fedtrain.client import TrainTask
+from fedtrain.transport.in_process import InProcessSecureAggregation
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import ClientConfig
-from fedtrain.engine import RoundOutcome
+from fedtrain.types import RoundOutcome
 from fedtrain.privacy.policy import ClientPrivacy
 from fedtrain.secure.graph import NeighbourGraph
 from fedtrain.secure.messages import (
@@ -38,6 +38,7 @@ from fedtrain.secure.protocol import (
     SecureServer,
     ServerStage,
 )
+from fedtrain.secure.round import aggregate_update
 from fedtrain.secure.setting import SecureSettings
 from fedtrain.simulation import simulate
 from fedtrain.types import ClientUpdate, RoundPlan, UpdateKind
@@ -284,12 +285,12 @@ def test_the_secure_backend_skips_a_round_with_a_forged_weight(
     counts = [500, 700, 900, 300]
     forger = _weight_forger(total_weight)
     forger.honest_total = sum(counts)
-    monkeypatch.setattr("fedtrain.backends.secure.SecureClient", forger)
-    backend = SecureAggregationBackend(_Fixed(counts), _settings(max_weight=1000), seed=0, weighted=True)
+    monkeypatch.setattr("fedtrain.transport.in_process.SecureClient", forger)
+    backend = InProcessSecureAggregation(_Fixed(counts), _settings(max_weight=1000), seed=0, weighted=True)
     ids = ("a", "b", "c", "d")
     task = TrainTask.of(ClientConfig(), RoundPlan(ids), ClientPrivacy())
 
-    with caplog.at_level(logging.WARNING, logger="fedtrain.backends.secure"):
+    with caplog.at_level(logging.WARNING, logger="fedtrain.secure.round"):
         outcome = backend.train_round(1, ids, task, torch.zeros(2))
 
     assert outcome.updates == ()
@@ -299,7 +300,7 @@ def test_the_secure_backend_skips_a_round_with_a_forged_weight(
 
 
 def test_a_huge_record_count_never_reaches_floating_point() -> None:
-    backend = SecureAggregationBackend(_Fixed([10**400, 3, 5]), _settings(max_weight=1000), seed=0, weighted=True)
+    backend = InProcessSecureAggregation(_Fixed([10**400, 3, 5]), _settings(max_weight=1000), seed=0, weighted=True)
     ids = ("a", "b", "c")
     task = TrainTask.of(ClientConfig(), RoundPlan(ids), ClientPrivacy())
 
@@ -307,7 +308,7 @@ def test_a_huge_record_count_never_reaches_floating_point() -> None:
 
     (aggregate,) = outcome.updates
     refused = {f.client_id: f.reason for f in outcome.failures}
-    assert aggregate.client_id == AGGREGATE_ID
+    assert aggregate.client_id == "secure-aggregate"
     assert torch.allclose(aggregate.vector, torch.full((2,), 0.5), atol=1e-6)
     if "a" in refused:  # refused by the update validation before masking
         assert "num_examples" in refused["a"]
@@ -330,7 +331,7 @@ def _amplifier() -> type[SecureClient]:
 def test_a_forged_weight_in_a_simulation_skips_every_round_with_the_model_unchanged(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr("fedtrain.backends.secure.SecureClient", _amplifier())
+    monkeypatch.setattr("fedtrain.transport.in_process.SecureClient", _amplifier())
     base = SECURE + ["data.num_clients=6", "strategy.clients_per_round=6"]
 
     one = simulate(config.load(None, base + ["run.rounds=1"]), out_dir=tmp_path / "one")

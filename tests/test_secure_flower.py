@@ -1,4 +1,4 @@
-"""The deployed secure-aggregation path in one process: SecureFlowerBackend
+"""The deployed secure-aggregation path in one process: SecureFlowerTransport
 drives real ClientWorkers through fedtrain's ClientApp handlers and their
 authenticated local sockets, with a loopback stand-in for Flower's Grid.
 Fast where tests/test_deploy_secure.py (real processes) is slow: the sum is
@@ -18,18 +18,17 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtrain.backends import flower
-from fedtrain.backends.secure import AGGREGATE_ID
-from fedtrain.client import TrainTask
-from fedtrain.client_worker import ClientWorker, WorkerServer
+from fedtrain.transport import flower, flower_client_app
+from fedtrain.training.train_task import TrainTask
+from fedtrain.deploy.worker import ClientWorker, WorkerServer
 from fedtrain.config import ConfigError, load, to_dict
-from fedtrain.deploy import check_secure_deployment
-from fedtrain.relay import NODE_KEY_FILE, NODE_WORKER, Hello, TrainReply
+from fedtrain.deploy.server import check_secure_deployment
+from fedtrain.transport.relay import NODE_KEY_FILE, NODE_WORKER, Hello, TrainReply
 from fedtrain.secure.setting import SecureSettings
 from fedtrain.layout import ParamLayout
-from fedtrain.simulation import client_data, prepare_model
+from fedtrain.run import client_data, prepare_model
 from fedtrain.privacy.policy import ClientPrivacy
-from fedtrain.types import RoundPlan, UpdateKind
+from fedtrain.types import AggregateOrigin, AggregateUpdate, RoundPlan, UpdateKind
 
 Handler = Callable[[Message], "Message | None"]
 
@@ -94,8 +93,8 @@ def _client_app(worker: ClientWorker, folder: Path, node: int) -> tuple[Handler,
     key.write_text(server.authkey.hex())
     server.start()
     context = Context(1, node, {NODE_WORKER: server.address, NODE_KEY_FILE: str(key)}, RecordDict(), {})
-    routes = {"query": flower._hello, flower.TRAIN_SECURE: flower._train_secure,
-              flower.QUERY_SECURE: flower._secure_stage}
+    routes = {"query": flower_client_app._hello, flower.TRAIN_SECURE: flower_client_app._train_secure,
+              flower.QUERY_SECURE: flower_client_app._secure_stage}
 
     def handle(message: Message) -> Message:
         return routes[message.metadata.message_type](message, context)
@@ -128,7 +127,7 @@ def _run(
 
         handlers[100 + i] = handle
     settings = SecureSettings.of(config)
-    backend = flower.SecureFlowerBackend(
+    backend = flower.SecureFlowerTransport(
         LoopbackGrid(handlers), Hello(to_dict(config), data.input_shape, data.num_classes),  # type: ignore[arg-type]
         timeout=5.0, poll_seconds=0.01, settings=settings, weighted=True,
     )
@@ -146,7 +145,8 @@ def test_deployed_secure_round_sums_the_clients_updates(tmp_path: Path) -> None:
     outcome, workers, params, settings = _run(tmp_path, None)
     assert outcome.failures == ()
     (aggregate,) = outcome.updates
-    assert aggregate.client_id == AGGREGATE_ID and aggregate.contributors == 4
+    assert isinstance(aggregate, AggregateUpdate) and aggregate.origin is AggregateOrigin.SECURE_SUM
+    assert aggregate.client_id == "secure-aggregate" and aggregate.contributors == 4
     weights = [min(w.updates[1].num_examples, settings.max_weight) for w in workers]
     expected = sum(w.updates[1].update.astype(np.float64) * k for w, k in zip(workers, weights)) / sum(weights)
     assert aggregate.num_examples == sum(weights)
@@ -160,6 +160,7 @@ def test_distributed_dp_noise_is_added_by_the_clients(tmp_path: Path) -> None:
     outcome, workers, _, _ = _run(tmp_path, None, ClientPrivacy(clip=clip, distributed_noise=noise))
     (aggregate,) = outcome.updates
     assert aggregate.contributors == 4 and aggregate.num_examples == 4, "unit weights under distributed DP"
+    assert isinstance(aggregate, AggregateUpdate) and aggregate.unit_weights
     clear = [w.updates[1].update.astype(np.float64) for w in workers]
     assert all(np.linalg.norm(u) <= clip * (1 + 1e-5) for u in clear), "clients clip before adding noise"
     residual = aggregate.vector.numpy() - sum(clear) / 4

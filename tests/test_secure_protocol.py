@@ -1,20 +1,33 @@
 """SecAgg+ protocol: exact sums under tolerated dropouts, clean aborts beyond
-them, masked vectors that look uniform, malformed inputs excluded."""
+them, masked vectors that look uniform, malformed inputs excluded; the round
+driver's failures over a channel that loses a client at each stage."""
 
 from __future__ import annotations
 
 import secrets
-from typing import Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+import torch
 from scipy import stats
 
-from fedtrain.backends.secure import run_in_process
+from fedtrain.transport.in_process import run_in_process
 from fedtrain.secure.graph import NeighbourGraph, default_degree, threshold_for
-from fedtrain.secure.messages import MaskedInput, SecureSetup, UnmaskRequest, UnmaskResponse, wire_bytes
+from fedtrain.secure.messages import (
+    AdvertiseRequest,
+    KeyAdvert,
+    MaskedInput,
+    Neighbourhood,
+    SecureSetup,
+    ShareDelivery,
+    SharedKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+    wire_bytes,
+)
 from fedtrain.secure.protocol import (
     ProtocolError,
     SecureAggregationAborted,
@@ -22,7 +35,10 @@ from fedtrain.secure.protocol import (
     SecureServer,
     ServerStage,
 )
+from fedtrain.secure.round import Replies, SecureRound, run_secure_round
+from fedtrain.secure.setting import SecureSettings
 from fedtrain.secure.shamir import PRIME, Share, reconstruct, split
+from fedtrain.types import AggregateOrigin, ClientFailure, UpdateKind
 
 SIGNIFICANCE = 1e-6
 """Uniformity tests reject only below this p-value: a correct masker fails
@@ -257,3 +273,102 @@ def test_a_client_refuses_to_mask_with_fewer_peers_than_the_threshold() -> None:
 
     with pytest.raises(ProtocolError, match="fewer than the threshold"):
         clients[0].masked_input(isolating, np.zeros(2), 1)
+
+
+I = TypeVar("I")
+R = TypeVar("R")
+
+
+class _LossyChannel:
+    """A channel of honest in-process clients that loses the clients
+    ``lose[stage]`` at each named stage, with the reason ``"<stage>: gone"``, and whose
+    client ``garble`` sends a masked input one element short (the coordinator
+    excludes it without a reason of the channel's)."""
+
+    def __init__(self, updates: np.ndarray, lose: Mapping[str, set[int]], garble: int | None = None) -> None:
+        self.updates = updates
+        self.lose = lose
+        self.garble = garble
+        self.clients: dict[int, SecureClient] = {}
+
+    def _answer(self, stage: str, outgoing: Mapping[int, I], step: Callable[[SecureClient, I], R]) -> Replies[R]:
+        lost = self.lose.get(stage, set()) & set(outgoing)
+        replies = tuple(step(self.clients[i], m) for i, m in sorted(outgoing.items()) if i not in lost)
+        return Replies(replies, {i: f"{stage}: gone" for i in lost})
+
+    def advertise(self, requests: Mapping[int, AdvertiseRequest]) -> Replies[KeyAdvert]:
+        self.clients = {i: SecureClient(i, r.setup) for i, r in requests.items()}
+        return self._answer("advertise", requests, lambda c, _: c.advertise())
+
+    def share_keys(self, neighbourhoods: Mapping[int, Neighbourhood]) -> Replies[SharedKeys]:
+        return self._answer("share_keys", neighbourhoods, lambda c, n: c.share_keys(n))
+
+    def masked_input(self, deliveries: Mapping[int, ShareDelivery]) -> Replies[MaskedInput]:
+        def mask(c: SecureClient, d: ShareDelivery) -> MaskedInput:
+            masked = c.masked_input(d, self.updates[c.index], c.index + 1)
+            return MaskedInput(c.index, masked.vector[:-1]) if c.index == self.garble else masked
+
+        return self._answer("masked_input", deliveries, mask)
+
+    def unmask(self, requests: Mapping[int, UnmaskRequest]) -> Replies[UnmaskResponse]:
+        return self._answer("unmask", requests, lambda c, r: c.unmask(r))
+
+
+_IDS = [f"c{i}" for i in range(12)]
+_SETTINGS = SecureSettings(bits=32, clip_range=1.0, max_weight=100, neighbours=0, threshold=0.5,
+                           simulated_dropout=0.0)
+
+
+def _drive(channel: _LossyChannel) -> SecureRound:
+    return run_secure_round(
+        channel, _SETTINGS, rnd=1, ids=_IDS, planned=14, params=torch.zeros(channel.updates.shape[1]),
+        kind=UpdateKind.DELTA, distributed_noise=0.0, weighted=True,
+    )
+
+
+def test_the_round_driver_reports_a_client_lost_at_each_stage() -> None:
+    x = np.random.default_rng(3).uniform(-1, 1, (12, 4)).astype(np.float32)
+    lose = {"advertise": {0}, "share_keys": {1}, "masked_input": {2}, "unmask": {3}}
+
+    secure = _drive(_LossyChannel(x, lose, garble=4))
+
+    assert secure.failures == (
+        ClientFailure("c0", "advertise: gone"),  # lost opening the round: the channel's reason as is
+        ClientFailure("c1", "secure aggregation: share_keys: gone"),
+        ClientFailure("c2", "secure aggregation: masked_input: gone"),
+        ClientFailure("c4", "secure aggregation: masked vector shape (4,), expected (5,)"),  # the coordinator's
+    ), "c3 went silent only at unmask: its input is still in the sum"
+    assert secure.lost == {0, 1, 2, 4}
+    aggregate = secure.aggregate
+    assert aggregate is not None and aggregate.origin is AggregateOrigin.SECURE_SUM
+    survivors = [3, *range(5, 12)]
+    weights = [i + 1 for i in survivors]
+    expected = sum(x[i].astype(np.float64) * (i + 1) for i in survivors) / sum(weights)
+    assert (aggregate.num_examples, aggregate.contributors, aggregate.unit_weights) == (sum(weights), 8, False)
+    np.testing.assert_allclose(aggregate.vector.numpy(), expected, atol=1e-6)
+
+
+def test_the_round_driver_fails_everyone_who_joined_when_the_round_aborts() -> None:
+    x = np.zeros((12, 4), dtype=np.float32)
+    # Five of the eleven clients that shared keys drop before masking: each
+    # survivor keeps 5 neighbours, fewer than the threshold of 6.
+    channel = _LossyChannel(x, {"advertise": {0}, "masked_input": {1, 2, 3, 4, 5}})
+
+    secure = _drive(channel)
+
+    assert secure.aggregate is None
+    assert secure.failures[0] == ClientFailure("c0", "advertise: gone")
+    assert [f.client_id for f in secure.failures[1:]] == _IDS[1:]
+    assert all(f.reason.startswith("secure aggregation aborted: masked input: too many dropouts")
+               for f in secure.failures[1:])
+    assert secure.lost == {0, 1, 2, 3, 4, 5}, "only those the channel lost, not those failed by the abort"
+    assert secure.outcome([ClientFailure("x", "earlier")]).failures[0] == ClientFailure("x", "earlier")
+
+
+def test_the_round_driver_with_nobody_to_aggregate_reports_nothing() -> None:
+    secure = run_secure_round(
+        _LossyChannel(np.zeros((0, 1), dtype=np.float32), {}), _SETTINGS, rnd=1, ids=[], planned=3,
+        params=torch.zeros(1), kind=UpdateKind.DELTA, distributed_noise=0.0, weighted=True,
+    )
+
+    assert (secure.aggregate, secure.failures, secure.lost) == (None, (), frozenset())

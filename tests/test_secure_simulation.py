@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from fedtrain import config
-from fedtrain.backends.secure import AGGREGATE_ID, SecureAggregationBackend
-from fedtrain.client import TrainTask
+from fedtrain.transport.in_process import InProcessSecureAggregation
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import ClientConfig, ConfigError
-from fedtrain.engine import ClientFailure, RoundOutcome
+from fedtrain.types import ClientFailure, RoundOutcome
 from fedtrain.privacy.accountant import Accountant
 from fedtrain.privacy.distributed import DistributedDP
 from fedtrain.privacy.policy import ClientPrivacy
 from fedtrain.secure.setting import SecureSettings
 from fedtrain.simulation import simulate
-from fedtrain.types import ClientUpdate, RoundPlan
+from fedtrain.types import AggregateOrigin, AggregateUpdate, ClientUpdate, RoundPlan
 
 SECURE = ["secure.aggregation=true"]
 
@@ -57,9 +57,12 @@ def test_strategies_that_need_individual_updates_are_refused(strategy: str) -> N
          r"secure.max_weight = 1000: up to 3000000 clients per round \(num_clients, under Poisson sampling\)"),
     ],
 )
-def test_a_ring_that_could_overflow_is_refused_at_config_time(overrides: list[str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        config.load(None, SECURE + overrides)
+def test_a_ring_that_could_overflow_is_refused_before_the_run(overrides: list[str], message: str) -> None:
+    from fedtrain.run import build_strategy
+
+    for deployed in (False, True):
+        with pytest.raises(ConfigError, match=message):
+            build_strategy(config.load(None, SECURE + overrides), deployed)
 
 
 def test_privacy_modes_that_do_not_fit_secure_aggregation_are_refused() -> None:
@@ -99,14 +102,15 @@ def test_secure_backend_returns_only_the_weighted_mean_and_excludes_a_bad_update
                "d": torch.tensor([1.0, 1.0])}
     settings = SecureSettings(bits=32, clip_range=4.0, max_weight=100, neighbours=0, threshold=0.5,
                               simulated_dropout=0.0)
-    backend = SecureAggregationBackend(FixedUpdates(vectors), settings, seed=0, weighted=True)
+    backend = InProcessSecureAggregation(FixedUpdates(vectors), settings, seed=0, weighted=True)
     task = TrainTask.of(ClientConfig(), RoundPlan(tuple(vectors)), ClientPrivacy())
 
     outcome = backend.train_round(1, tuple(vectors), task, torch.zeros(2))
 
     (aggregate,) = outcome.updates
     expected = (2 * vectors["a"] + 3 * vectors["b"] + 5 * vectors["d"]) / 10
-    assert aggregate.client_id == AGGREGATE_ID
+    assert isinstance(aggregate, AggregateUpdate) and aggregate.origin is AggregateOrigin.SECURE_SUM
+    assert aggregate.client_id == "secure-aggregate" and not aggregate.unit_weights
     assert (aggregate.num_examples, aggregate.contributors) == (10, 3)
     assert torch.allclose(aggregate.vector, expected, atol=1e-6)
     assert {f.client_id for f in outcome.failures} == {"crashed", "c"}
@@ -121,10 +125,15 @@ def test_distributed_dp_accounts_the_noise_that_reached_the_sum() -> None:
     cohort = [str(i) for i in range(10)]
     mean = torch.full((3,), 0.2)
 
-    released = full.release(1, cohort, [ClientUpdate(AGGREGATE_ID, mean, num_examples=10, contributors=10)])
-    short.release(1, cohort, [ClientUpdate(AGGREGATE_ID, mean, num_examples=6, contributors=6)])
+    def secure_sum(contributors: int) -> AggregateUpdate:
+        return AggregateUpdate(mean, num_examples=contributors, contributors=contributors,
+                               origin=AggregateOrigin.SECURE_SUM, unit_weights=True)
+
+    released = full.release(1, cohort, [secure_sum(10)])
+    short.release(1, cohort, [secure_sum(6)])
 
     assert torch.allclose(released.updates[0].vector, mean * 10 / 10.0)
+    assert released.updates[0].client_id == "distributed-dp"
     assert full.accountant.history[0].noise_multiplier == pytest.approx(1.0)
     assert short.accountant.history[0].noise_multiplier == pytest.approx(math.sqrt(0.6))
     assert short.report().epsilon > full.report().epsilon

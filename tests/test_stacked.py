@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedtrain.backends.stacked import StackedSequential
+from fedtrain.training.loss import per_record_loss
+from fedtrain.training.stacked import StackedSequential
 from fedtrain.models import cnn, mlp
 
 
@@ -59,9 +60,10 @@ def test_layers_without_a_stacked_form_are_refused(model: nn.Module) -> None:
 def _objective_gradients(
     stacked: StackedSequential, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Autograd's gradients of ``sum(w · cross_entropy)`` through the stacked forward pass."""
+    """Autograd's gradients of ``sum(w · loss)`` through the stacked forward pass, with the
+    training layer's loss: the written-out backward must agree with it."""
     leaves = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
-    ce = nn.functional.cross_entropy(stacked(leaves, x).transpose(1, 2), y, reduction="none")
+    ce = per_record_loss(stacked(leaves, x).transpose(1, 2), y)
     grads = torch.autograd.grad((ce * w).sum(), list(leaves.values()))
     return dict(zip(leaves, grads)), ce.detach()
 

@@ -1,6 +1,6 @@
-"""Where each client's records come from: the view a backend has of the data.
+"""Where each client's records come from: the view an executor has of the data.
 
-A backend asks for one client's records only when that client trains, so
+An executor asks for one client's records only when that client trains, so
 memory grows with the cohort, not with the population: partitions are index
 lists into one in-memory data set, and a generated federated data set
 (:mod:`fedtrain.data.synthetic`) makes a client's records from the seed on

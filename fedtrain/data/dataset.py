@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fedtrain.config import DataConfig
+from fedtrain.errors import DataError, MissingFileError
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def read_digits() -> tuple[np.ndarray, np.ndarray]:
             with gzip.open(path, mode="rt", encoding="utf-8") as f:
                 data = np.loadtxt(f, delimiter=",")
             return data[:, :-1], data[:, -1].astype(int, copy=False)
-    raise FileNotFoundError(
+    raise MissingFileError(
         "data.dataset = 'digits' reads the copy of the digits that scikit-learn ships "
         f"(sklearn/datasets/data/digits.csv.gz); not found in {folders or 'any installed scikit-learn'}: "
         "install scikit-learn"
@@ -119,12 +120,12 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     classes, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
     where = f"data.test_fraction = {test_fraction!r} of {n} records"
     if n_train < 1 or n_test < 1:
-        raise ValueError(f"{where}: a split needs at least one training and one test record")
+        raise DataError(f"{where}: a split needs at least one training and one test record")
     if class_counts.min() < 2:
-        raise ValueError(f"{where}: classes {classes[class_counts < 2].tolist()} have a single record, "
+        raise DataError(f"{where}: classes {classes[class_counts < 2].tolist()} have a single record, "
                          "which cannot be stratified")
     if min(n_train, n_test) < len(classes):
-        raise ValueError(f"{where}: {n_train} training and {n_test} test records cannot both hold "
+        raise DataError(f"{where}: {n_train} training and {n_test} test records cannot both hold "
                          f"each of the {len(classes)} classes")
     class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
     rng = np.random.RandomState(seed)
@@ -161,7 +162,7 @@ def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.Ran
 def _root(cfg: DataConfig, name: str, folder: str) -> Path:
     path = Path(cfg.root).expanduser() / folder
     if not cfg.root or not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data.root = {cfg.root!r}: data.dataset = {name!r} looked for the folder {path} "
             f"(the layout torchvision's datasets leave after a download); nothing is downloaded "
             f"at run time: fetch the files once and set data.root to the folder that holds {folder!r}"
@@ -173,7 +174,7 @@ def _find(cfg: DataConfig, folder: Path, filename: str) -> Path:
     for candidate in (folder / filename, folder / f"{filename}.gz"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"data.root = {cfg.root!r}: missing {folder / filename} (or {filename}.gz); "
         "nothing is downloaded at run time"
     )
@@ -185,12 +186,12 @@ def _read_idx(path: Path) -> np.ndarray:
     data. Gzipped files (``.gz``) are read transparently."""
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4].hex()})")
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4].hex()})")
     ndim = raw[3]
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {data.size} bytes")
+        raise DataError(f"{path}: header says shape {shape} but holds {data.size} bytes")
     return data.reshape(shape)
 
 
@@ -236,7 +237,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with path.open("rb") as f:
         batch = _ArrayUnpickler(f, encoding="bytes").load()
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise ValueError(f"{path}: not a CIFAR-10 batch (expected a dict with b'data' and b'labels')")
+        raise DataError(f"{path}: not a CIFAR-10 batch (expected a dict with b'data' and b'labels')")
     data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     return data, np.asarray(batch[b"labels"], dtype=np.int64)
 
@@ -268,30 +269,30 @@ def _check(ds: Dataset, spec: str) -> Dataset:
     """Reject a dataset the engine would choke on later, naming ``data.dataset``."""
     where = f"data.dataset = {spec!r}"
     if not isinstance(ds.num_classes, int) or ds.num_classes < 1:
-        raise ValueError(f"{where}: num_classes = {ds.num_classes!r}, expected an integer >= 1")
+        raise DataError(f"{where}: num_classes = {ds.num_classes!r}, expected an integer >= 1")
     for split in ("train", "test"):
         x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
         if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
             got = getattr(x, "dtype", type(x).__name__)
-            raise ValueError(f"{where}: x_{split} must be a float32 tensor, got {got}")
+            raise DataError(f"{where}: x_{split} must be a float32 tensor, got {got}")
         if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() != 1:
-            raise ValueError(f"{where}: y_{split} must be a 1-D int64 tensor of labels")
+            raise DataError(f"{where}: y_{split} must be a 1-D int64 tensor of labels")
         if len(x) != len(y):
-            raise ValueError(f"{where}: len(x_{split}) = {len(x)} but len(y_{split}) = {len(y)}")
+            raise DataError(f"{where}: len(x_{split}) = {len(x)} but len(y_{split}) = {len(y)}")
         if tuple(x.shape[1:]) != tuple(ds.input_shape):
-            raise ValueError(
+            raise DataError(
                 f"{where}: x_{split} samples have shape {tuple(x.shape[1:])}, "
                 f"input_shape says {ds.input_shape}"
             )
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= ds.num_classes):
-            raise ValueError(
+            raise DataError(
                 f"{where}: y_{split} holds labels {int(y.min())}..{int(y.max())}, "
                 f"outside [0, num_classes = {ds.num_classes})"
             )
     if len(ds.x_train) == 0:
-        raise ValueError(f"{where}: the training split is empty")
+        raise DataError(f"{where}: the training split is empty")
     if ds.keys is not None and (np.ndim(ds.keys) != 1 or len(ds.keys) != len(ds.y_train)):
-        raise ValueError(
+        raise DataError(
             f"{where}: keys has shape {np.shape(ds.keys)}, expected one key per training record "
             f"({len(ds.y_train)},)"
         )
@@ -310,10 +311,10 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
 
     function = load_object(cfg.dataset, "dataset function", "data.dataset")
     if not callable(function):
-        raise ValueError(f"data.dataset = {cfg.dataset!r}: {function!r} is not callable")
+        raise DataError(f"data.dataset = {cfg.dataset!r}: {function!r} is not callable")
     ds = function(seed)
     if not isinstance(ds, Dataset):
-        raise ValueError(
+        raise DataError(
             f"data.dataset = {cfg.dataset!r}: the function returned {type(ds).__name__}, "
             "expected a fedtrain.data.Dataset"
         )

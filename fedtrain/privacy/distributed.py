@@ -17,7 +17,7 @@ Steinke 2020) or Skellam (Agarwal, Kairouz & Liu 2021) mechanisms those
 papers analyse. Their analyses pay off in small rings (12–20 bits), where
 rounding is comparable to the noise; fedtrain's default ring has 2^31 / n
 levels per client, and the config is refused unless the worst-case rounding of
-the sum stays under 1% of the noise std (``fedtrain.secure.setting.ROUNDING_TO_NOISE``),
+the sum stays under 1% of the noise std (``fedtrain.secure.quantize.ROUNDING_TO_NOISE``),
 so the released sum is the Gaussian mechanism up to that negligible,
 data-independent perturbation. Clamping to ``secure.clip_range`` (≥ ``C``)
 happens only when a client's own noise share exceeds ``clip_range − C`` in a
@@ -41,14 +41,26 @@ sensitivity is ``C``.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeGuard
 
 from fedtrain.config import PrivacyMode
 from fedtrain.privacy.accountant import Accountant
 from fedtrain.privacy.events import GaussianEvent
 from fedtrain.privacy.policy import COORDINATOR_LEDGER, ClientPrivacy, PrivacyReport, Release, coordinator_events
 from fedtrain.privacy.user_level import budget_refusal, check_round_setting, round_event
-from fedtrain.types import ClientUpdate
+from fedtrain.types import AggregateOrigin, AggregateUpdate, ClientUpdate
+
+
+def is_unit_weight_secure_sum(update: ClientUpdate) -> TypeGuard[AggregateUpdate]:
+    """Whether ``update`` is what distributed DP may release: secure
+    aggregation's sum (:class:`AggregateUpdate` of origin ``SECURE_SUM``)
+    of unit-weight contributions, so that ``num_examples`` is its
+    contributors' count and the sensitivity is one clip."""
+    return (
+        isinstance(update, AggregateUpdate)
+        and update.origin is AggregateOrigin.SECURE_SUM
+        and update.unit_weights
+    )
 
 
 def effective_noise_multiplier(noise_multiplier: float, contributors: int, planned: int) -> float:
@@ -101,11 +113,15 @@ class DistributedDP:
         ``updates`` is the one securely aggregated update (mean of ``m`` unit-weight
         contributions) or nothing when the round aborted; anything else is
         refused, since only a securely aggregated sum carries the full noise.
+        A secure aggregate is known by its type and fields
+        (:func:`is_unit_weight_secure_sum`), never by its id or its counts:
+        a client's own update with ``num_examples == contributors`` is
+        refused like any other.
         """
-        aggregates: list[ClientUpdate] = []
+        aggregates: list[AggregateUpdate] = []
         rejected: list[tuple[str, str]] = []
         for u in updates:
-            if u.contributors >= 1 and u.num_examples == u.contributors:
+            if is_unit_weight_secure_sum(u):
                 aggregates.append(u)
             else:
                 rejected.append(
@@ -121,12 +137,12 @@ class DistributedDP:
         self.accountant.compose(event)
         self.last_effective = z
         total = aggregate.vector * float(aggregate.num_examples)
-        released = ClientUpdate(
-            client_id="distributed-dp",
+        released = AggregateUpdate(
             vector=total / self.expected_cohort,
             num_examples=1,
             kind=aggregate.kind,
             contributors=aggregate.contributors,
+            origin=AggregateOrigin.DISTRIBUTED_DP,
         )
         return Release((released,), tuple(rejected), {COORDINATOR_LEDGER: (event,)})
 

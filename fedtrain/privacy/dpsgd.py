@@ -9,6 +9,10 @@ on the coordinator, so the noise can come from a cryptographic source
 The step is the one of Opacus' ``DPOptimizer``: clip each sample's gradient
 to ``max_grad_norm``, sum, add ``N(0, (σ·max_grad_norm)²)``, divide by the
 expected batch size ``q·n``.
+
+The loss is not defined here: the training layer above hands its summed batch
+loss to :class:`DpSgdStepper` (:data:`BatchLoss`), and the mode probe of
+:func:`choose_mode` needs none.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedtrain.config import ConfigError, GradSampleMode
@@ -27,6 +31,10 @@ from fedtrain.privacy.mechanisms import per_sample_clipped_sum
 from fedtrain.privacy.noise import NoiseSource
 
 log = logging.getLogger(__name__)
+
+BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss(outputs, y)``: the summed loss of a batch, whose backward pass gives
+each record's gradient unscaled (``loss_reduction="sum"`` for Opacus)."""
 
 MODE_PREFERENCE = (GradSampleMode.EW, GradSampleMode.HOOKS, GradSampleMode.FUNCTORCH)
 """Fastest first, as measured here (``benchmarks/dp_throughput.py``): DP-SGD
@@ -124,17 +132,23 @@ def choose_mode(model: nn.Module, requested: GradSampleMode, example: torch.Tens
 
 
 def _per_sample_grads(wrapped: nn.Module, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
+    """Each parameter's per-sample gradients through ``wrapped``, of the sum of
+    every record's output at the class ``model`` predicts for it. Whether a
+    mode computes them depends on the layers, not on the loss, so the probe
+    needs no training loss, only a scalar that every record's output reaches."""
     with torch.no_grad():
-        y = model(x).argmax(dim=1)
-    F.cross_entropy(wrapped(x), y, reduction="sum").backward()
+        predicted = model(x).argmax(dim=1, keepdim=True)
+    wrapped(x).gather(1, predicted).sum().backward()
     return [getattr(p, "grad_sample", None) for p in model.parameters()]
 
 
 class DpSgdStepper:
-    """Per-sample gradients of one model through Opacus, wrapped once per mode."""
+    """Per-sample gradients of one model through Opacus, wrapped once per mode,
+    of the batch loss ``loss`` (summed over the batch's records)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss: BatchLoss) -> None:
         self.model = model
+        self.loss = loss
         self._wrapped: dict[GradSampleMode, nn.Module] = {}
 
     def _module(self, mode: GradSampleMode) -> nn.Module:
@@ -159,7 +173,7 @@ class DpSgdStepper:
         if len(y) > 0:
             for p in params:
                 p.grad_sample = None
-            loss = F.cross_entropy(self._module(task.mode)(x), y, reduction="sum")
+            loss = self.loss(self._module(task.mode)(x), y)
             loss.backward()
             summed, _ = per_sample_clipped_sum([p.grad_sample for p in params], task.max_grad_norm)
             loss_sum = float(loss.detach())

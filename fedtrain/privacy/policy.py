@@ -34,11 +34,11 @@ class ClientPrivacy:
 
     ``noise_multipliers`` (sample level with ``privacy.target_epsilon``) is
     each client's own DP-SGD noise multiplier, calibrated from its own record
-    count, so that no client's size sets another's noise. A backend hands a
+    count, so that no client's size sets another's noise. An executor hands a
     client :meth:`for_client`'s setting; ``dp_sgd.noise_multiplier`` is the
     largest of them, what a client missing from the map trains with.
     ``excluded`` names the clients the policy leaves out (e.g. below
-    ``privacy.min_records``) with the reason: a backend does not train them
+    ``privacy.min_records``) with the reason: an executor does not train them
     and reports the reason as their failure (:meth:`refusal`).
     """
 

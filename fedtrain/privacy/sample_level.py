@@ -208,7 +208,7 @@ class SampleLevelDP:
 
     def release(self, rnd: int, cohort: Sequence[str], updates: Sequence[ClientUpdate]) -> Release:
         """Compose each admitted client's round; an update from a client left
-        out is refused (its backend should not have trained it)."""
+        out is refused (its executor should not have trained it)."""
         events = {cid: (self.event(cid),) for cid in cohort if cid in self.sizes}
         self.compose_release_(events)
         refused = [(u.client_id, self.excluded[u.client_id]) for u in updates if u.client_id in self.excluded]

@@ -44,14 +44,12 @@ from fedtrain.privacy.events import GaussianEvent
 from fedtrain.privacy.mechanisms import add_gaussian_
 from fedtrain.privacy.noise import NoiseSource
 from fedtrain.privacy.policy import COORDINATOR_LEDGER, ClientPrivacy, PrivacyReport, Release, coordinator_events
-from fedtrain.types import ClientUpdate
+from fedtrain.types import AggregateOrigin, AggregateUpdate, ClientMetric, ClientUpdate
+
+_UNCLIPPED = ClientMetric.UNCLIPPED.value
 
 NORM_TOLERANCE = 1e-5
 """Relative slack on the clip bound for float32 rounding of a clipped update."""
-
-UNCLIPPED = "unclipped"
-"""Metric a client reports under adaptive clipping: 1.0 when its update's
-norm was within the clip bound before clipping, else 0.0."""
 
 
 @dataclass(frozen=True)
@@ -154,8 +152,8 @@ class UserLevelDP:
             norm = float(u.vector.norm())
             if norm > bound:
                 rejected.append((u.client_id, f"update norm {norm:.6g} exceeds privacy.clip = {self.clip:.6g}"))
-            elif self.adaptive is not None and u.metrics.get(UNCLIPPED) not in (0.0, 1.0):
-                rejected.append((u.client_id, f"metric {UNCLIPPED!r} missing or not 0/1 under adaptive clipping"))
+            elif self.adaptive is not None and u.metrics.get(_UNCLIPPED) not in (0.0, 1.0):
+                rejected.append((u.client_id, f"metric {_UNCLIPPED!r} missing or not 0/1 under adaptive clipping"))
             else:
                 accepted.append(u)
         released: tuple[ClientUpdate, ...] = ()
@@ -163,7 +161,9 @@ class UserLevelDP:
             total = stack(accepted).sum(dim=0) if accepted else torch.zeros_like(updates[0].vector)
             add_gaussian_(total, self.update_multiplier * self.clip, self.noise)
             mean = total / self.expected_cohort
-            released = (ClientUpdate(client_id="dp-fedavg", vector=mean, num_examples=1, kind=updates[0].kind),)
+            released = (
+                AggregateUpdate(vector=mean, num_examples=1, kind=updates[0].kind, origin=AggregateOrigin.DP_FEDAVG),
+            )
         if self.adaptive is not None:
             self._adapt_clip(accepted)
         return Release(released, tuple(rejected), {COORDINATOR_LEDGER: (self.event,)})
@@ -172,7 +172,7 @@ class UserLevelDP:
         adaptive = self.adaptive
         if adaptive is None:
             return
-        centered = torch.tensor([sum(u.metrics[UNCLIPPED] - 0.5 for u in accepted)], dtype=torch.float32)
+        centered = torch.tensor([sum(u.metrics[_UNCLIPPED] - 0.5 for u in accepted)], dtype=torch.float32)
         add_gaussian_(centered, adaptive.count_stddev, self.noise)
         fraction = float(centered[0]) / self.expected_cohort + 0.5
         self.clip *= math.exp(-adaptive.learning_rate * (fraction - adaptive.target_quantile))

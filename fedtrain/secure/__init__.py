@@ -15,10 +15,15 @@ one module per thing they define, and one state machine per side:
 * :mod:`~fedtrain.secure.graph` — the neighbourhood graph, degree and threshold;
 * :mod:`~fedtrain.secure.messages` — the serialisable messages of each stage;
 * :mod:`~fedtrain.secure.protocol` — :class:`SecureClient` and :class:`SecureServer`;
-* :mod:`~fedtrain.secure.setting` — config checks and per-round parameters.
+* :mod:`~fedtrain.secure.setting` — config checks and per-round parameters;
+* :mod:`~fedtrain.secure.round` — one round driven over any transport's
+  :class:`~fedtrain.secure.round.SecureChannel`: set-up, the four stages,
+  aborts, the failures reported and the one update the engine sees.
 
-The simulation runs both sides in process (:mod:`fedtrain.backends.secure`);
-a deployment carries the same messages between processes.
+The simulation runs both sides in process (:mod:`fedtrain.transport.in_process`);
+a deployment carries the same messages between processes
+(:mod:`fedtrain.transport.flower`). This package imports neither of them,
+nor the training code, the engine or Flower.
 """
 
 from fedtrain.secure.messages import AggregateSum, SecureSetup

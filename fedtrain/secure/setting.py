@@ -37,6 +37,8 @@ class SecureSettings:
 
     @classmethod
     def of(cls, config: Config) -> "SecureSettings":
+        """The settings of ``config``, refused when its ring could overflow (:func:`check_secure`)."""
+        check_secure(config)
         s = config.secure
         return cls(s.bits, s.clip_range, s.max_weight, s.neighbours, s.threshold, s.simulated_dropout)
 
@@ -95,19 +97,10 @@ def max_cohort(config: Config) -> int:
 
 
 def check_secure(config: Config) -> None:
-    """Refuse a ``[secure]`` table whose ring could overflow or is too coarse."""
+    """Refuse a ``[secure]`` table whose ring could overflow or is too coarse
+    (:meth:`SecureSettings.of` calls it, so a run is refused before it starts;
+    the checks that need no ring arithmetic are :func:`fedtrain.config.validate`'s)."""
     s = config.secure
-    if not s.aggregation:
-        if s.simulated_dropout:
-            raise ConfigError(
-                f"secure.simulated_dropout = {s.simulated_dropout}: has no effect with secure.aggregation = false"
-            )
-        return
-    if config.strategy.clients_per_round < 2:
-        raise ConfigError(
-            f"strategy.clients_per_round = {config.strategy.clients_per_round} with secure.aggregation = true: "
-            "the sum of one update is that update; allowed: >= 2"
-        )
     ring = Ring(s.bits)
     n = max_cohort(config)
     why = "num_clients, under Poisson sampling" if config.strategy.sampling is Sampling.POISSON else "clients_per_round"

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from fedtrain import ParamLayout
-from fedtrain.backends.batched import BatchedBackend
-from fedtrain.backends.local import LocalBackend
-from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.training.batched import BatchedExecutor
+from fedtrain.training.sequential import SequentialExecutor
+from fedtrain.training.trainer import LocalTrainer
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import ClientConfig, ConfigError
 from fedtrain.data.clients import PartitionedData
 from fedtrain.deadline import ClientTimeout, call_with_timeout
@@ -54,10 +55,10 @@ def test_hanging_and_raising_clients_fail_and_the_round_completes(backend_kind: 
     layout = ParamLayout.of(model.state_dict())
     trainer = LocalTrainer(model, layout, torch.device("cpu"))
     data = FaultyData()
-    backend = (LocalBackend(trainer, data, seed=0, timeout=1.0) if backend_kind == "sequential"
-               else BatchedBackend(trainer, data, seed=0, timeout=1.0))
+    backend = (SequentialExecutor(trainer, data, seed=0, timeout=1.0) if backend_kind == "sequential"
+               else BatchedExecutor(trainer, data, seed=0, timeout=1.0))
     task = TrainTask(epochs=1, batch_size=4, lr=0.1, privacy=ClientPrivacy())
-    LocalBackend(trainer, data, seed=0).train_round(
+    SequentialExecutor(trainer, data, seed=0).train_round(
         0, ["0"], task, layout.flatten(model.state_dict())
     )  # warm-up without a limit: the first optimiser step imports lazily (~2 s)
     started = time.monotonic()
@@ -76,12 +77,12 @@ def test_engine_records_the_failures_and_aggregates_the_rest() -> None:
     layout = ParamLayout.of(model.state_dict())
     data = FaultyData()
     trainer = LocalTrainer(model, layout, torch.device("cpu"))
-    LocalBackend(trainer, data, seed=0).train_round(
+    SequentialExecutor(trainer, data, seed=0).train_round(
         0, ["0"], TrainTask(epochs=1, batch_size=4, lr=0.1), layout.flatten(model.state_dict())
     )  # warm-up: the first optimiser step imports lazily
     engine = Engine(
         strategy=load_strategy("fedavg"),
-        backend=LocalBackend(trainer, data, seed=0, timeout=1.0),
+        executor=SequentialExecutor(trainer, data, seed=0, timeout=1.0),
         sampler=UniformSampler(8),
         evaluate=lambda p: __import__("fedtrain").Evaluation(0.0, 0.0, 1),
         clients=data.ids,

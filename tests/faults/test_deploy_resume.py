@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from fedtrain.deploy import free_port
+from fedtrain.deploy.addresses import free_port
 
 from deployed import Started, cli, rows
 

@@ -8,7 +8,7 @@ every step pays its pytree handling, the parameter swapping of
 (on the digits MLP a batched step of 5 clients took 1.7 ms under ``vmap``
 against 0.7 ms written out as below, and one client's ordinary step 0.67 ms).
 So for a ``Sequential`` built only from the layers listed here, the
-batched backend computes the stacked forward directly:
+batched executor computes the stacked forward directly:
 
 * ``Linear``: one ``baddbmm`` of the ``(k, batch, in)`` activations with the
   transposed ``(k, out, in)`` stacked weights;
@@ -21,7 +21,7 @@ batched backend computes the stacked forward directly:
 
 Activations are ``(k, batch, *features)``. Any other layer (or a model that is
 not a ``Sequential``) returns ``None`` from :meth:`StackedSequential.of`, and the
-backend uses ``vmap``. Either way the backend's probe compares the result with
+executor uses ``vmap``. Either way the executor's probe compares the result with
 sequential training before trusting it.
 
 When every layer is a ``Linear``, ``Flatten`` / ``Unflatten`` or one of the

@@ -3,11 +3,12 @@
 Flower's SuperNode starts a fresh ``ClientApp`` process for every message it
 receives. Importing torch, loading the data and building the model in each of
 those would cost seconds per round, so fedtrain's ``ClientApp`` is a thin relay
-(:mod:`fedtrain.backends.flower`) that hands the message to this worker,
-started once by ``fedtrain client``, over a local socket authenticated with a
-random key (``multiprocessing.connection``'s HMAC challenge). The worker keeps
-the data, the model and its optimisers warm across rounds, and runs the same
-:class:`~fedtrain.client.LocalTrainer` as the simulation.
+(:mod:`fedtrain.transport.flower_client_app`) that hands the message to this
+worker, which ``fedtrain client`` runs in its own process
+(:func:`fedtrain.deploy.client.join`), over a local socket authenticated with
+a random key (``multiprocessing.connection``'s HMAC challenge). The worker
+keeps the data, the model and its optimisers warm across rounds, and runs the
+same :class:`~fedtrain.training.trainer.LocalTrainer` as the simulation.
 
 Under secure aggregation the worker trains but keeps its update, and plays
 its :class:`~fedtrain.secure.protocol.SecureClient` for the round: only the
@@ -33,9 +34,9 @@ import numpy as np
 import torch
 
 from fedtrain.config import BUILTIN_DATASETS, BUILTIN_MODELS, Config, ConfigError, from_dict
-from fedtrain.layout import ParamLayout
+from fedtrain.errors import DataError, MissingFileError, UsageError
 from fedtrain.plugin import PluginError
-from fedtrain.relay import (
+from fedtrain.transport.relay import (
     AUTHKEY_BYTES,
     ClientInfo,
     Hello,
@@ -66,13 +67,13 @@ def load_own_data(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """A client's own records from an ``.npz`` file with arrays ``x`` (features,
     shaped like the model's input) and ``y`` (integer labels)."""
     if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file")
+        raise MissingFileError(f"--data {path}: no such file")
     with np.load(path, allow_pickle=False) as f:
         if "x" not in f or "y" not in f:
-            raise ValueError(f"--data {path}: needs arrays 'x' and 'y', found {sorted(f.files)}")
+            raise DataError(f"--data {path}: needs arrays 'x' and 'y', found {sorted(f.files)}")
         x, y = f["x"], f["y"]
     if len(x) != len(y) or len(y) == 0:
-        raise ValueError(f"--data {path}: x has {len(x)} rows and y {len(y)}; need the same, at least one")
+        raise DataError(f"--data {path}: x has {len(x)} rows and y {len(y)}; need the same, at least one")
     return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
 
 
@@ -112,7 +113,7 @@ class ClientWorker:
         allowed_plugins: Collection[str] = (),
     ) -> None:
         if (partition is None) == (data_path is None):
-            raise ValueError("give exactly one of --partition and --data")
+            raise UsageError("give exactly one of --partition and --data")
         self.name = name
         self.partition = partition
         self.data_path = data_path
@@ -126,7 +127,7 @@ class ClientWorker:
         if self.data_path is not None:
             x, y = load_own_data(self.data_path)
             return x.to(device), y.to(device)
-        from fedtrain.simulation import client_data
+        from fedtrain.run import client_data
 
         data = client_data(config, device).data
         if self.partition not in data.ids:
@@ -139,8 +140,8 @@ class ClientWorker:
     def hello(self, hello: Hello) -> ClientInfo:
         """Load the data and build the model for the run described by ``hello``
         (once per config: a repeated hello of the same run costs nothing)."""
-        from fedtrain.client import LocalTrainer, resolve_device
-        from fedtrain.simulation import cpu_threads, prepare_model
+        from fedtrain.run import build_trainable
+        from fedtrain.training.trainer import resolve_device
 
         if self._setup is None or self._setup[0] != hello.config:
             config = from_dict(hello.config)
@@ -154,17 +155,15 @@ class ClientWorker:
                     f"client {self.name}: records are shaped {tuple(x.shape[1:])}, the run's model "
                     f"expects {hello.input_shape}"
                 )
-            model, _ = prepare_model(config, hello.input_shape, hello.num_classes, x[:2])
-            layout = ParamLayout.of(model.state_dict())
-            torch.set_num_threads(cpu_threads(config.run.threads, layout.numel))
-            trainer = LocalTrainer(model, layout, device)
+            trainer = build_trainable(config, hello.input_shape, hello.num_classes, x[:2], device).trainer
             self._setup = (hello.config, trainer, x, y, int(config.run.seed))
-            log.info("client %s: %d records on %s, model of %d parameters", self.name, len(y), device, layout.numel)
+            log.info("client %s: %d records on %s, model of %d parameters",
+                     self.name, len(y), device, trainer.layout.numel)
         trainer, y = self._setup[1], self._setup[3]
         return ClientInfo(self.name, len(y), str(trainer.device))
 
     def train(self, rnd: int, task_json: str, params: np.ndarray) -> TrainReply:
-        from fedtrain.client import TrainTask
+        from fedtrain.training.train_task import TrainTask
 
         if self._setup is None:
             raise RuntimeError(f"client {self.name}: asked to train before the run's hello")
@@ -193,7 +192,7 @@ class ClientWorker:
         The update is checked here (:func:`fedtrain.validation.rejection_reason`),
         since the coordinator will only ever see it masked.
         """
-        from fedtrain.client import TrainTask
+        from fedtrain.training.train_task import TrainTask
         from fedtrain.privacy.noise import SecureGaussian
         from fedtrain.secure import wire
         from fedtrain.secure.messages import AdvertiseRequest

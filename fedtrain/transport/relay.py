@@ -1,5 +1,8 @@
-"""What passes between fedtrain's Flower ``ClientApp`` relay and the client's
-warm worker process (:mod:`fedtrain.client_worker`).
+"""What passes between fedtrain's Flower ``ClientApp`` relay
+(:mod:`fedtrain.transport.flower_client_app`) and the client's warm worker,
+which ``fedtrain client`` runs behind a Unix socket: the requests, the
+answers, the node-config keys that tell the relay where the worker is, and
+the relay's call itself (HMAC-authenticated with the worker's random key).
 
 This module imports neither torch nor Flower: the relay runs in a fresh
 process for every message, so what it imports is paid every round.

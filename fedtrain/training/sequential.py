@@ -15,10 +15,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fedtrain.client import LocalTrainer, TrainTask
+from fedtrain.training.trainer import LocalTrainer
+from fedtrain.training.train_task import TrainTask
 from fedtrain.data.clients import ClientData
 from fedtrain.deadline import ClientTimeout, Deadline, call_with_timeout, timeout_reason
-from fedtrain.engine import ClientFailure, RoundOutcome
+from fedtrain.types import ClientFailure, RoundOutcome
 from fedtrain.types import ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def client_generator(seed: int, rnd: int, client_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
-class LocalBackend:
+class SequentialExecutor:
     """Trains the planned clients of each round in process, one after another."""
 
     def __init__(self, trainer: LocalTrainer, data: ClientData, seed: int, timeout: float = 0.0) -> None:

@@ -6,100 +6,25 @@ a deployed client process, so a round means the same thing in both.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.optim.adam import adam as adam_update
-from torch.optim.sgd import sgd as sgd_update
 
-from fedtrain.config import ClientConfig, ConfigError, Optimizer
+from fedtrain.config import ConfigError
 from fedtrain.layout import ParamLayout
 from fedtrain.privacy.mechanisms import clip_rows_
 from fedtrain.privacy.noise import NoiseSource, SecureGaussian, SeededGaussian
-from fedtrain.privacy.policy import ClientPrivacy
-from fedtrain.privacy.user_level import UNCLIPPED
 from fedtrain.sampling import Randomness, SecretRandomness, TorchRandomness
-from fedtrain.types import Evaluation, RoundPlan, UpdateKind
+from fedtrain.training.loss import evaluation_sums, mean_loss, summed_loss
+from fedtrain.training.optimizer import LocalOptimizer
+from fedtrain.training.train_task import TrainTask
+from fedtrain.types import ClientMetric, Evaluation, UpdateKind
 
 if TYPE_CHECKING:
     from fedtrain.privacy.dpsgd import DpSgdStepper
-
-
-@dataclass(frozen=True)
-class TrainTask:
-    """Everything a client needs to know about this round's local work."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    optimizer: Optimizer = Optimizer.SGD
-    proximal_mu: float = 0.0
-    kind: UpdateKind = UpdateKind.DELTA
-    privacy: ClientPrivacy = field(default_factory=ClientPrivacy)
-
-    @classmethod
-    def of(cls, client: ClientConfig, plan: RoundPlan, privacy: ClientPrivacy) -> "TrainTask":
-        """The client config with the strategy's plan and the privacy setting applied."""
-        if plan.proximal_mu < 0:
-            raise ValueError(f"RoundPlan.proximal_mu = {plan.proximal_mu}: must be >= 0")
-        return cls(
-            epochs=client.epochs,
-            batch_size=client.batch_size,
-            lr=client.lr,
-            momentum=client.momentum,
-            weight_decay=client.weight_decay,
-            optimizer=client.optimizer,
-            proximal_mu=plan.proximal_mu,
-            kind=plan.kind,
-            privacy=privacy,
-        )
-
-    def as_json(self) -> dict[str, Any]:
-        """The task as plain JSON data, for clients in other processes."""
-        row = asdict(self)
-        row["optimizer"] = self.optimizer.value
-        row["kind"] = self.kind.value
-        if self.privacy.dp_sgd is not None:
-            row["privacy"]["dp_sgd"]["mode"] = self.privacy.dp_sgd.mode.value
-        return row
-
-    @classmethod
-    def from_json(cls, row: Mapping[str, Any]) -> "TrainTask":
-        """The inverse of :meth:`as_json`; raises ``ValueError`` on a malformed task."""
-        from fedtrain.config import GradSampleMode
-        from fedtrain.privacy.dpsgd import DpSgdTask
-
-        try:
-            privacy = row["privacy"]
-            dp = privacy["dp_sgd"]
-            return cls(
-                epochs=int(row["epochs"]),
-                batch_size=int(row["batch_size"]),
-                lr=float(row["lr"]),
-                momentum=float(row["momentum"]),
-                weight_decay=float(row["weight_decay"]),
-                optimizer=Optimizer(row["optimizer"]),
-                proximal_mu=float(row["proximal_mu"]),
-                kind=UpdateKind(row["kind"]),
-                privacy=ClientPrivacy(
-                    clip=float(privacy["clip"]),
-                    distributed_noise=float(privacy.get("distributed_noise", 0.0)),
-                    dp_sgd=None if dp is None else DpSgdTask(
-                        noise_multiplier=float(dp["noise_multiplier"]),
-                        max_grad_norm=float(dp["max_grad_norm"]),
-                        mode=GradSampleMode(dp["mode"]),
-                        secure_noise=bool(dp["secure_noise"]),
-                    ),
-                ),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"malformed training task: missing or mistyped {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -108,6 +33,29 @@ class LocalResult:
 
     num_examples: int
     metrics: dict[str, float]
+
+
+def clip_and_report_(updates: torch.Tensor, mean_losses: Sequence[float], task: TrainTask) -> list[dict[str, float]]:
+    """Clip each client's update, a row of ``updates`` (``(k, P)``, or one
+    ``(P,)`` vector), in place to ``task.privacy.clip`` when that is positive,
+    and return each client's metrics: under clipping whether its update was
+    within the clip (:attr:`ClientMetric.UNCLIPPED`, what adaptive clipping
+    counts); its mean training loss ``mean_losses[i]``
+    (:attr:`ClientMetric.TRAIN_LOSS`) only without DP-SGD and without
+    clipping, since under differential privacy the update is the only output
+    derived from the data that is accounted for."""
+    clip = task.privacy.clip
+    k = 1 if updates.dim() == 1 else updates.shape[0]
+    if len(mean_losses) != k:
+        raise ValueError(f"{len(mean_losses)} training losses for {k} updates")
+    metrics: list[dict[str, float]] = [{} for _ in range(k)]
+    if clip > 0:
+        for m, norm in zip(metrics, clip_rows_(updates, clip).tolist()):
+            m[ClientMetric.UNCLIPPED.value] = 1.0 if norm <= clip else 0.0
+    if task.privacy.dp_sgd is None and clip <= 0:
+        for m, loss in zip(metrics, mean_losses):
+            m[ClientMetric.TRAIN_LOSS.value] = loss
+    return metrics
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,93 +72,6 @@ def resolve_device(name: str) -> torch.device:
                 f"client.device = {name!r}: only {torch.cuda.device_count()} CUDA device(s) present"
             )
     return device
-
-
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-"""``torch.optim.Adam``'s defaults, which :class:`LocalOptimizer` and the batched engine use."""
-
-
-def _scalar_dtype() -> torch.dtype:
-    """The dtype of Adam's step count, as ``torch.optim.Adam`` chooses it (unfused)."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-class LocalOptimizer:
-    """A client's SGD or Adam, exactly as ``torch.optim.SGD`` / ``torch.optim.Adam``
-    (with their defaults) compute it: ``step`` calls the functional update that
-    those classes' ``step`` calls (``torch.optim.sgd.sgd`` /
-    ``torch.optim.adam.adam``, which pick the same single-tensor or foreach
-    kernel) on the parameters that have a gradient, and keeps the same state
-    (momentum buffers; Adam's step count and moments), so the updates are
-    bit-identical.
-
-    The optimiser classes themselves are not used: their constructor, ``step``
-    and ``zero_grad`` are wrapped to disable ``torch.compile``, and the first
-    call of any of them imports ``torch._dynamo``, which costs more start-up
-    than a short simulation's whole training. Nothing here compiles.
-    """
-
-    def __init__(self, params: list[nn.Parameter], task: TrainTask) -> None:
-        if not params:
-            raise ValueError("the model has no parameters to optimise")
-        self.params = params
-        self.kind = task.optimizer
-        self.lr = task.lr
-        self.momentum = task.momentum
-        self.weight_decay = task.weight_decay
-        self.state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
-
-    def reset(self) -> None:
-        """Forget the momentum / moments: the next step is a first step."""
-        self.state.clear()
-
-    def zero_grad(self) -> None:
-        """Drop the gradients (``set_to_none``, torch's default)."""
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        """One update of every parameter that has a gradient."""
-        params = [p for p in self.params if p.grad is not None]
-        grads = [p.grad for p in params]
-        if self.kind is Optimizer.ADAM:
-            self._adam(params, grads)
-        else:
-            self._sgd(params, grads)
-
-    def _sgd(self, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
-        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params] if self.momentum else []
-        sgd_update(
-            params, grads, buffers,
-            has_sparse_grad=any(g.is_sparse for g in grads), foreach=None, fused=None,
-            weight_decay=self.weight_decay, momentum=self.momentum, lr=self.lr,
-            dampening=0, nesterov=False, maximize=False,
-        )
-        for p, buffer in zip(params, buffers):
-            self.state[p] = {"momentum_buffer": buffer}
-
-    def _adam(self, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
-        for p in params:
-            if p.grad.is_sparse:
-                raise ValueError("Adam does not support sparse gradients")
-            if p not in self.state:
-                self.state[p] = {
-                    "step": torch.tensor(0.0, dtype=_scalar_dtype()),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
-        states = [self.state[p] for p in params]
-        beta1, beta2 = ADAM_BETAS
-        adam_update(
-            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-            [s["step"] for s in states],
-            foreach=None, capturable=False, differentiable=False, fused=None,
-            has_complex=any(torch.is_complex(p) for p in params), decoupled_weight_decay=False,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=self.lr, weight_decay=self.weight_decay,
-            eps=ADAM_EPS, maximize=False,
-        )
 
 
 class LocalTrainer:
@@ -286,7 +147,7 @@ class LocalTrainer:
 
         Under differential privacy the update is the only output derived from
         the data (plus the clipped bit adaptive clipping accounts for): the
-        training loss is not reported, since nothing accounts for it.
+        training loss is not reported (:func:`clip_and_report_`).
         """
         n = len(y)
         if n == 0:
@@ -303,13 +164,7 @@ class LocalTrainer:
             else:
                 loss = self._train_sgd(x, y, task, generator)
             self._write_delta(params, out)
-        metrics: dict[str, float] = {}
-        if task.privacy.clip > 0:
-            norm = float(clip_rows_(out, task.privacy.clip)[0])
-            metrics[UNCLIPPED] = 1.0 if norm <= task.privacy.clip else 0.0
-        if dp_sgd is None and task.privacy.clip <= 0:
-            metrics["train_loss"] = loss
-        return LocalResult(num_examples=n, metrics=metrics)
+        return LocalResult(num_examples=n, metrics=clip_and_report_(out, [loss], task)[0])
 
     def _proximal_anchor(self, task: TrainTask) -> list[torch.Tensor] | None:
         return [p.detach().clone() for p in self.model.parameters()] if task.proximal_mu > 0 else None
@@ -327,7 +182,7 @@ class LocalTrainer:
                 idx = order[start : start + task.batch_size]
                 xb, yb = x[idx], y[idx]
                 optimizer.zero_grad()
-                loss = F.cross_entropy(self.model(xb), yb)
+                loss = mean_loss(self.model(xb), yb)
                 losses.append(loss.detach())
                 sizes.append(len(idx))
                 if anchor is not None:
@@ -338,7 +193,13 @@ class LocalTrainer:
         weights = torch.tensor(sizes, dtype=torch.float32, device=self.device)
         return float(torch.stack(losses) @ weights) / n / task.epochs
 
-    def _noise(self, secure: bool, generator: torch.Generator) -> NoiseSource:
+    def noise_source(self, secure: bool, generator: torch.Generator) -> NoiseSource:
+        """Where a client's DP-SGD noise comes from: with ``secure``
+        (``privacy.secure_noise``) this trainer's one cryptographic source,
+        whoever the client; otherwise a Gaussian seeded by one draw from the
+        client's ``generator``, its first draw of the round, for reproducible
+        experiments. The batched engine takes its clients' noise here too, so
+        both draw alike."""
         if not secure:
             return SeededGaussian(int(torch.randint(0, 2**62, (1,), generator=generator)))
         if self._secure_noise is None:
@@ -351,7 +212,7 @@ class LocalTrainer:
         replay, so with ``secret`` (``privacy.secure_noise``) it is this
         trainer's one secret stream, whoever the client; otherwise the
         client's seeded ``generator``, for reproducible experiments. The
-        batched backend draws its masks here too, so both trainers sample
+        batched executor draws its masks here too, so both trainers sample
         alike."""
         if not secret:
             return TorchRandomness(generator)
@@ -369,10 +230,10 @@ class LocalTrainer:
         if dp_sgd is None:
             raise ValueError("no DP-SGD settings in this task")
         if self._stepper is None:
-            self._stepper = DpSgdStepper(self.model)
+            self._stepper = DpSgdStepper(self.model, summed_loss)
         n = len(y)
         q = sample_rate(n, task.batch_size)
-        noise = self._noise(dp_sgd.secure_noise, generator)
+        noise = self.noise_source(dp_sgd.secure_noise, generator)
         coins = self.batch_randomness(dp_sgd.secure_noise, generator)
         self.model.train()
         optimizer = self._optimizer(task)
@@ -398,7 +259,7 @@ class LocalTrainer:
         total_loss = 0.0
         for start in range(0, n, batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            loss = F.cross_entropy(self.model(xb), yb, reduction="sum")
+            loss = summed_loss(self.model(xb), yb)
             (loss / n).backward()
             total_loss += float(loss.detach())
         named = dict(self.model.named_parameters())
@@ -422,8 +283,8 @@ class LocalTrainer:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for start in range(0, len(y), batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            logits = self.model(xb)
-            total_loss += F.cross_entropy(logits, yb, reduction="sum").double()
-            correct += (logits.argmax(dim=1) == yb).sum()
+            batch_loss, batch_correct = evaluation_sums(self.model(xb), yb)
+            total_loss += batch_loss
+            correct += batch_correct
         n = len(y)
         return Evaluation(loss=float(total_loss) / n, accuracy=int(correct) / n, num_examples=n)

@@ -1,13 +1,13 @@
 """Batched virtual clients: a whole cohort trains at once with ``torch.func``.
 
-:class:`~fedtrain.backends.local.LocalBackend` trains one client after
+:class:`~fedtrain.training.sequential.SequentialExecutor` trains one client after
 another; with many small clients a round is then mostly Python and dispatcher
 overhead (a few-kilobyte MLP step costs ~1 ms, whatever the batch). Here the
 parameters of ``k`` clients are stacked (one row per client) and a local step
 of all of them is one stacked forward pass and one backward pass: the
 per-client matrix products become batched ones and the overhead is paid once
 per step of the cohort, not once per step of each client. The stacked forward
-is :class:`~fedtrain.backends.stacked.StackedSequential` (batched tensor ops
+is :class:`~fedtrain.training.stacked.StackedSequential` (batched tensor ops
 written out) for a ``Sequential`` of common layers, else ``vmap`` of
 ``functional_call`` (any model ``torch.func`` runs, with ~1 ms more overhead
 per step). The clients' losses are independent, so the gradient of their sum
@@ -19,38 +19,44 @@ per-sample gradients and FedSGD's gradients at the shared global parameters
 use). The stacked parameters are trained in place in the rows that become
 the updates.
 
-The math is the sequential one (:class:`~fedtrain.client.LocalTrainer`), so
+The math is the sequential one (:class:`~fedtrain.training.trainer.LocalTrainer`), so
 the same seeds give the same updates up to float rounding:
 
 * each client draws its batches from its own ``client_generator(seed, rnd,
   index)`` with the same calls in the same order (``randperm`` per epoch;
   under DP-SGD the noise seed, then one Poisson mask per step, from
-  :meth:`LocalTrainer.batch_randomness`, which with ``secure_noise`` makes
-  them the trainer's secret draws instead); a client whose records all fit
-  in one batch draws nothing, since every step then sees all its records
-  and their order only changes float rounding;
+  :meth:`LocalTrainer.noise_source` and :meth:`LocalTrainer.batch_randomness`,
+  which with ``secure_noise`` make them the trainer's secret draws instead);
+  a client whose records all fit in one batch draws nothing, since every
+  step then sees all its records and their order only changes float rounding;
 * clients have different numbers of records, so batches are padded to a common
-  width with a mask (loss ``sum(mask · ce) / count``), and clients are sorted
+  width with a mask (loss ``sum(mask · ce) / count``, ``ce`` from
+  :func:`~fedtrain.training.loss.per_record_loss`), and clients are sorted
   by their number of steps: at step ``t`` the clients still training are a
   prefix of the stack and only that prefix is computed and updated, so a
   client that has finished (parameters, momentum, Adam moments) does not move;
-* SGD (momentum, weight decay) and Adam are torch's update rules written
-  out on the stacked tensors; FedProx adds ``mu · (w − w_global)``;
+* SGD (momentum, weight decay) and Adam are
+  :class:`~fedtrain.training.optimizer.LocalOptimizer`'s update functions
+  (``torch.optim``'s functional kernels) run on the stacked tensors, each
+  row a client; FedProx adds ``mu · (w − w_global)`` to the gradient;
   DP-SGD takes per-sample gradients (``vmap`` over samples inside ``vmap``
   over clients), clips and sums them as
   :func:`~fedtrain.privacy.mechanisms.per_sample_clipped_sum`, and adds each
-  client's noise from its own :class:`~fedtrain.privacy.noise.NoiseSource`.
+  client's noise from its own :class:`~fedtrain.privacy.noise.NoiseSource`;
+* clipping the updates and the metrics reported are
+  :func:`~fedtrain.training.trainer.clip_and_report_`, the sequential ones.
 
 Models ``torch.func`` cannot run this way (BatchNorm updating its running
 statistics, dropout, tied weights, non-float32 tensors) are detected once per
 kind of task by training two tiny clients both ways and comparing; then the
-round goes to the sequential backend, with the reason logged once.
+round goes to the sequential executor, with the reason logged once.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import functools
 import itertools
 import logging
@@ -60,22 +66,22 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from fedtrain.backends.local import LocalBackend, client_generator
-from fedtrain.backends.stacked import StackedSequential
-from fedtrain.client import ADAM_BETAS, ADAM_EPS, LocalTrainer, TrainTask
+from fedtrain.training.sequential import SequentialExecutor, client_generator
+from fedtrain.training.stacked import StackedSequential
+from fedtrain.training.optimizer import adam_step_, adam_step_count, sgd_step_
+from fedtrain.training.loss import mean_loss, per_record_loss
+from fedtrain.training.trainer import LocalTrainer, clip_and_report_
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import Optimizer
 from fedtrain.data.clients import ClientData
 from fedtrain.deadline import ClientTimeout, Deadline, call_with_timeout, timeout_reason
-from fedtrain.engine import ClientFailure, RoundOutcome
 from fedtrain.privacy.dpsgd import sample_rate, steps_per_round
-from fedtrain.privacy.mechanisms import clip_factors, clip_rows_
+from fedtrain.privacy.mechanisms import clip_factors
 from fedtrain.privacy.noise import NoiseSource
 from fedtrain.privacy.policy import ClientPrivacy
-from fedtrain.privacy.user_level import UNCLIPPED
-from fedtrain.types import ClientUpdate, UpdateKind
+from fedtrain.types import ClientFailure, ClientUpdate, RoundOutcome, UpdateKind
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +115,23 @@ batches of 3 and 2 records in one, so the probe has ragged steps and padding
 (which a layer mixing the samples of a batch would notice)."""
 
 
-def _mode(task: TrainTask) -> str:
-    """The kind of batched computation a task needs: support is probed per kind."""
-    if task.kind is UpdateKind.GRADIENT:
-        return "gradient"
-    return "dp_sgd" if task.privacy.dp_sgd is not None else "train"
+class BatchedMode(str, enum.Enum):
+    """The kind of batched computation a task needs: whether a model runs
+    batched is probed once per kind (the value names it in logs and errors)."""
+
+    GRADIENT = "gradient"
+    """FedSGD: each client's mean gradient at the global parameters."""
+    DP_SGD = "dp_sgd"
+    """Local DP-SGD: per-sample gradients, clipped and noised."""
+    TRAIN = "train"
+    """Local SGD / Adam epochs."""
+
+    @classmethod
+    def of(cls, task: TrainTask) -> BatchedMode:
+        """The mode ``task`` trains in."""
+        if task.kind is UpdateKind.GRADIENT:
+            return cls.GRADIENT
+        return cls.DP_SGD if task.privacy.dp_sgd is not None else cls.TRAIN
 
 
 def _close(batched: torch.Tensor, sequential: torch.Tensor) -> bool:
@@ -121,7 +139,7 @@ def _close(batched: torch.Tensor, sequential: torch.Tensor) -> bool:
     return float((batched - sequential).abs().max()) <= 1e-3 * scale + 1e-6
 
 
-class BatchedBackend:
+class BatchedExecutor:
     """Trains each round's cohort in chunks of stacked virtual clients.
 
     ``max_batch_clients`` caps the clients per chunk; chunks are otherwise
@@ -132,7 +150,7 @@ class BatchedBackend:
     batched is an error (``ValueError`` at its first round) instead of a
     logged fallback. Everything runs on ``trainer.device``. Update vectors
     are rows of one preallocated ``(cohort, P)`` buffer, as with
-    :class:`LocalBackend`.
+    :class:`SequentialExecutor`.
     """
 
     def __init__(
@@ -163,7 +181,7 @@ class BatchedBackend:
         self.memory_budget = memory_budget
         self.strict = strict
         self.timeout = timeout
-        self.sequential = LocalBackend(trainer, data, seed, timeout)
+        self.sequential = SequentialExecutor(trainer, data, seed, timeout)
         self.layout = trainer.layout
         # A private copy: Opacus hooks that DP-SGD puts on the trainer's model
         # must not run inside the functional calls.
@@ -175,7 +193,7 @@ class BatchedBackend:
         if min_batch_clients is None:
             min_batch_clients = MIN_STACKED_CLIENTS if self._stacked is not None else MIN_BATCH_CLIENTS
         self.min_batch_clients = min_batch_clients
-        self._support: dict[str, str | None] = {}
+        self._support: dict[BatchedMode, str | None] = {}
         self._buffer = torch.empty(0)
         self._activations = 0  # per-sample activation numel, measured by the probe
         self._record_bytes = 0
@@ -351,7 +369,7 @@ class BatchedBackend:
         """Whether this kind of task runs batched; decided once per kind by
         training two tiny clients (from the largest loadable client's records)
         both ways and comparing."""
-        mode = _mode(task)
+        mode = BatchedMode.of(task)
         if mode not in self._support:
             reason = self._static_reason
             if reason is None:
@@ -361,10 +379,10 @@ class BatchedBackend:
                     return True  # nobody loads: the batched path reports the failures
                 reason = self._probe(task, loaded[1], loaded[2])
             if reason is not None and self.strict:
-                raise ValueError(f"batched clients unsupported for {mode} tasks: {reason}")
+                raise ValueError(f"batched clients unsupported for {mode.value} tasks: {reason}")
             self._support[mode] = reason
             if reason is not None:
-                log.warning("batched clients unsupported for %s tasks, training one by one: %s", mode, reason)
+                log.warning("batched clients unsupported for %s tasks, training one by one: %s", mode.value, reason)
         return self._support[mode] is None
 
     def _probe(self, task: TrainTask, x: torch.Tensor, y: torch.Tensor) -> str | None:
@@ -461,7 +479,7 @@ class BatchedBackend:
                 plan = [_epoch_batches(n[i], task, gens[order[i]], deadline) for i in range(k)]
             else:  # LocalTrainer._train_dp_sgd's draws: the noise (seed), then one mask per step
                 made = [gens[i]() for i in order]
-                noises = [self.trainer._noise(dp.secure_noise, g) for g in made]
+                noises = [self.trainer.noise_source(dp.secure_noise, g) for g in made]
                 coins = [self.trainer.batch_randomness(dp.secure_noise, g) for g in made]
                 plan = [
                     [np.flatnonzero(coins[i].bernoulli(n[i], sample_rate(n[i], bs))) for _ in range(steps[order[i]])]
@@ -497,13 +515,7 @@ class BatchedBackend:
                     loss = torch.zeros(k, device=device)
                 out.sub_(params)
                 seen = [m * task.epochs for m in n]
-            metrics: list[dict[str, float]] = [{} for _ in range(k)]
-            if task.privacy.clip > 0:
-                for m, norm in zip(metrics, clip_rows_(out, task.privacy.clip).tolist()):
-                    m[UNCLIPPED] = 1.0 if norm <= task.privacy.clip else 0.0
-            if dp is None and task.privacy.clip <= 0:
-                for m, value, count in zip(metrics, loss.tolist(), seen):
-                    m["train_loss"] = value / count
+            metrics = clip_and_report_(out, [value / count for value, count in zip(loss.tolist(), seen)], task)
             if not in_place:
                 rows.index_copy_(0, torch.tensor(targets, device=rows.device), out.to(rows.device))
         position = {i: p for p, i in enumerate(order)}
@@ -513,7 +525,7 @@ class BatchedBackend:
         self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, count: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One client's batch loss ``sum(mask · ce) / count`` and its summed loss."""
-        ce = F.cross_entropy(functional_call(self._model, (p, consts), (x,)), y, reduction="none")
+        ce = per_record_loss(functional_call(self._model, (p, consts), (x,)), y)
         total = (ce * m).sum()
         return total / count, total.detach()
 
@@ -523,11 +535,11 @@ class BatchedBackend:
         """The sum over the ``j`` stacked clients of their batch losses
         ``sum(weight · ce)`` (weight = mask / count, so each is
         :meth:`_client_loss`), through
-        :class:`~fedtrain.backends.stacked.StackedSequential` instead of
+        :class:`~fedtrain.training.stacked.StackedSequential` instead of
         ``vmap``; and every record's loss, detached."""
         if self._stacked is None:
             raise ValueError("the model has no stacked form")
-        ce = F.cross_entropy(self._stacked(_with_consts(p, consts), x).transpose(1, 2), y, reduction="none")
+        ce = per_record_loss(self._stacked(_with_consts(p, consts), x).transpose(1, 2), y)
         return (ce * weight).sum(), ce.detach()
 
     def _vmap_objective(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -544,11 +556,11 @@ class BatchedBackend:
 
     def _record_losses(self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One client's loss of each record of a batch."""
-        return F.cross_entropy(functional_call(self._model, (p, consts), (x,)), y, reduction="none")
+        return per_record_loss(functional_call(self._model, (p, consts), (x,)), y)
 
     def _sample_loss(self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One record's loss, for per-sample gradients."""
-        return F.cross_entropy(functional_call(self._model, (p, consts), (x.unsqueeze(0),)), y.unsqueeze(0))
+        return mean_loss(functional_call(self._model, (p, consts), (x.unsqueeze(0),)), y.unsqueeze(0))
 
     def _train_sgd(
         self, task: TrainTask, weights: Tensors, anchor: Tensors, consts: Tensors,
@@ -559,7 +571,7 @@ class BatchedBackend:
         client's gradient in its own row."""
         gradients = self._gradients_by_hand if self._stacked is not None and self._stacked.differentiable else (
             self._autograd(self._stacked_objective if self._stacked is not None else self._vmap_objective()))
-        step = _optimizer(task, weights, anchor)
+        step = stacked_optimizer(task, weights, anchor)
         ce = torch.zeros(batches.mask.shape, device=x.device)
         prefixes: dict[int, Tensors] = {}
         for t, j, xb, yb, weight in batches.gathered(x, y):
@@ -567,7 +579,7 @@ class BatchedBackend:
             if j not in prefixes:
                 prefixes[j] = {name: w[:j] for name, w in weights.items()}
             grads, ce[t, :j] = gradients(prefixes[j], consts, xb, yb, weight)
-            step(t, j, grads)
+            step(j, grads)
         return (ce * batches.mask).sum(dim=(0, 2))
 
     def _gradients_by_hand(
@@ -612,8 +624,8 @@ class BatchedBackend:
         names = [n for n, p in self._model.named_parameters() if p.requires_grad]  # the stepper's noise order
         numels = [weights[n][0].numel() for n in names]
         stds = [sigma * dp.max_grad_norm for sigma in sigmas]
-        step = _optimizer(task, weights, anchor)
-        for t, j, idx, mask in batches:
+        step = stacked_optimizer(task, weights, anchor)
+        for _, j, idx, mask in batches:
             deadline.check()
             g = per_sample({name: w[:j] for name, w in weights.items()}, consts, x[idx], y[idx])
             squared = sum(g[n].flatten(2).pow(2).sum(dim=2) for n in names)
@@ -623,7 +635,7 @@ class BatchedBackend:
             for name, z in zip(names, noise.to(x.device).split(numels, dim=1)):
                 summed = torch.einsum("cb,cb...->c...", factors, g[name])
                 grads[name] = (summed + z.reshape(summed.shape)) / expected[:j].view(-1, *[1] * (summed.dim() - 1))
-            step(t, j, grads)
+            step(j, grads)
 
     def _gradients(
         self, params: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor,
@@ -753,44 +765,40 @@ def _pad(plan: list[list[np.ndarray]], offsets: list[int], device: torch.device)
     return _Batches(*(torch.from_numpy(a).to(device) for a in (idx, mask, weight)), running)
 
 
-def _optimizer(task: TrainTask, weights: Tensors, anchor: Tensors) -> Callable[[int, int, Tensors], None]:
-    """``step(t, j, grads)``: one optimiser step of the first ``j`` stacked
-    clients (their ``t``-th), torch's SGD or Adam update rule, in place on
-    ``weights``. FedProx's ``mu · (w − anchor)`` is added to the gradient."""
+def stacked_optimizer(task: TrainTask, weights: Tensors, anchor: Tensors) -> Callable[[int, Tensors], None]:
+    """``step(j, grads)``: one optimiser step of the first ``j`` stacked
+    clients, in place on ``weights``: :func:`~fedtrain.training.optimizer.sgd_step_`
+    or :func:`~fedtrain.training.optimizer.adam_step_`, the update
+    :class:`~fedtrain.training.optimizer.LocalOptimizer` makes, on the stacked
+    tensors. FedProx's ``mu · (w − anchor)`` is added to the gradient first.
+
+    The running clients are a prefix of the stack and all take their ``t``-th
+    step together, so one Adam step count per tensor serves them all; momentum
+    and moments start as zeros (a zero momentum buffer gives the first step's
+    buffer, the gradient), so every step updates prefixes of the same state."""
     mu, wd, lr = task.proximal_mu, task.weight_decay, task.lr
     adam = task.optimizer is Optimizer.ADAM
     first = {k: torch.zeros_like(w) for k, w in weights.items()} if adam or task.momentum else {}
     second = {k: torch.zeros_like(w) for k, w in weights.items()} if adam else {}
-    beta1, beta2 = ADAM_BETAS
-
+    steps: list[torch.Tensor] = []
     prefixes: dict[int, tuple[list[torch.Tensor], ...]] = {}
 
-    def step(t: int, j: int, grads: Tensors) -> None:
+    def step(j: int, grads: Tensors) -> None:
         if j not in prefixes:  # the same names in the same order at every step of a round
             names = list(grads)
             prefixes[j] = tuple([state[name][:j] for name in names] if state else []
                                 for state in (weights, first, second)) + ([anchor[name] for name in names],)
+            if adam and not steps:
+                steps.extend(adam_step_count() for _ in names)
         p, m, v, a = prefixes[j]
         g = list(grads.values())
         if mu > 0:
             pull = torch._foreach_sub(p, a)
             torch._foreach_mul_(pull, mu)
             g = torch._foreach_add(g, pull)
-        if wd != 0:
-            g = torch._foreach_add(g, p, alpha=wd)
         if adam:
-            torch._foreach_lerp_(m, g, 1 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, (1 - beta2 ** (t + 1)) ** 0.5)
-            torch._foreach_add_(denom, ADAM_EPS)
-            torch._foreach_addcdiv_(p, m, denom, value=-lr / (1 - beta1 ** (t + 1)))
-            return
-        if task.momentum:  # zero start: the first step's buffer is g
-            torch._foreach_mul_(m, task.momentum)
-            torch._foreach_add_(m, g)
-            g = m
-        torch._foreach_add_(p, g, alpha=-lr)
+            adam_step_(p, g, m, v, steps, lr, wd)
+        else:
+            sgd_step_(p, g, m, lr, task.momentum, wd)
 
     return step

@@ -1,19 +1,19 @@
-"""Deployment over Flower: the only module that imports ``flwr``.
+"""The coordinator's side of a deployment over Flower: the transport that
+carries each round's task to the SuperNodes and their updates back.
 
-- :data:`server_app` is the Flower ``ServerApp`` that ``fedtrain server``
-  submits to its SuperLink. It runs the same :class:`~fedtrain.engine.Engine`
-  as a simulation, with :class:`FlowerBackend` carrying each round's task to
-  the SuperNodes and their updates back, and writes the same run folder.
-- :data:`client_app` is the Flower ``ClientApp`` that SuperNodes run for each
-  message: a relay to the warm :class:`~fedtrain.client_worker.ClientWorker`
-  that ``fedtrain client`` started next to its SuperNode.
+:class:`FlowerTransport` (and :class:`SecureFlowerTransport` under secure
+aggregation) is what the deployed coordinator hands the engine in place of
+a simulation's in-process executor, inside the Flower ``ServerApp`` of
+``fedtrain server``: it pushes messages through Flower's ``Grid``, and the
+SuperNodes' ClientApp (:mod:`fedtrain.transport.flower_client_app`, a relay
+to each client's warm worker) answers them.
 
 Messages (Flower's Message API, ``flwr.app``):
 
 - ``query`` (hello) → the run's config and model shape; reply: the client's
   id, record count and device.
 - ``train`` → the flat float32 global model and the round's
-  :class:`~fedtrain.client.TrainTask` as JSON; reply: the flat update, the
+  :class:`~fedtrain.training.trainer.TrainTask` as JSON; reply: the flat update, the
   record count and the metrics, or ``status = "error"`` with a reason.
 
 Every reply is data from another party, checked field by field where it
@@ -22,7 +22,7 @@ fails a check leaves its client out of the run (hello) or of the round
 (training, recorded in ``metrics.jsonl``'s ``failures``) with the reason,
 and never ends the run.
 
-Under secure aggregation (:class:`SecureFlowerBackend`) ``train`` becomes:
+Under secure aggregation (:class:`SecureFlowerTransport`) ``train`` becomes:
 
 - ``train.secure`` → the model, the task and the round's encoded
   ``AdvertiseRequest``; the client trains, keeps its update, and replies
@@ -32,45 +32,41 @@ Under secure aggregation (:class:`SecureFlowerBackend`) ``train`` becomes:
   :mod:`fedtrain.secure.wire`'s JSON encoding, decoded without trust on both
   sides; the clear update never leaves the client.
 
-Flower's own ``Grid.send_and_receive`` polls every 3 s; the backend pushes
+Flower's own ``Grid.send_and_receive`` polls every 3 s; the transport pushes
 with ``push_messages`` and polls ``pull_messages`` every ``--poll`` seconds
-instead (:data:`fedtrain.deploy.DEFAULT_POLL`). torch and the engine are imported inside the
-coordinator's code only: the ClientApp relay runs in a fresh process per
-message and must stay light.
+instead (:data:`DEFAULT_POLL`). torch is imported inside the methods that
+need it only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence, TypeVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 
-from fedtrain.relay import (
-    NODE_KEY_FILE,
-    NODE_WORKER,
-    ClientInfo,
-    Hello,
-    RequestKind,
-    SecureRequest,
-    SecureStage,
-    TrainReply,
-    relay,
-)
+from fedtrain.transport.relay import ClientInfo, Hello, SecureStage
 
 if TYPE_CHECKING:
     import torch
 
-    from fedtrain.client import TrainTask
-    from fedtrain.deploy import SecureDeployment
-    from fedtrain.engine import ClientFailure, RoundOutcome
+    from fedtrain.training.train_task import TrainTask
+    from fedtrain.types import ClientFailure, RoundOutcome
+    from fedtrain.secure.messages import (
+        AdvertiseRequest,
+        KeyAdvert,
+        MaskedInput,
+        Neighbourhood,
+        ShareDelivery,
+        SharedKeys,
+        UnmaskRequest,
+        UnmaskResponse,
+    )
+    from fedtrain.secure.round import Replies
     from fedtrain.secure.setting import SecureSettings
     from fedtrain.types import ClientUpdate, UpdateKind
 
@@ -81,9 +77,10 @@ M = TypeVar("M")
 HELLO_SECONDS = 120.0
 """How long a client may take to load its data and build the model."""
 
-
-def _status_error(reason: str) -> RecordDict:
-    return RecordDict({"result": ConfigRecord({"status": "error", "reason": reason})})
+DEFAULT_POLL = 0.1
+"""Seconds between a waiting party's requests (coordinator for replies,
+SuperNode for messages, Flower's SuperExec for tasks). Flower's defaults
+(3 s, 3 s, 1 s) cost seconds of latency per round; ``--poll 3`` restores them."""
 
 
 MAX_ID_CHARS = 128
@@ -266,7 +263,7 @@ def parse_train_reply(content: RecordDict, numel: int) -> tuple[np.ndarray, int,
     return vector, int(count), metrics  # type: ignore[arg-type]
 
 
-class FlowerBackend:
+class FlowerTransport:
     """Carries rounds to SuperNodes through a Flower ``Grid``.
 
     Clients are known by the id they answer the hello with (their partition,
@@ -287,7 +284,7 @@ class FlowerBackend:
     ids_follow_keys = False
     """Whether a client id, once claimed, stays with that node for the run.
     Node ids follow registered keys, so the coordinator sets this when
-    clients authenticate (:func:`fedtrain.deploy.coordinate`): no other key
+    clients authenticate (the deployed coordinator does): no other key
     can take over an id, even while its holder is away. Without keys
     (``--insecure``) a restarted client is a new node and may claim its id
     again once the old node is gone."""
@@ -360,7 +357,7 @@ class FlowerBackend:
             )
         self._node_of[info.name] = node
         self.clients[info.name] = info
-        log.warning("client %s joined (node %d, %d records, %s)", info.name, node, info.num_records, info.device)
+        log.info("client %s joined (node %d, %d records, %s)", info.name, node, info.num_records, info.device)
         return None
 
     def wait_for_clients(self, expected: int, minimum: int, wait: float) -> list[str]:
@@ -384,7 +381,7 @@ class FlowerBackend:
         """Client ``cid``'s update from its training ``reply``, or its failure."""
         import torch
 
-        from fedtrain.engine import ClientFailure
+        from fedtrain.types import ClientFailure
         from fedtrain.types import ClientUpdate
 
         if reply.has_error():
@@ -407,7 +404,7 @@ class FlowerBackend:
     ) -> tuple[dict[str, int], list[ClientFailure]]:
         """The node of each of ``clients`` that is connected and may train
         under ``task``'s privacy setting, and a failure for each other."""
-        from fedtrain.engine import ClientFailure
+        from fedtrain.types import ClientFailure
 
         self.discover()
         live = set(self.grid.get_node_ids())
@@ -447,7 +444,7 @@ class FlowerBackend:
     def train_round(
         self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
     ) -> RoundOutcome:
-        from fedtrain.engine import ClientFailure, RoundOutcome
+        from fedtrain.types import ClientFailure, RoundOutcome
         from fedtrain.types import ClientUpdate
 
         nodes, failures = self._connected(clients, task)
@@ -509,50 +506,47 @@ def _reply_error(reply: Message) -> str | None:
     return None
 
 
-class SecureFlowerBackend(FlowerBackend):
-    """:class:`FlowerBackend` with SecAgg+: the coordinator drives
-    :class:`~fedtrain.secure.protocol.SecureServer` over Flower messages and
-    the engine gets the same single aggregate as from
-    :class:`fedtrain.backends.secure.SecureAggregationBackend` in a
-    simulation: ``client_id = "secure-aggregate"``, the survivors' weighted
-    mean, ``num_examples`` their summed weight, ``contributors`` their count,
-    and a failure for each client left out.
+class _FlowerChannel:
+    """The :class:`~fedtrain.secure.round.SecureChannel` of one secure round
+    over Flower messages; client ``i`` is node ``nodes[i]``.
 
-    A round is four exchanges: ``train.secure`` (the task and the round's
-    public setup; the client trains, keeps its update, answers with its key
-    advert), then ``query.secure`` for sharing keys, the masked input and
-    unmasking. The round's clients are those connected when it starts; one
-    whose training fails is a dropout before it shared anything. After
-    training, each stage waits at most :data:`STAGE_SECONDS` (or the client
-    timeout); a client that misses it, answers with an error or sends a
-    message that does not decode (:mod:`fedtrain.secure.wire`) is a dropout.
-    Distributed DP noise is drawn by each client
-    (:class:`fedtrain.privacy.noise.SecureGaussian`, whatever
-    ``privacy.secure_noise`` says: a deployment is not reproducible anyway).
+    The opening is ``train.secure``: the training task (each client its own,
+    :meth:`FlowerTransport._own_task`), the model and the client's encoded
+    :class:`~fedtrain.secure.messages.AdvertiseRequest`; the client trains,
+    keeps its update and answers with its key advert. A client lost there
+    failed its training, and the reason says so as it is (``no reply within
+    …``, ``client error: …``). The later stages are ``query.secure``, each
+    waiting at most :data:`STAGE_SECONDS` (or the client timeout); a client
+    that misses one, answers with an error or sends a message that does not
+    decode (:mod:`fedtrain.secure.wire`) is a dropout, its reason prefixed
+    with the stage (``masked_input: malformed reply: …``).
     """
 
     def __init__(
-        self, grid: Grid, hello: Hello, timeout: float, poll_seconds: float,
-        settings: SecureSettings, weighted: bool, min_records: int = 1,
+        self, transport: FlowerTransport, rnd: int, task: TrainTask, params: torch.Tensor,
+        ids: Sequence[str], nodes: Mapping[int, int],
     ) -> None:
-        super().__init__(grid, hello, timeout, poll_seconds, min_records)
-        self.settings = settings
-        self.weighted = weighted
+        self.transport = transport
+        self.rnd = rnd
+        self.task = task
+        self.params = params
+        self.ids = ids
+        self.nodes = nodes
 
-    def _gather(
-        self, messages: dict[int, Message], seconds: float, stage: str, expected: type[M], why: dict[int, str],
-    ) -> list[M]:
+    def _gather(self, messages: Mapping[int, Message], seconds: float, stage: str, expected: type[M]) -> Replies[M]:
         """Send each client index its message; the decoded replies that came
-        in time, each checked to come from the index it was sent to. A client
-        that did not answer properly gets its reason in ``why``."""
+        in time, each checked to come from the index it was sent to, and the
+        reason of each client that did not answer properly."""
         from fedtrain.secure import wire
+        from fedtrain.secure.round import Replies
 
         index_of_node = {m.metadata.dst_node_id: index for index, m in messages.items()}
         started = time.perf_counter()
-        replies = self._exchange(list(messages.values()), seconds)
+        replies = self.transport._exchange(list(messages.values()), seconds)
         log.info("secure aggregation, %s: %d of %d replies in %.2f s",
                  stage, len(replies), len(messages), time.perf_counter() - started)
         out: list[M] = []
+        why: dict[int, str] = {}
         for node, index in index_of_node.items():
             reply = replies.get(node)
             error = f"no reply within {seconds:g} s" if reply is None else _reply_error(reply)
@@ -569,220 +563,102 @@ class SecureFlowerBackend(FlowerBackend):
                 except Exception as exc:  # anything malformed leaves this client out, never the round
                     error = f"malformed reply: {exc}"
             if error is not None:
-                why.setdefault(index, f"{stage}: {error}")
-        return out
+                why[index] = error
+        return Replies(tuple(out), why)
 
-    def _stage(
-        self, rnd: int, stage: SecureStage, outgoing: Mapping[int, object], nodes: Mapping[int, int],
-        expected: type[M], why: dict[int, str],
-    ) -> list[M]:
+    def _stage(self, stage: SecureStage, outgoing: Mapping[int, object], expected: type[M]) -> Replies[M]:
         """One ``query.secure`` stage: each client's ``outgoing`` message out, the replies back."""
         from fedtrain.secure import wire
+        from fedtrain.secure.round import Replies
 
-        seconds = min(self.timeout, STAGE_SECONDS)
+        seconds = min(self.transport.timeout, STAGE_SECONDS)
         messages = {
             index: Message(
-                RecordDict({"secure": _secure_record(rnd, stage, wire.encode(message))}),
-                dst_node_id=nodes[index], message_type=QUERY_SECURE, ttl=seconds, group_id=str(rnd),
+                RecordDict({"secure": _secure_record(self.rnd, stage, wire.encode(message))}),
+                dst_node_id=self.nodes[index], message_type=QUERY_SECURE, ttl=seconds, group_id=str(self.rnd),
             )
             for index, message in outgoing.items()
         }
-        return self._gather(messages, seconds, stage.value, expected, why)
+        replies = self._gather(messages, seconds, stage.value, expected)
+        return Replies(replies.messages, {i: f"{stage.value}: {why}" for i, why in replies.dropped.items()})
+
+    def advertise(self, requests: Mapping[int, AdvertiseRequest]) -> Replies[KeyAdvert]:
+        from fedtrain.secure import wire
+        from fedtrain.secure.messages import KeyAdvert
+
+        transport, rnd = self.transport, self.rnd
+        weights = transport._model_record(self.params)
+        opening = {
+            i: Message(
+                RecordDict({
+                    **transport._train_content(rnd, transport._own_task(self.task, self.ids[i]), weights),
+                    "secure": _secure_record(rnd, None, wire.encode(request)),
+                }),
+                dst_node_id=self.nodes[i], message_type=TRAIN_SECURE, ttl=transport.timeout, group_id=str(rnd),
+            )
+            for i, request in requests.items()
+        }
+        return self._gather(opening, transport.timeout, "training", KeyAdvert)
+
+    def share_keys(self, neighbourhoods: Mapping[int, Neighbourhood]) -> Replies[SharedKeys]:
+        from fedtrain.secure.messages import SharedKeys
+
+        return self._stage(SecureStage.SHARE_KEYS, neighbourhoods, SharedKeys)
+
+    def masked_input(self, deliveries: Mapping[int, ShareDelivery]) -> Replies[MaskedInput]:
+        from fedtrain.secure.messages import MaskedInput
+
+        return self._stage(SecureStage.MASKED_INPUT, deliveries, MaskedInput)
+
+    def unmask(self, requests: Mapping[int, UnmaskRequest]) -> Replies[UnmaskResponse]:
+        from fedtrain.secure.messages import UnmaskResponse
+
+        return self._stage(SecureStage.UNMASK, requests, UnmaskResponse)
+
+
+class SecureFlowerTransport(FlowerTransport):
+    """:class:`FlowerTransport` with SecAgg+: the coordinator drives
+    :class:`~fedtrain.secure.protocol.SecureServer` over Flower messages
+    (:class:`_FlowerChannel`) with the round driver a simulation uses,
+    :func:`fedtrain.secure.round.run_secure_round`, so the engine gets the
+    same single :class:`~fedtrain.types.AggregateUpdate` (origin
+    ``SECURE_SUM``, ``client_id = "secure-aggregate"``): the survivors'
+    weighted mean, ``num_examples`` their summed weight, ``contributors``
+    their count, and a failure for each client left out.
+
+    A round is four exchanges: ``train.secure`` (the task and the round's
+    public setup; the client trains, keeps its update, answers with its key
+    advert), then ``query.secure`` for sharing keys, the masked input and
+    unmasking. The round's clients are those connected when it starts; one
+    whose training fails is a dropout before it shared anything. A client
+    that drops out is greeted again before the next round (it may have
+    restarted). Distributed DP noise is drawn by each client
+    (:class:`fedtrain.privacy.noise.SecureGaussian`, whatever
+    ``privacy.secure_noise`` says: a deployment is not reproducible anyway).
+    """
+
+    def __init__(
+        self, grid: Grid, hello: Hello, timeout: float, poll_seconds: float,
+        settings: SecureSettings, weighted: bool, min_records: int = 1,
+    ) -> None:
+        super().__init__(grid, hello, timeout, poll_seconds, min_records)
+        self.settings = settings
+        self.weighted = weighted
 
     def train_round(
         self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
     ) -> RoundOutcome:
-        from fedtrain.backends.secure import aggregate_update
-        from fedtrain.engine import ClientFailure, RoundOutcome
-        from fedtrain.secure import wire
-        from fedtrain.secure.messages import AdvertiseRequest, KeyAdvert, MaskedInput, SharedKeys, UnmaskResponse
-        from fedtrain.secure.protocol import SecureAggregationAborted, SecureServer
+        from fedtrain.secure.round import run_secure_round
 
         connected, failures = self._connected(clients, task)
-        if not connected:
-            return RoundOutcome((), tuple(failures))
         ids = sorted(connected, key=lambda c: (len(c), c))
         nodes = {i: connected[cid] for i, cid in enumerate(ids)}
-        noise = task.privacy.distributed_noise
-        graph = self.settings.graph(len(ids))
-        setup = self.settings.setup(
-            graph,
-            vector_length=params.numel(),
-            noise_stddev=noise / math.sqrt(len(clients)) if noise > 0 else 0.0,
-            weighted=self.weighted and noise == 0,
+        secure = run_secure_round(
+            _FlowerChannel(self, rnd, task, params, ids, nodes), self.settings, rnd=rnd, ids=ids,
+            planned=len(clients), params=params, kind=task.kind,
+            distributed_noise=task.privacy.distributed_noise, weighted=self.weighted,
         )
-        server = SecureServer(setup, graph)
-        why: dict[int, str] = {}
-        weights = self._model_record(params)
-        opening = {
-            i: Message(
-                RecordDict({
-                    **self._train_content(rnd, self._own_task(task, ids[i]), weights),
-                    "secure": _secure_record(rnd, None, wire.encode(AdvertiseRequest(i, setup))),
-                }),
-                dst_node_id=node, message_type=TRAIN_SECURE, ttl=self.timeout, group_id=str(rnd),
-            )
-            for i, node in nodes.items()
-        }
-        adverts = self._gather(opening, self.timeout, "training", KeyAdvert, why)
-        untrained = set(why)
-        for index in sorted(untrained):
-            failures.append(ClientFailure(ids[index], why[index].removeprefix("training: ")))
+        for index in secure.lost:
             self._greeted.discard(nodes[index])
-        try:
-            neighbourhoods = server.collect_adverts(adverts)
-            shared = self._stage(rnd, SecureStage.SHARE_KEYS, neighbourhoods, nodes, SharedKeys, why)
-            deliveries = server.collect_shares(shared)
-            masked = self._stage(rnd, SecureStage.MASKED_INPUT, deliveries, nodes, MaskedInput, why)
-            requests = server.collect_masked(masked)
-            responses = self._stage(rnd, SecureStage.UNMASK, requests, nodes, UnmaskResponse, why)
-            result = server.collect_unmask(responses)
-        except SecureAggregationAborted as exc:
-            log.warning("round %d: secure aggregation aborted, round skipped: %s", rnd, exc)
-            failures.extend(
-                ClientFailure(cid, f"secure aggregation aborted: {exc}")
-                for i, cid in enumerate(ids) if i not in untrained
-            )
-            for index in why:
-                self._greeted.discard(nodes[index])
-            return RoundOutcome((), tuple(failures))
-        for index, reason in result.excluded:
-            if index in untrained:
-                continue
-            failures.append(ClientFailure(ids[index], f"secure aggregation: {why.get(index, reason)}"))
-            self._greeted.discard(nodes[index])
-        return RoundOutcome((aggregate_update(result, setup, task.kind, params.device),), tuple(failures))
+        return secure.outcome(failures)
 
-
-server_app = ServerApp()
-
-
-@server_app.main()
-def _serve(grid: Grid, context: Context) -> None:
-    from fedtrain.deploy import DeployRequest, coordinate
-
-    request = DeployRequest.read(Path(str(context.run_config["run-dir"])))
-
-    def make_backend(hello: Hello, secure: SecureDeployment | None) -> FlowerBackend:
-        from fedtrain.config import from_dict
-        from fedtrain.privacy.sample_level import min_records
-
-        floor = min_records(from_dict(hello.config))
-        if secure is None:
-            return FlowerBackend(grid, hello, request.timeout, request.poll_seconds, floor)
-        return SecureFlowerBackend(
-            grid, hello, request.timeout, request.poll_seconds, secure.settings, secure.weighted, floor
-        )
-
-    coordinate(request, make_backend)
-
-
-client_app = ClientApp()
-
-
-def _relay(context: Context, request: tuple[RequestKind, object]) -> tuple[str, object]:
-    worker = str(context.node_config[NODE_WORKER])
-    key = Path(str(context.node_config[NODE_KEY_FILE])).read_text().strip()
-    return relay(worker, key, request)
-
-
-@client_app.query()
-def _hello(message: Message, context: Context) -> Message:
-    status, answer = _relay(context, (RequestKind.HELLO, str(message.content["hello"]["hello"])))
-    if status != "ok" or not isinstance(answer, ClientInfo):
-        return Message(_status_error(str(answer)), reply_to=message)
-    return Message(RecordDict({"result": ConfigRecord({
-        "status": "ok", "name": answer.name, "num_records": answer.num_records, "device": answer.device,
-    })}), reply_to=message)
-
-
-@client_app.train()
-def _train(message: Message, context: Context) -> Message:
-    task = message.content["task"]
-    params = message.content["params"]["params"].numpy()
-    status, answer = _relay(context, (RequestKind.TRAIN, (int(task["round"]), str(task["task"]), params)))
-    if status != "ok" or not isinstance(answer, TrainReply):
-        return Message(_status_error(str(answer)), reply_to=message)
-    return Message(RecordDict({
-        "update": ArrayRecord({"update": Array(np.ascontiguousarray(answer.update, dtype=np.float32))}),
-        "result": ConfigRecord({
-            "status": "ok", "num_examples": answer.num_examples, "metrics": json.dumps(answer.metrics),
-        }),
-    }), reply_to=message)
-
-
-@client_app.train("secure")
-def _train_secure(message: Message, context: Context) -> Message:
-    """Train and keep the update; the reply is the client's encoded key advert."""
-    try:
-        task = message.content["task"]
-        params = message.content["params"]["params"].numpy()
-        payload = message.content["secure"]["payload"]
-        if not isinstance(payload, bytes):
-            raise TypeError(f"payload is a {type(payload).__name__}, expected bytes")
-        body = (int(task["round"]), str(task["task"]), params, payload)
-    except (KeyError, TypeError, ValueError) as exc:
-        return Message(_status_error(f"malformed secure training message: {exc}"), reply_to=message)
-    status, answer = _relay(context, (RequestKind.TRAIN_SECURE, body))
-    return _secure_reply(message, status, answer)
-
-
-@client_app.query("secure")
-def _secure_stage(message: Message, context: Context) -> Message:
-    """One later secure-aggregation stage: the payload goes to the worker as
-    bytes, which decodes it with :mod:`fedtrain.secure.wire`; the reply is
-    the worker's encoded message."""
-    try:
-        body = message.content["secure"]
-        payload = body["payload"]
-        if not isinstance(payload, bytes):
-            raise TypeError(f"payload is a {type(payload).__name__}, expected bytes")
-        request = SecureRequest(int(body["round"]), SecureStage(str(body["stage"])), payload)
-    except (KeyError, TypeError, ValueError) as exc:
-        return Message(_status_error(f"malformed secure-aggregation message: {exc}"), reply_to=message)
-    status, answer = _relay(context, (RequestKind.SECURE, request))
-    return _secure_reply(message, status, answer)
-
-
-def _secure_reply(message: Message, status: str, answer: object) -> Message:
-    if status != "ok" or not isinstance(answer, bytes):
-        return Message(_status_error(str(answer)), reply_to=message)
-    return Message(RecordDict({"result": ConfigRecord({"status": "ok", "payload": answer})}), reply_to=message)
-
-
-class _CappedSleep:
-    """Stands in for the ``time`` module inside Flower's SuperNode loop: the
-    same functions, but no sleep longer than ``cap`` seconds."""
-
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(time, name)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
-
-
-def run_supernode(poll_seconds: float, argv: Sequence[str]) -> None:
-    """``flower-supernode ARGV``, polling its SuperLink every ``poll_seconds``
-    when idle instead of every 3 s.
-
-    Flower offers no setting for this poll, which dominates a round's latency
-    on a small federation; each idle SuperNode costs its SuperLink one request
-    per ``poll_seconds``. Should a Flower release move the loop, the SuperNode
-    runs with Flower's own poll and a warning says so.
-    """
-    import sys
-
-    from flwr.supernode import start_client_internal
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
-    from fedtrain.deploy import FLOWER_IDLE_POLL
-
-    if isinstance(getattr(start_client_internal, "time", None), type(time)):
-        start_client_internal.time = _CappedSleep(poll_seconds)  # type: ignore[assignment]
-    else:
-        log.warning("this Flower release has no SuperNode poll to shorten; polling every %g s", FLOWER_IDLE_POLL)
-    sys.argv = ["flower-supernode", *argv]
-    flower_supernode()

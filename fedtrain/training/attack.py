@@ -1,4 +1,4 @@
-"""Simulated Byzantine clients: a wrapper around any backend that corrupts the
+"""Simulated Byzantine clients: a decorator of any executor that corrupts the
 updates of a fixed, seeded subset of clients.
 
 An experiment option (``attack.kind``, ``attack.fraction``), not a code
@@ -13,9 +13,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fedtrain.client import TrainTask
+from fedtrain.training.train_task import TrainTask
 from fedtrain.config import AttackKind
-from fedtrain.engine import Backend, RoundOutcome
+from fedtrain.training.executor import Executor
+from fedtrain.types import RoundOutcome
 
 
 def choose_attackers(clients: Sequence[str], fraction: float, seed: int) -> frozenset[str]:
@@ -25,10 +26,10 @@ def choose_attackers(clients: Sequence[str], fraction: float, seed: int) -> froz
     return frozenset(clients[i] for i in rng.choice(len(clients), size=count, replace=False))
 
 
-class AttackingBackend:
+class AttackingExecutor:
     """Runs ``inner`` and then rewrites the attackers' update vectors in place."""
 
-    def __init__(self, inner: Backend, attackers: frozenset[str], kind: AttackKind, scale: float, seed: int) -> None:
+    def __init__(self, inner: Executor, attackers: frozenset[str], kind: AttackKind, scale: float, seed: int) -> None:
         self.inner = inner
         self.attackers = attackers
         self.kind = kind

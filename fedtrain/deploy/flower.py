@@ -1,0 +1,370 @@
+"""Everything fedtrain knows about Flower's programs, in one version-checked
+place.
+
+The deployment drives Flower 1.42's SuperLink and SuperNode, partly through
+internals that change between minor releases: every Flower program name,
+command-line flag, environment variable, internal and log-line pattern
+fedtrain relies on is defined here, and the installed release is checked
+against the tested ones (:data:`FLOWER_TESTED`, :func:`check_flower_version`)
+before anything starts. Where an internal is missing, the entry point that
+needs it refuses to start (:class:`~fedtrain.deploy.errors.DeployError`)
+rather than run without a protection.
+
+What fedtrain changes in Flower's processes, and why:
+
+- the SuperLink's application is built here from Flower's own argument
+  parser, lifespan and routes (:func:`superlink_app`), so that
+  :mod:`fedtrain.deploy.superlink` can serve its Fleet API alone on the
+  clients' address and every other API on loopback;
+- a SuperNode runs fedtrain's own app only (:func:`guard_apps`, judged by
+  :func:`fedtrain.deploy.app.fab_refusal`), announces a short heartbeat
+  (:func:`announce_heartbeat`) and polls every ``--poll`` seconds when idle
+  (:func:`run_supernode`);
+- every Flower process gets its own ``FLWR_HOME``, no telemetry or update
+  check, and none of the switches that would open Flower's legacy gRPC
+  servers (:func:`flower_env`).
+
+Flower's internals are imported inside the functions that patch or build
+Flower's processes, which run in the SuperLink's or SuperNode's own process
+(:mod:`fedtrain.deploy.superlink`, :mod:`fedtrain.deploy.supernode`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from fedtrain.deploy.addresses import LOOPBACK
+from fedtrain.deploy.errors import DeployError
+from fedtrain.transport.flower import DEFAULT_POLL
+
+log = logging.getLogger(__name__)
+
+FLOWER_TESTED = ((1, 42), (1, 43))
+"""Flower releases the deployment was tested with: ``>=1.42,<1.43``
+(:data:`FLOWER_RANGE`). The SuperLink and SuperNode entry points build on
+Flower internals that change between minor releases, so any other release
+is refused before anything starts (:func:`check_flower_version`)."""
+
+FLOWER_RANGE = ">=1.42,<1.43"
+
+FLOWER_IDLE_POLL = 3.0
+"""Seconds Flower's SuperNode sleeps between asking for messages when idle
+(hard-coded in ``flwr.supernode.start_client_internal``, 1.41 and 1.42)."""
+
+FLOWER_SUPEREXEC_POLL = 1.0
+"""Flower's default ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``."""
+
+FLEET_PREFIX = "/v1/fleet/"
+"""Flower 1.42 serves every API over HTTP on one port; the Fleet API's
+routes are the ones under this prefix (``/v1/control/`` is the Control API,
+``/v1/runtime/`` the Runtime API)."""
+
+GRPC_API_SWITCHES = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
+"""Environment switches that make Flower 1.42's SuperLink also start its
+legacy gRPC Control and Fleet servers on addresses of their own (the
+Control API's default is ``0.0.0.0:9093``, unauthenticated): removed from
+every environment fedtrain starts Flower in."""
+
+NODE_JOINED = "SuperNode ID"
+"""A SuperNode's log once the SuperLink accepted it (``SuperNode ID: N``)."""
+
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+"""A SuperNode's log when the SuperLink refused its key. Flower's error
+(code 2004) does not say why: the key is not registered, or a SuperNode
+with that key is connected already."""
+
+ACTIVATION_LOG = re.compile(
+    r"Attempted to register SuperNode with public key: b'(?P<key>[^']*)', exception: (?P<why>[^\n]*)"
+)
+"""The SuperLink's log line for a refused activation; ``key`` is the PEM
+public key (escaped), ``why`` contains :data:`UNKNOWN_KEY` or matches
+:data:`KEY_IN_USE`."""
+
+UNKNOWN_KEY = "No SuperNode found with the given public key"
+KEY_IN_USE = re.compile(r"SuperNode with node ID (?P<node>\d+) could not be activated")
+
+NODE_HEARTBEAT_SECONDS = 10
+"""Heartbeat interval fedtrain's SuperNodes announce: Flower's minimum (its
+default is 30 s). The SuperLink holds a key for :data:`HEARTBEAT_PATIENCE`
+intervals after its node's last heartbeat, so a client killed without a
+clean stop frees its key within 20 s instead of 60 s, and a second client
+with a connected key can be refused at once."""
+
+HEARTBEAT_PATIENCE = 2
+"""Flower's ``HEARTBEAT_PATIENCE``: heartbeat intervals a node stays online without one."""
+
+KEY_HOLD_SECONDS = NODE_HEARTBEAT_SECONDS * HEARTBEAT_PATIENCE
+
+FAB_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
+"""What the app bundle (FAB) that ``flwr run`` builds from fedtrain's app
+folder holds: its ``pyproject.toml`` and Flower's manifest. No code: the
+code is the fedtrain installed on each machine."""
+
+CONNECTION = "fedtrain"
+"""The name of the coordinator's ``flwr`` connection (:func:`connection_toml`)."""
+
+
+def flower_version() -> str:
+    """The installed ``flwr`` release."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flwr")
+    except PackageNotFoundError:
+        raise DeployError(f"flwr is not installed: pip install 'flwr{FLOWER_RANGE}'") from None
+
+
+def check_flower_version() -> None:
+    """Raise unless the installed Flower is one the deployment was tested with."""
+    installed = flower_version()
+    release = tuple(int(part) for part in re.findall(r"\d+", installed)[:2])
+    low, high = FLOWER_TESTED
+    if not low <= release < high:
+        raise DeployError(
+            f"flwr {installed} is installed; fedtrain's deployment is tested with flwr {FLOWER_RANGE} "
+            f"(it drives Flower internals): pip install 'flwr{FLOWER_RANGE}'"
+        )
+
+
+def _untested(what: str) -> DeployError:
+    return DeployError(f"flwr {flower_version()}: {what}; tested with flwr {FLOWER_RANGE}")
+
+
+# ------------------------------------------------------- programs and flags
+
+
+def script_dirs() -> list[Path]:
+    """Where this Python environment's console scripts are (``flwr``,
+    ``flower-superexec``): its scripts folder, then the running interpreter's
+    folder. Flower starts its helpers by bare name, so these go first on the
+    ``PATH`` of every process fedtrain starts: a ``fedtrain`` run by its
+    absolute path, with its environment not on ``PATH``, still finds them."""
+    found = [Path(sysconfig.get_path("scripts")), Path(sys.executable).parent]
+    return list(dict.fromkeys(p for p in found if p.is_dir()))
+
+
+def flower_env(home: Path, poll_seconds: float = DEFAULT_POLL) -> dict[str, str]:
+    """The environment of a Flower process: its own ``FLWR_HOME``, no
+    telemetry or update check, this environment's scripts first on ``PATH``,
+    and none of :data:`GRPC_API_SWITCHES`."""
+    env = {k: v for k, v in os.environ.items() if k not in GRPC_API_SWITCHES}
+    path = [*map(str, script_dirs()), *(p for p in env.get("PATH", "").split(os.pathsep) if p)]
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(min(poll_seconds, FLOWER_SUPEREXEC_POLL)),
+        PYTHONUNBUFFERED="1",
+        PATH=os.pathsep.join(dict.fromkeys(path)),
+    )
+    return env
+
+
+def program(name: str) -> str:
+    """Flower's console script ``name``, from this Python's environment when it is there."""
+    for folder in script_dirs():
+        if (folder / name).is_file():
+            return str(folder / name)
+    found = shutil.which(name)
+    if found is None:
+        raise DeployError(f"{name} not found: install Flower (pip install 'flwr{FLOWER_RANGE}')")
+    return found
+
+
+def run_flwr(home: Path, args: Sequence[str], timeout: float = 120.0) -> dict[str, Any]:
+    """Run ``flwr ARGS --format json``; its JSON answer, or DeployError."""
+    done = subprocess.run(
+        [program("flwr"), *args, "--format", "json"], env=flower_env(home),
+        capture_output=True, text=True, timeout=timeout,
+    )
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        answer = {"success": False, "error-message": (done.stdout + done.stderr).strip()[-2000:]}
+    if not answer.get("success", False):
+        raise DeployError(f"flwr {' '.join(args[:2])} failed: {answer.get('error-message', answer)}")
+    return dict(answer)
+
+
+def connection_toml(control: str) -> str:
+    """The coordinator's ``flwr`` connection (``FLWR_HOME/config.toml``): its
+    SuperLink's Control API on loopback, plain text (that port is reachable
+    from this machine only)."""
+    return (f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "{control}"\ninsecure = true\n')
+
+
+def supernode_args(server: str, connect_seconds: float) -> list[str]:
+    """``flower-supernode``'s flags for a SuperNode that dials ``server`` and
+    gives up after ``connect_seconds`` without a SuperLink."""
+    return ["--superlink", server, "--max-wait-time", str(connect_seconds)]
+
+
+def supernode_tls_args(tls: tuple[Path, Path] | None) -> list[str]:
+    """``flower-supernode``'s flags for TLS and SuperNode authentication with
+    ``tls`` (the CA certificate, the client's private key), or for plain
+    text when ``tls`` is None."""
+    if tls is None:
+        return ["--insecure"]
+    ca, key = tls
+    return ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
+
+
+def supernode_node_args(node_config: str, port: int) -> list[str]:
+    """``flower-supernode``'s flags for its ``--node-config`` and the port of
+    its ClientApp API (one per SuperNode on a machine)."""
+    return ["--node-config", node_config, "--port", str(port)]
+
+
+# ---------------------------------------------------------------- SuperLink
+
+
+@dataclass(frozen=True)
+class SuperLinkApp:
+    """Flower's SuperLink as an ASGI application, ready to be served."""
+
+    app: Any
+    """Every API, plain HTTP (fedtrain serves it on loopback only)."""
+    fleet_paths: frozenset[str]
+    """The routes of the Fleet API, all under :data:`FLEET_PREFIX`."""
+    log_config: dict[str, Any]
+    """uvicorn's log configuration as Flower's own SuperLink sets it."""
+
+
+def superlink_app(local_port: int, tls: tuple[str, str, str] | None) -> SuperLinkApp:
+    """Flower's own SuperLink application: built by Flower's argument parser,
+    lifespan (which starts the SuperExec) and routes, for ``127.0.0.1:local_port``
+    and, when ``tls`` (certificate, key, CA) is given, with SuperNode
+    authentication. The application itself is built plain: the caller adds
+    TLS where it serves the Fleet API."""
+    import importlib
+
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+    from flwr.supercore.logger import console_handler
+    from flwr.superlink.main import create_app
+    from flwr.superlink.routers.fleet.router import router as fleet_router
+
+    flower_args = ["--host", LOOPBACK, "--port", str(local_port), "--disable-runtime-dependency-installation"]
+    if tls is not None:
+        certfile, keyfile, ca_certfile = tls
+        flower_args += ["--ssl-certfile", certfile, "--ssl-keyfile", keyfile,
+                        "--ssl-ca-certfile", ca_certfile, "--enable-supernode-auth"]
+    else:
+        flower_args.append("--insecure")
+    flower_superlink = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    parse = getattr(flower_superlink, "_parse_superlink_lifespan_config", None)
+    lifespan = getattr(flower_superlink, "SuperLinkLifespan", None)
+    if not callable(parse) or lifespan is None:
+        raise _untested("its SuperLink cannot be built with separate listeners")
+    sys.argv = ["flower-superlink", *flower_args]
+    config = parse()
+    local = replace(config, insecure=True, certificates=None, ssl_ca_certfile=None, ssl_certfile=None,
+                    ssl_keyfile=None)
+    app = create_app(local, lifespan)
+    fleet_paths = frozenset(getattr(route, "path") for route in fleet_router.routes)
+    if not fleet_paths or not all(p.startswith(FLEET_PREFIX) for p in fleet_paths):
+        raise _untested(f"its Fleet API routes are {sorted(fleet_paths)}, not under {FLEET_PREFIX}")
+    return SuperLinkApp(app, fleet_paths, get_uvicorn_log_config(console_handler.level))
+
+
+# ---------------------------------------------------------------- SuperNode
+
+
+def guard_apps(refusal: Callable[[bytes], str | None]) -> None:
+    """Make this SuperNode run only the app bundles that ``refusal`` finds
+    nothing against (:func:`fedtrain.deploy.app.fab_refusal`).
+
+    Flower 1.42 checks apps against trusted publishers (``--trusted-entities``)
+    only for apps signed on Flower Hub: the signatures come from the Hub, and
+    the open-source SuperLink marks every other app unverifiable. fedtrain
+    takes that check's place: each app bundle is marked checkable and judged
+    by ``refusal``. A refused app gets Flower's own verification error as its
+    reply (with the reason), and is never installed or run."""
+    import inspect
+
+    from flwr.app import Error
+    from flwr.supernode import start_client_internal as node
+
+    pull = getattr(node, "_pull_and_store_message", None)
+    verify = getattr(node, "_verify_fab", None)
+    error = getattr(node, "FAB_VERIFICATION_ERROR", None)
+    parameters = set(inspect.signature(pull).parameters) if callable(pull) else set()
+    if not callable(verify) or not isinstance(error, Error) or not {"get_fab", "trusted_entities"} <= parameters:
+        raise _untested("its SuperNode has no app check fedtrain can hold to its own app")
+
+    def pull_checked(**kwargs: Any) -> Any:
+        fetch = kwargs["get_fab"]
+
+        def get_fab(fab_hash: str, run_id: int) -> Any:
+            fab = fetch(fab_hash, run_id)
+            fab.verifications = {**fab.verifications, "valid_license": "fedtrain"}
+            return fab
+
+        return pull(**{**kwargs, "get_fab": get_fab, "trusted_entities": {"fedtrain": "fab_refusal"}})
+
+    def judge(fab: Any, trusted: object) -> bool:
+        reason = refusal(fab.content)
+        if reason is None:
+            return True
+        log.error("refused a Flower app that is not fedtrain's run: %s", reason)
+        node.FAB_VERIFICATION_ERROR = Error(error.code, f"the fedtrain client refused this app: {reason}")
+        return False
+
+    node._pull_and_store_message = pull_checked
+    node._verify_fab = judge
+
+
+def announce_heartbeat(seconds: int) -> None:
+    """Make this SuperNode announce (and keep) a heartbeat every ``seconds``."""
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    for module in (heartbeat, fleet_http_connection):
+        if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), (int, float)):
+            raise _untested(f"{module.__name__} has no heartbeat interval to set")
+        setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", seconds)
+
+
+class _CappedSleep:
+    """Stands in for the ``time`` module inside Flower's SuperNode loop: the
+    same functions, but no sleep longer than ``cap`` seconds."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap))
+
+
+def run_supernode(poll_seconds: float, argv: Sequence[str]) -> None:
+    """``flower-supernode ARGV``, polling its SuperLink every ``poll_seconds``
+    when idle instead of every :data:`FLOWER_IDLE_POLL` seconds.
+
+    Flower offers no setting for this poll, which dominates a round's latency
+    on a small federation; each idle SuperNode costs its SuperLink one request
+    per ``poll_seconds``. Should a Flower release move the loop, the SuperNode
+    runs with Flower's own poll and a warning says so.
+    """
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    if isinstance(getattr(start_client_internal, "time", None), type(time)):
+        start_client_internal.time = _CappedSleep(poll_seconds)  # type: ignore[assignment]
+    else:
+        log.warning("this Flower release has no SuperNode poll to shorten; polling every %g s", FLOWER_IDLE_POLL)
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()

@@ -1,0 +1,43 @@
+"""``python -m fedtrain.deploy supernode``: a client's SuperNode, Flower's
+own ``flower-supernode`` held to fedtrain's app.
+
+``fedtrain client`` starts it next to its warm worker
+(:mod:`fedtrain.deploy.worker`); the ``ClientApp`` it runs for each message
+is the light relay of :mod:`fedtrain.transport.flower_client_app`. Whoever
+submitted a run, this SuperNode runs no other app
+(:func:`fedtrain.deploy.app.fab_refusal`), so what a run may ask of a client
+is decided by the client's own fedtrain.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from fedtrain.deploy.app import fab_refusal
+from fedtrain.deploy.errors import check_positive
+from fedtrain.deploy.flower import (
+    NODE_HEARTBEAT_SECONDS,
+    announce_heartbeat,
+    check_flower_version,
+    guard_apps,
+    run_supernode,
+)
+
+
+def supernode_main(argv: Sequence[str]) -> None:
+    """``python -m fedtrain.deploy supernode --poll S ARGS``: ``flower-supernode
+    ARGS`` that runs fedtrain's own app only
+    (:func:`~fedtrain.deploy.flower.guard_apps` with
+    :func:`~fedtrain.deploy.app.fab_refusal`), announces a heartbeat every
+    :data:`~fedtrain.deploy.flower.NODE_HEARTBEAT_SECONDS`, and polls for
+    messages every ``S`` seconds when idle
+    (:func:`~fedtrain.deploy.flower.run_supernode`)."""
+    parser = argparse.ArgumentParser(prog="python -m fedtrain.deploy supernode", add_help=False, allow_abbrev=False)
+    parser.add_argument("--poll", type=float, required=True)
+    known, rest = parser.parse_known_args(argv)
+    check_positive("--poll", known.poll)
+    check_flower_version()
+    guard_apps(fab_refusal)
+    announce_heartbeat(NODE_HEARTBEAT_SECONDS)
+    run_supernode(known.poll, rest)

@@ -1,0 +1,372 @@
+"""Builds a run from its config: data, model and trainer, strategy, privacy
+policy, sampler, engine and the run folder's observers.
+
+The one place where a config becomes running objects, used alike by the
+in-process simulation (:mod:`fedtrain.simulation`), the deployed coordinator
+and the deployed client (:mod:`fedtrain.deploy`). Those callers differ only
+in how clients are reached: an in-process executor
+(:func:`in_process_executor`) or a transport the deployment hands in.
+Everything that can be checked is checked here, before the first round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtrain import checkpoint
+from fedtrain.config import (
+    AttackKind, ClientEngine, Config, ConfigError, GradSampleMode, KeyColumn, PrivacyMode, to_dict,
+)
+from fedtrain.curves import plot_curves
+from fedtrain.data import Dataset, load_dataset, partition
+from fedtrain.data.clients import ClientData, PartitionedData, partitions_by_id
+from fedtrain.data.synthetic import CLASSES, DIMENSION, SyntheticData
+from fedtrain.engine import Engine, RngStreams, RoundObserver
+from fedtrain.layout import ParamLayout
+from fedtrain.models import build_model
+from fedtrain.privacy.events import GaussianEvent
+from fedtrain.privacy.policy import Release
+from fedtrain.privacy.setting import build_policy
+from fedtrain.results import Plot, RunWriter, Summary
+from fedtrain.sampling import make_sampler, secret_sampling
+from fedtrain.strategy import Strategy, load_strategy
+from fedtrain.training.attack import AttackingExecutor, choose_attackers
+from fedtrain.training.batched import BatchedExecutor
+from fedtrain.training.executor import Executor
+from fedtrain.training.sequential import SequentialExecutor
+from fedtrain.training.trainer import LocalTrainer
+from fedtrain.types import RoundRecord
+
+if TYPE_CHECKING:
+    from fedtrain.secure.setting import SecureSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The final model (flat, with its layout), every round's record and the summary."""
+
+    params: torch.Tensor
+    layout: ParamLayout
+    records: tuple[RoundRecord, ...]
+    summary: Summary
+    run_dir: Path | None
+
+
+def client_partitions(config: Config, data: Dataset) -> dict[str, np.ndarray]:
+    """The training-record indices of every client, from the config's partitioner."""
+    if config.data.key is KeyColumn.KEY and data.keys is None:
+        raise ConfigError(
+            f"data.key = 'key': dataset {data.name!r} has no key column; use data.key = 'index'"
+        )
+    rng = np.random.default_rng(np.random.SeedSequence([config.run.seed, 0x9A27]))
+    parts = partition(
+        config.data.partition,
+        data.y_train.numpy(),
+        config.data.num_clients,
+        rng,
+        alpha=config.data.alpha,
+        shards_per_client=config.data.shards_per_client,
+        keys=data.keys if config.data.key is KeyColumn.KEY else None,
+        allow_empty=config.data.allow_empty,
+    )
+    return partitions_by_id(parts)
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """Every client's training records, the held-out test split, and the shapes
+    a model needs."""
+
+    data: ClientData
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def client_data(config: Config, device: torch.device) -> FederatedData:
+    """The configured data set split among ``data.num_clients`` clients:
+    generated per client for ``synthetic``, partitioned otherwise."""
+    if config.data.dataset == "synthetic":
+        synthetic = SyntheticData(
+            config.data.num_clients,
+            config.data.synthetic_alpha,
+            config.data.synthetic_beta,
+            config.data.test_fraction,
+            config.run.seed,
+            device,
+            iid=config.data.synthetic_iid,
+        )
+        x_test, y_test = synthetic.test_set()
+        return FederatedData(synthetic, x_test, y_test, (DIMENSION,), CLASSES)
+    data = load_dataset(config.data, config.run.seed)
+    parts = client_partitions(config, data)
+    return FederatedData(
+        PartitionedData(data.x_train, data.y_train, parts, device),
+        data.x_test.to(device),
+        data.y_test.to(device),
+        data.input_shape,
+        data.num_classes,
+    )
+
+
+SMALL_MODEL_PARAMETERS = 1_000_000
+
+
+def cpu_threads(requested: int, num_parameters: int) -> int:
+    """Threads for torch on the CPU. Intra-op threads only pay off for large
+    tensors: a 5k-parameter MLP step measured 5x slower with 2 threads than
+    with 1 on the 2-core CI machines, so small models get one."""
+    if requested > 0:
+        return requested
+    return 1 if num_parameters < SMALL_MODEL_PARAMETERS else max(1, os.cpu_count() or 1)
+
+
+def prepare_model(
+    config: Config, input_shape: tuple[int, ...], num_classes: int, sample: torch.Tensor
+) -> tuple[nn.Module, GradSampleMode]:
+    """The configured model, made DP-SGD ready under sample-level privacy, and
+    the per-sample gradient mode chosen for it (tried on ``sample``)."""
+    model = build_model(config.model, input_shape, num_classes, config.run.seed)
+    grad_sample_mode = config.privacy.grad_sample_mode
+    if config.privacy.mode is PrivacyMode.SAMPLE:
+        from fedtrain.privacy.dpsgd import choose_mode, make_private_model
+
+        model = make_private_model(model, config.privacy.fix_model)
+        grad_sample_mode = choose_mode(model, grad_sample_mode, sample)
+    return model, grad_sample_mode
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """The run's model as every party builds it: the trainer that holds it,
+    its flat layout, and the per-sample gradient mode chosen for it."""
+
+    trainer: LocalTrainer
+    layout: ParamLayout
+    grad_sample_mode: GradSampleMode
+
+    def initial_params(self) -> torch.Tensor:
+        """The model's initial flat parameters, on the trainer's device."""
+        return self.layout.flatten(self.trainer.model.state_dict()).to(self.trainer.device)
+
+
+def build_trainable(
+    config: Config, input_shape: tuple[int, ...], num_classes: int, sample: torch.Tensor, device: torch.device
+) -> Trainable:
+    """The configured model on ``device`` in a :class:`LocalTrainer`, with
+    torch's CPU threads set for its size (:func:`cpu_threads`)."""
+    model, grad_sample_mode = prepare_model(config, input_shape, num_classes, sample)
+    layout = ParamLayout.of(model.state_dict())
+    torch.set_num_threads(cpu_threads(config.run.threads, layout.numel))
+    return Trainable(LocalTrainer(model, layout, device), layout, grad_sample_mode)
+
+
+@dataclass(frozen=True)
+class SecurePlan:
+    """Secure aggregation for a run (``secure.aggregation = true``): the
+    protocol's settings, and whether clients are weighted by their record
+    counts (the strategy's :attr:`~fedtrain.strategy.Strategy.weighted`;
+    distributed DP always counts each once)."""
+
+    settings: SecureSettings
+    weighted: bool
+
+
+def build_strategy(config: Config, deployed: bool = False) -> tuple[Strategy, SecurePlan | None]:
+    """The configured strategy and, under secure aggregation, the plan; refuses
+    a strategy that needs each update on its own, a ring that could overflow,
+    and (``deployed``) ``secure.simulated_dropout``, a simulation-only knob."""
+    strategy = load_strategy(config.strategy.name, config.strategy.options)
+    if not config.secure.aggregation:
+        return strategy, None
+    from fedtrain.secure.setting import SecureSettings, check_strategy
+
+    check_strategy(config, strategy)
+    if deployed and config.secure.simulated_dropout:
+        raise ConfigError(
+            f"secure.simulated_dropout = {config.secure.simulated_dropout}: only a simulation drops clients "
+            "on purpose; allowed in a deployment: 0"
+        )
+    return strategy, SecurePlan(SecureSettings.of(config), strategy.weighted)
+
+
+def in_process_executor(
+    config: Config, trainer: LocalTrainer, data: ClientData, secure: SecurePlan | None
+) -> Executor:
+    """The simulation's executor: sequential or batched training, with the
+    configured Byzantine attack and secure aggregation wrapped around it."""
+    executor: Executor
+    if config.client.engine is ClientEngine.SEQUENTIAL:
+        executor = SequentialExecutor(trainer, data, config.run.seed, config.client.timeout)
+    else:
+        executor = BatchedExecutor(
+            trainer,
+            data,
+            config.run.seed,
+            max_batch_clients=config.client.max_batch_clients or None,
+            strict=config.client.engine is ClientEngine.BATCHED,
+            timeout=config.client.timeout,
+        )
+    if config.attack.kind is not AttackKind.NONE:
+        attackers = choose_attackers(data.ids, config.attack.fraction, config.run.seed)
+        executor = AttackingExecutor(executor, attackers, config.attack.kind, config.attack.scale, config.run.seed)
+    if secure is not None:
+        from fedtrain.transport.in_process import InProcessSecureAggregation
+
+        executor = InProcessSecureAggregation(
+            executor, secure.settings, config.run.seed, weighted=secure.weighted,
+            secure_noise=config.privacy.secure_noise,
+        )
+    return executor
+
+
+def build_engine(
+    config: Config,
+    strategy: Strategy,
+    executor: Executor,
+    trainable: Trainable,
+    test_set: tuple[torch.Tensor, torch.Tensor],
+    sizes: Mapping[str, int],
+    clients_per_round: int | None = None,
+) -> Engine:
+    """The round loop over ``executor`` for the clients of ``sizes`` (id →
+    record count, in sampling order), with the configured sampler (of
+    ``clients_per_round``, by default ``strategy.clients_per_round``) and
+    privacy policy; the model is evaluated on ``test_set``."""
+    clients = list(sizes)
+    per_round = config.strategy.clients_per_round if clients_per_round is None else clients_per_round
+    sampler = make_sampler(config.strategy.sampling, per_round, len(clients))
+    privacy = build_policy(config, strategy, sizes, sampler.expected_size(len(clients)), trainable.grad_sample_mode)
+    trainer = trainable.trainer
+    x_test, y_test = test_set
+    return Engine(
+        strategy=strategy,
+        executor=executor,
+        sampler=sampler,
+        evaluate=lambda p: trainer.evaluate(p, x_test, y_test),
+        clients=clients,
+        client=config.client,
+        min_clients=config.strategy.min_clients,
+        rngs=RngStreams.from_seed(config.run.seed, secret_cohort=secret_sampling(config.privacy)),
+        privacy=privacy,
+    )
+
+
+def _journal_release(journal: checkpoint.LedgerJournal) -> Callable[[int, Release], None]:
+    """The engine's journal hook: a round's privacy events, durably, before it is published."""
+
+    def record(rnd: int, release: Release) -> None:
+        if release.events:
+            journal.append_(rnd, {ledger: [e.to_json() for e in events] for ledger, events in release.events.items()})
+
+    return record
+
+
+def run_engine(
+    config: Config,
+    engine: Engine,
+    layout: ParamLayout,
+    params: torch.Tensor,
+    out_dir: str | Path | None,
+    progress: bool,
+    resume: bool,
+    started: float,
+    trust_checkpoint: bool = False,
+    plot: Plot = plot_curves,
+) -> RunResult:
+    """Run ``engine`` from ``params`` (or from the last checkpoint in
+    ``out_dir`` with ``resume``) and write the run folder: the part of a run
+    that a simulation and a deployed coordinator share.
+
+    The run folder's ledger journal records every round's privacy events
+    before the round is published; a resume composes again each release that
+    its checkpoint's ledger does not hold (a round re-run because its
+    checkpoint was lost then costs twice: both of its releases were seen)."""
+    earlier: list[RoundRecord] = []
+    journal: checkpoint.LedgerJournal | None = None
+    if resume:
+        if out_dir is None:
+            raise ConfigError("resume needs the run folder (out_dir) to resume from")
+        saved = checkpoint.latest(out_dir, trust_checkpoint)
+        changed = [d for d in checkpoint.config_differences(saved.config, to_dict(config))
+                   if not d.startswith("run.rounds:")]
+        if changed:
+            raise ConfigError(
+                f"cannot resume {out_dir}: its checkpoint was written with another config ({'; '.join(changed)})"
+            )
+        engine.load_state_dict(saved.engine)
+        journal, unaccounted = checkpoint.LedgerJournal.resume_(out_dir, saved, trust_checkpoint)
+        for entry in unaccounted:
+            try:
+                engine.privacy.compose_release_({
+                    ledger: tuple(GaussianEvent.from_json(e) for e in events) for ledger, events in entry.events.items()
+                })
+            except ValueError as exc:
+                where = f"{journal.path} entry {entry.seq} (round {entry.round})"
+                raise checkpoint.CheckpointError(f"{where}: {exc}") from None
+            log.warning("round %d was released before its checkpoint was lost; its privacy cost is counted again",
+                        entry.round)
+        params = saved.params.to(params.device)
+        earlier = [RoundRecord.from_json(r) for r in saved.records]
+        log.info("resuming %s after round %d", out_dir, saved.round)
+    observers: list[RoundObserver] = []
+    writer = None
+    if out_dir is not None:
+        if journal is None:
+            journal = checkpoint.LedgerJournal.create_(out_dir)
+        engine.journal = _journal_release(journal)
+        observers.append(checkpoint.Checkpointer(
+            out_dir, engine.state_dict, to_dict(config), config.run.keep_checkpoints,
+            [r.as_json() for r in earlier], journal=journal,
+        ))
+        writer = RunWriter(out_dir, config, earlier, plot)
+        observers.append(writer)
+    remaining = config.run.rounds - len(earlier)
+    rounds_started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if progress:
+            from fedtrain.progress import RoundProgress
+
+            observers.append(stack.enter_context(RoundProgress(config.run.rounds, len(earlier))))
+        params, new_records, stopped = engine.run(params, remaining, observers, first_round=len(earlier) + 1)
+    rounds_ended = time.perf_counter()
+    records = earlier + new_records
+    final = engine.evaluate(params) if not records else records[-1]
+    report = engine.privacy.report()
+    summary = Summary(
+        final_accuracy=final.accuracy,
+        final_loss=final.loss,
+        best_accuracy=max((r.accuracy for r in records), default=final.accuracy),
+        rounds=len(records),
+        wall_seconds=time.perf_counter() - started,
+        started_at=time.time() - (time.perf_counter() - started),
+        setup_seconds=rounds_started - started,
+        rounds_seconds=rounds_ended - rounds_started,
+        seed=config.run.seed,
+        strategy=config.strategy.name,
+        dataset=config.data.dataset,
+        num_clients=config.data.num_clients,
+        clients_per_round=config.strategy.clients_per_round,
+        num_parameters=layout.numel,
+        privacy_mode=config.privacy.mode.value,
+        epsilon=report.epsilon,
+        delta=report.delta,
+        noise_multiplier=report.extra.get("noise_multiplier"),
+        stopped_early=stopped,
+    )
+    if writer is not None:
+        writer.finish(summary, params, layout)
+    return RunResult(params, layout, tuple(records), summary, writer.dir if writer else None)

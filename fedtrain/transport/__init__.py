@@ -1,0 +1,1 @@
+"""How a round's work reaches the clients and their updates come back."""
