@@ -180,7 +180,7 @@ def step_breakdown(wl: Workload, mode: GradSampleMode, repeats: int) -> dict[str
     stepper uses), fedtrain's clip-and-sum (``per_sample_clipped_sum``) and one
     secure noise draw of the model size; and a plain forward + backward."""
     from fedtrain.privacy.dpsgd import DpSgdStepper
-    from fedtrain.training.loss import summed_loss
+    from fedtrain.training.task import Classification
 
     x, y = wl.x[:BATCH], wl.y[:BATCH]
     model = build_model(wl.model, wl.input_shape, 10, SEED)
@@ -197,7 +197,7 @@ def step_breakdown(wl: Workload, mode: GradSampleMode, repeats: int) -> dict[str
     grad_samples = [p.grad_sample for p in params]
     noise = SecureGaussian()
     numel = sum(p.numel() for p in params)
-    stepper = DpSgdStepper(build_model(wl.model, wl.input_shape, 10, SEED), summed_loss)
+    stepper = DpSgdStepper(build_model(wl.model, wl.input_shape, 10, SEED), Classification().summed_loss)
     task = DpSgdTask(SIGMA, CLIP, mode, secure_noise=True)
     plain_model = build_model(wl.model, wl.input_shape, 10, SEED)
 

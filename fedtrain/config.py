@@ -26,13 +26,17 @@ class ConfigError(UserError, ValueError):
 
 
 class Partition(str, enum.Enum):
-    """How the training records are split among clients (see :mod:`fedtrain.data.partition`)."""
+    """How the training records are split among clients (see :mod:`fedtrain.data.partition`).
+
+    ``natural``: one client per distinct key of the data set (a Shakespeare
+    role, a user id); ``data.num_clients`` must equal the number of keys."""
 
     IID = "iid"
     DIRICHLET = "dirichlet"
     SHARDS = "shards"
     RANGE = "range"
     HASH = "hash"
+    NATURAL = "natural"
 
 
 class KeyColumn(str, enum.Enum):
@@ -140,9 +144,11 @@ class RunConfig:
 class DataConfig:
     dataset: str = field(
         default="digits",
-        metadata=_rule(doc="digits | mnist | cifar10 | synthetic | 'module:function'"),
+        metadata=_rule(doc="digits | mnist | cifar10 | synthetic | shakespeare | 'module:function'"),
     )
-    root: str = field(default="", metadata=_rule(doc="local folder for mnist / cifar10"))
+    root: str = field(
+        default="", metadata=_rule(doc="local folder for mnist / cifar10 / shakespeare (default for it: the cache)")
+    )
     num_clients: int = field(default=20, metadata=_rule(1))
     partition: Partition = Partition.DIRICHLET
     alpha: float = field(default=0.5, metadata=_rule(0.0, exclusive_min=True, doc="Dirichlet concentration"))
@@ -153,12 +159,31 @@ class DataConfig:
     synthetic_alpha: float = field(default=1.0, metadata=_rule(0.0, doc="Synthetic(α, β): model heterogeneity"))
     synthetic_beta: float = field(default=1.0, metadata=_rule(0.0, doc="Synthetic(α, β): feature heterogeneity"))
     synthetic_iid: bool = False
+    seq_len: int = field(default=80, metadata=_rule(1, doc="shakespeare: characters per record (LEAF: 80)"))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = field(default="mlp", metadata=_rule(doc="mlp | cnn | 'module:function'"))
-    hidden: int = field(default=128, metadata=_rule(1, doc="hidden width of the reference models"))
+    name: str = field(default="mlp", metadata=_rule(doc="mlp | cnn | gpt | lstm | 'module:function'"))
+    hidden: int = field(default=128, metadata=_rule(1, doc="hidden width of mlp and cnn"))
+    layers: int = field(default=2, metadata=_rule(1, doc="gpt: transformer blocks; lstm: stacked LSTM layers"))
+    heads: int = field(default=4, metadata=_rule(1, doc="gpt: attention heads; must divide model.embedding"))
+    embedding: int = field(default=128, metadata=_rule(1, doc="gpt: width of the embeddings and residual stream"))
+    dropout: float = field(
+        default=0.0,
+        metadata=_rule(0.0, 1.0, exclusive_max=True, doc="gpt: embeddings, attention, residuals; lstm: between layers"),
+    )
+    lstm_embedding: int = field(default=8, metadata=_rule(1, doc="lstm: token embedding width (LEAF: 8)"))
+    lstm_hidden: int = field(default=256, metadata=_rule(1, doc="lstm: units per LSTM layer (LEAF: 256)"))
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = field(
+        default="classification",
+        metadata=_rule(doc="classification | language_model | regression | 'module:Class' / 'file.py:Class'"),
+    )
+    options: dict[str, Any] = field(default_factory=dict, metadata=_rule(doc="keyword arguments of the task class"))
 
 
 @dataclass(frozen=True)
@@ -279,6 +304,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -286,8 +312,9 @@ class Config:
     secure: SecureConfig = field(default_factory=SecureConfig)
 
 
-BUILTIN_DATASETS = ("digits", "mnist", "cifar10", "synthetic")
-BUILTIN_MODELS = ("mlp", "cnn")
+BUILTIN_TASKS = ("classification", "language_model", "regression")
+BUILTIN_DATASETS = ("digits", "mnist", "cifar10", "synthetic", "diabetes", "shakespeare")
+BUILTIN_MODELS = ("mlp", "cnn", "gpt", "lstm")
 
 
 def _describe(tp: Any) -> str:
@@ -388,6 +415,14 @@ def validate(config: Config) -> Config:
     _check_device(config.client.device)
     _check_spec("data.dataset", config.data.dataset, BUILTIN_DATASETS)
     _check_spec("model.name", config.model.name, BUILTIN_MODELS)
+    m = config.model
+    if m.name == "gpt" and m.embedding % m.heads:
+        raise ConfigError(
+            f"model.embedding = {m.embedding}, model.heads = {m.heads}: the embedding must split evenly into the heads"
+        )
+    if m.name == "lstm" and m.dropout and m.layers == 1:
+        raise ConfigError(f"model.dropout = {m.dropout} with model.layers = 1: the LSTM drops out only between layers")
+    _check_spec("task.name", config.task.name, BUILTIN_TASKS)
     if config.data.dataset in ("mnist", "cifar10") and not config.data.root:
         raise ConfigError(
             f"data.root = '': data.dataset = {config.data.dataset!r} loads from a local folder; "

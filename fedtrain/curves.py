@@ -20,14 +20,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping, Sequence
 
+from fedtrain.metrics import CLASSIFICATION_METRICS, MetricNames
+
 log = logging.getLogger(__name__)
 
 Rows = Sequence[Mapping[str, Any]]
 """Rounds as ``metrics.jsonl`` rows (``RoundRecord.as_json()``)."""
 
 
-def plot_curves(rows: Rows, path: Path) -> None:
-    """Test accuracy, loss and (with privacy) ε per round, side by side, as a PNG."""
+def plot_curves(rows: Rows, path: Path, names: MetricNames = CLASSIFICATION_METRICS) -> None:
+    """The task's score (e.g. test accuracy), its loss next to the clients'
+    training loss, and (with privacy) ε per round, side by side, as a PNG."""
     from matplotlib.figure import Figure
 
     rounds = [r["round"] for r in rows]
@@ -35,14 +38,16 @@ def plot_curves(rows: Rows, path: Path) -> None:
     fig = Figure(figsize=(15 if private else 10, 4))
     axes = fig.subplots(1, 3 if private else 2)
     ax_acc, ax_loss = axes[0], axes[1]
-    ax_acc.plot(rounds, [r["accuracy"] for r in rows], marker=".")
-    ax_acc.set(xlabel="round", ylabel="test accuracy", title="Accuracy", ylim=(0, 1))
+    ax_acc.plot(rounds, [r.get(names.score) for r in rows], marker=".")
+    ax_acc.set(xlabel="round", ylabel=f"test {names.score}", title=names.score.capitalize())
+    if names.score == "accuracy":
+        ax_acc.set_ylim(0, 1)
     ax_acc.grid(alpha=0.3)
-    ax_loss.plot(rounds, [r["loss"] for r in rows], marker=".", color="tab:red", label="test")
+    ax_loss.plot(rounds, [r.get(names.loss) for r in rows], marker=".", color="tab:red", label="test")
     train = [(r["round"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
     if train:
         ax_loss.plot(*zip(*train), marker=".", color="tab:orange", alpha=0.6, label="train (clients)")
-    ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
+    ax_loss.set(xlabel="round", ylabel=names.loss, title="Loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     if private:
@@ -68,7 +73,7 @@ class CurvesProcess:
     """
 
     def __init__(self) -> None:
-        self._job: tuple[list[Mapping[str, Any]], Path] | None = None
+        self._job: tuple[list[Mapping[str, Any]], Path, MetricNames] | None = None
         try:
             self._child: subprocess.Popen[bytes] | None = subprocess.Popen(
                 [sys.executable, "-m", "fedtrain.curves"],
@@ -78,13 +83,14 @@ class CurvesProcess:
             log.debug("could not start the plotting process (%s); plotting in process", exc)
             self._child = None
 
-    def draw(self, rows: Rows, path: Path) -> None:
+    def draw(self, rows: Rows, path: Path, names: MetricNames = CLASSIFICATION_METRICS) -> None:
         """Hand the child the rows to plot to ``path``."""
-        self._job = ([dict(r) for r in rows], Path(path))
+        self._job = ([dict(r) for r in rows], Path(path), names)
         if self._child is None or self._child.stdin is None:
             return
         try:
-            self._child.stdin.write(json.dumps({"path": str(path), "rows": self._job[0]}).encode())
+            request = {"path": str(path), "rows": self._job[0], "names": [list(names.names), names.score, names.loss]}
+            self._child.stdin.write(json.dumps(request).encode())
             self._child.stdin.close()
         except OSError:  # the child has died; close() plots in process
             pass
@@ -127,7 +133,8 @@ def _serve() -> int:
     if not request:
         return 0
     job = json.loads(request)
-    plot_curves(job["rows"], Path(job["path"]))
+    names, score, loss = job["names"]
+    plot_curves(job["rows"], Path(job["path"]), MetricNames(tuple(names), score, loss))
     return 0
 
 

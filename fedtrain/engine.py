@@ -141,8 +141,7 @@ class Engine:
         report = self.privacy.report()
         record = RoundRecord(
             round=rnd,
-            accuracy=evaluation.accuracy,
-            loss=evaluation.loss,
+            metrics=dict(evaluation.metrics),
             num_clients=contributors,
             num_failed=len(failures),
             train_loss=train_loss,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,6 +18,7 @@ import torch
 from fedtrain.config import Config, dumps
 from fedtrain.curves import Rows, plot_curves
 from fedtrain.layout import ParamLayout
+from fedtrain.metrics import CLASSIFICATION_METRICS, MetricNames
 from fedtrain.types import RoundRecord
 
 CONFIG_FILE = "config.toml"
@@ -26,8 +27,8 @@ SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
 CURVES_FILE = "curves.png"
 
-Plot = Callable[[Rows, Path], None]
-"""Draws ``curves.png`` at the path from the rounds' rows."""
+Plot = Callable[[Rows, Path, MetricNames], None]
+"""Draws ``curves.png`` at the path from the rounds' rows and the task's metric names."""
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,16 @@ class Summary:
     time, after the imports) to this summary; of it, ``setup_seconds`` went
     to data, model and checks before the first round and ``rounds_seconds``
     to the rounds (with their checkpoints). The last three are ``None`` in
-    folders written before they were recorded."""
+    folders written before they were recorded.
 
-    final_accuracy: float
-    final_loss: float
-    best_accuracy: float
+    ``final_metrics`` holds every metric of the task's last evaluation;
+    ``score`` names the one where higher is better and ``best_score`` is its
+    best round's. ``final_accuracy`` / ``best_accuracy`` (and ``final_loss``)
+    are those of a task that reports an accuracy (a loss), else ``None``."""
+
+    final_accuracy: float | None
+    final_loss: float | None
+    best_accuracy: float | None
     rounds: int
     wall_seconds: float
     seed: int
@@ -59,6 +65,9 @@ class Summary:
     started_at: float | None = None
     setup_seconds: float | None = None
     rounds_seconds: float | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    score: str = "accuracy"
+    best_score: float | None = None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -74,13 +83,15 @@ class RunWriter:
     """Writes one run folder; an observer of the engine."""
 
     def __init__(
-        self, out_dir: str | Path, config: Config, records: Sequence[RoundRecord] = (), plot: Plot = plot_curves
+        self, out_dir: str | Path, config: Config, records: Sequence[RoundRecord] = (), plot: Plot = plot_curves,
+        names: MetricNames = CLASSIFICATION_METRICS,
     ) -> None:
         """Start the folder; a resumed run passes the records it already has,
         and ``metrics.jsonl`` is rewritten to exactly those first. ``plot``
         draws ``curves.png`` from the rows (e.g. a :class:`~fedtrain.curves.CurvesProcess`'s ``draw``)."""
         self.dir = Path(out_dir)
         self._plot = plot
+        self._names = names
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.dir / CONFIG_FILE, dumps(config).encode())
         self._metrics = open(self.dir / METRICS_FILE, "w", encoding="utf-8")
@@ -99,7 +110,7 @@ class RunWriter:
         tmp = self.dir / (MODEL_FILE + ".tmp")
         torch.save(layout.unflatten(params.cpu()), tmp)
         os.replace(tmp, self.dir / MODEL_FILE)
-        self._plot([r.as_json() for r in self.records], self.dir / CURVES_FILE)
+        self._plot([r.as_json() for r in self.records], self.dir / CURVES_FILE, self._names)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float | int | None]]:

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from fedtrain.config import (
 from fedtrain.curves import plot_curves
 from fedtrain.data import Dataset, load_dataset, partition
 from fedtrain.data.clients import ClientData, PartitionedData, partitions_by_id
+from fedtrain.data.partition import partition_labels
 from fedtrain.data.synthetic import CLASSES, DIMENSION, SyntheticData
 from fedtrain.engine import Engine, RngStreams, RoundObserver
 from fedtrain.layout import ParamLayout
@@ -37,6 +38,7 @@ from fedtrain.models import build_model
 from fedtrain.privacy.events import GaussianEvent
 from fedtrain.privacy.policy import Release
 from fedtrain.privacy.setting import build_policy
+from fedtrain.metrics import CLASSIFICATION_METRICS, MetricNames
 from fedtrain.results import Plot, RunWriter, Summary
 from fedtrain.sampling import make_sampler, secret_sampling
 from fedtrain.strategy import Strategy, load_strategy
@@ -44,6 +46,7 @@ from fedtrain.training.attack import AttackingExecutor, choose_attackers
 from fedtrain.training.batched import BatchedExecutor
 from fedtrain.training.executor import Executor
 from fedtrain.training.sequential import SequentialExecutor
+from fedtrain.training.task import Task, load_task, prediction
 from fedtrain.training.trainer import LocalTrainer
 from fedtrain.types import RoundRecord
 
@@ -65,7 +68,20 @@ class RunResult:
 
 
 def client_partitions(config: Config, data: Dataset) -> dict[str, np.ndarray]:
-    """The training-record indices of every client, from the config's partitioner."""
+    """The training-record indices of every client, from the config's partitioner.
+
+    ``natural`` always splits by the data set's key column (one client per
+    distinct key, whatever ``data.key`` says), and ``data.num_clients`` must
+    equal the number of keys; client ``"i"`` is the ``i``-th key in sorted
+    order, so a deployed client's ``--partition i`` names the same role."""
+    from fedtrain.config import Partition
+
+    natural = config.data.partition is Partition.NATURAL
+    if natural and data.keys is None:
+        raise ConfigError(
+            f"data.partition = 'natural': dataset {data.name!r} has no key column to take its clients from; "
+            "use another data.partition"
+        )
     if config.data.key is KeyColumn.KEY and data.keys is None:
         raise ConfigError(
             f"data.key = 'key': dataset {data.name!r} has no key column; use data.key = 'index'"
@@ -73,12 +89,12 @@ def client_partitions(config: Config, data: Dataset) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(np.random.SeedSequence([config.run.seed, 0x9A27]))
     parts = partition(
         config.data.partition,
-        data.y_train.numpy(),
+        partition_labels(data.y_train.numpy(), config.data.partition),
         config.data.num_clients,
         rng,
         alpha=config.data.alpha,
         shards_per_client=config.data.shards_per_client,
-        keys=data.keys if config.data.key is KeyColumn.KEY else None,
+        keys=data.keys if natural or config.data.key is KeyColumn.KEY else None,
         allow_empty=config.data.allow_empty,
     )
     return partitions_by_id(parts)
@@ -164,14 +180,51 @@ class Trainable:
 
 
 def build_trainable(
-    config: Config, input_shape: tuple[int, ...], num_classes: int, sample: torch.Tensor, device: torch.device
+    config: Config,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    records: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
 ) -> Trainable:
-    """The configured model on ``device`` in a :class:`LocalTrainer`, with
-    torch's CPU threads set for its size (:func:`cpu_threads`)."""
-    model, grad_sample_mode = prepare_model(config, input_shape, num_classes, sample)
+    """The configured task and model on ``device`` in a :class:`LocalTrainer`,
+    with torch's CPU threads set for its size (:func:`cpu_threads`).
+
+    ``records`` (the test split, or a deployed client's own data) are checked
+    against the task, and the model's output for two of them against the
+    task's targets, so that a model or data set that does not fit the task is
+    refused before round 1 with the shapes named, not in every client."""
+    task = load_task(config.task.name, config.task.options)
+    x, y = records
+    task.check_data(x, y, num_classes, f"data.dataset = {config.data.dataset!r}")
+    model, grad_sample_mode = prepare_model(config, input_shape, num_classes, x[:2])
+    check_model_output(task, model, x[:2], y[:2])
     layout = ParamLayout.of(model.state_dict())
     torch.set_num_threads(cpu_threads(config.run.threads, layout.numel))
-    return Trainable(LocalTrainer(model, layout, device), layout, grad_sample_mode)
+    return Trainable(LocalTrainer(model, layout, device, task), layout, grad_sample_mode)
+
+
+def check_model_output(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Refuse ``model`` when its output for ``x`` does not fit ``task``'s
+    targets ``y``. Run in eval mode without gradients, so that no random
+    stream or batch-norm statistic moves."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                output = model(x.to(next(iter(model.parameters()), torch.empty(0)).device))
+            except Exception as exc:  # a model that cannot take the task's inputs at all
+                raise ConfigError(
+                    f"task.name = {task.name!r}: the model cannot run on the data's inputs ({x.dtype} of shape "
+                    f"{tuple(x.shape)}): {type(exc).__name__}: {exc}"
+                ) from None
+        try:
+            predicted = prediction(output)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+        task.check_output(predicted, y.to(predicted.device))
+    finally:
+        model.train(training)
 
 
 @dataclass(frozen=True)
@@ -286,6 +339,7 @@ def run_engine(
     started: float,
     trust_checkpoint: bool = False,
     plot: Plot = plot_curves,
+    names: MetricNames = CLASSIFICATION_METRICS,
 ) -> RunResult:
     """Run ``engine`` from ``params`` (or from the last checkpoint in
     ``out_dir`` with ``resume``) and write the run folder: the part of a run
@@ -320,7 +374,7 @@ def run_engine(
             log.warning("round %d was released before its checkpoint was lost; its privacy cost is counted again",
                         entry.round)
         params = saved.params.to(params.device)
-        earlier = [RoundRecord.from_json(r) for r in saved.records]
+        earlier = [RoundRecord.from_json(r, names.names) for r in saved.records]
         log.info("resuming %s after round %d", out_dir, saved.round)
     observers: list[RoundObserver] = []
     writer = None
@@ -332,7 +386,7 @@ def run_engine(
             out_dir, engine.state_dict, to_dict(config), config.run.keep_checkpoints,
             [r.as_json() for r in earlier], journal=journal,
         ))
-        writer = RunWriter(out_dir, config, earlier, plot)
+        writer = RunWriter(out_dir, config, earlier, plot, names)
         observers.append(writer)
     remaining = config.run.rounds - len(earlier)
     rounds_started = time.perf_counter()
@@ -340,7 +394,7 @@ def run_engine(
         if progress:
             from fedtrain.progress import RoundProgress
 
-            observers.append(stack.enter_context(RoundProgress(config.run.rounds, len(earlier))))
+            observers.append(stack.enter_context(RoundProgress(config.run.rounds, len(earlier), names=names)))
         params, new_records, stopped = engine.run(params, remaining, observers, first_round=len(earlier) + 1)
     rounds_ended = time.perf_counter()
     records = earlier + new_records
@@ -349,7 +403,10 @@ def run_engine(
     summary = Summary(
         final_accuracy=final.accuracy,
         final_loss=final.loss,
-        best_accuracy=max((r.accuracy for r in records), default=final.accuracy),
+        best_accuracy=_best(records, "accuracy", final.accuracy),
+        final_metrics=dict(final.metrics),
+        score=names.score,
+        best_score=_best(records, names.score, final.metrics.get(names.score)),
         rounds=len(records),
         wall_seconds=time.perf_counter() - started,
         started_at=time.time() - (time.perf_counter() - started),
@@ -370,3 +427,9 @@ def run_engine(
     if writer is not None:
         writer.finish(summary, params, layout)
     return RunResult(params, layout, tuple(records), summary, writer.dir if writer else None)
+
+
+def _best(records: Sequence[RoundRecord], metric: str, otherwise: float | None) -> float | None:
+    """The highest ``metric`` over ``records`` (rounds without it skipped), or ``otherwise``."""
+    values = [r.metrics[metric] for r in records if r.metrics.get(metric) is not None]
+    return max(values) if values else otherwise

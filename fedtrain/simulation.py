@@ -42,9 +42,10 @@ def simulate(
     device = resolve_device(config.client.device)
     clients = client_data(config, device)
     strategy, secure = build_strategy(config)
-    trainable = build_trainable(config, clients.input_shape, clients.num_classes, clients.x_test[:2], device)
+    test_set = (clients.x_test, clients.y_test)
+    trainable = build_trainable(config, clients.input_shape, clients.num_classes, test_set, device)
     executor = in_process_executor(config, trainable.trainer, clients.data, secure)
     sizes = {cid: clients.data.size(cid) for cid in clients.data.ids}
-    engine = build_engine(config, strategy, executor, trainable, (clients.x_test, clients.y_test), sizes)
+    engine = build_engine(config, strategy, executor, trainable, test_set, sizes)
     return run_engine(config, engine, trainable.layout, trainable.initial_params(), out_dir, progress, resume,
-                      started, trust_checkpoint, plot)
+                      started, trust_checkpoint, plot, trainable.trainer.objective.metric_names)

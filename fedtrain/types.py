@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -136,22 +136,39 @@ class AggregateUpdate(ClientUpdate):
         object.__setattr__(self, "client_id", self.origin.value)
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """Loss and accuracy of a model on a held-out split."""
+class _Metrics:
+    """``accuracy`` and ``loss`` of a task's ``metrics``, for the tasks that report them."""
 
-    loss: float
-    accuracy: float
+    metrics: Mapping[str, float]
+
+    @property
+    def accuracy(self) -> float | None:
+        """The accuracy, for a task that reports one."""
+        return self.metrics.get("accuracy")
+
+    @property
+    def loss(self) -> float | None:
+        """The loss, for a task that reports one under that name."""
+        return self.metrics.get("loss")
+
+
+@dataclass(frozen=True)
+class Evaluation(_Metrics):
+    """A model's metrics on a held-out split, named and ordered by its task
+    (:attr:`fedtrain.training.task.Task.metrics`)."""
+
+    metrics: Mapping[str, float]
     num_examples: int
 
 
 @dataclass(frozen=True)
-class RoundRecord:
-    """What one round did, as written to ``metrics.jsonl``."""
+class RoundRecord(_Metrics):
+    """What one round did, as written to ``metrics.jsonl``: ``metrics`` are
+    the task's evaluation of the round's model (for classification
+    ``accuracy`` and ``loss``)."""
 
     round: int
-    accuracy: float
-    loss: float
+    metrics: Mapping[str, float]
     num_clients: int
     num_failed: int
     train_loss: float | None
@@ -162,14 +179,14 @@ class RoundRecord:
     failures: Mapping[str, str] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        """The ``metrics.jsonl`` row: the same keys every round (``epsilon`` and
-        ``delta`` are null without privacy; ``failures`` maps each failed or
-        rejected client to the reason), plus the privacy setting's own figures
-        (e.g. the adaptive ``clip``) when there is one."""
+        """The ``metrics.jsonl`` row: the round, the task's metrics in its
+        order, then the same keys every round (``epsilon`` and ``delta`` are
+        null without privacy; ``failures`` maps each failed or rejected client
+        to the reason), plus the privacy setting's own figures (e.g. the
+        adaptive ``clip``) when there is one."""
         return {
             "round": self.round,
-            "accuracy": self.accuracy,
-            "loss": self.loss,
+            **self.metrics,
             "num_clients": self.num_clients,
             "num_failed": self.num_failed,
             "train_loss": self.train_loss,
@@ -181,13 +198,16 @@ class RoundRecord:
         }
 
     @classmethod
-    def from_json(cls, row: Mapping[str, Any]) -> "RoundRecord":
-        """The record of a ``metrics.jsonl`` row (the inverse of :meth:`as_json`)."""
-        known = {f for f in cls.__dataclass_fields__ if f not in ("privacy", "failures")}
+    def from_json(cls, row: Mapping[str, Any], metric_names: Sequence[str]) -> "RoundRecord":
+        """The record of a ``metrics.jsonl`` row (the inverse of :meth:`as_json`)
+        of a task whose metrics are ``metric_names``."""
+        known = {f for f in cls.__dataclass_fields__ if f not in ("privacy", "failures", "metrics")}
+        taken = known | set(metric_names) | {"failures"}
         return cls(
             **{k: row[k] for k in known if k in row},
+            metrics={m: row[m] for m in metric_names if m in row},
             failures={str(k): str(v) for k, v in row.get("failures", {}).items()},
-            privacy={k: float(v) for k, v in row.items() if k not in known and k != "failures"},
+            privacy={k: float(v) for k, v in row.items() if k not in taken},
         )
 
 

@@ -361,7 +361,7 @@ def test_the_engine_refuses_bad_counts_and_metrics_and_records_why() -> None:
         strategy=load_strategy("fedavg"),
         executor=CraftedBackend(updates),
         sampler=UniformSampler(4),
-        evaluate=lambda p: Evaluation(0.0, 0.0, 1),
+        evaluate=lambda p: Evaluation({"accuracy": 0.0, "loss": 0.0}, 1),
         clients=[u.client_id for u in updates],
         client=ClientConfig(),
         min_clients=1,

@@ -39,7 +39,7 @@ def _engine(vectors: dict[str, torch.Tensor | str], strategy: Strategy, min_clie
         strategy=strategy,
         executor=ScriptedBackend(vectors),
         sampler=UniformSampler(len(vectors)),
-        evaluate=lambda p: Evaluation(loss=float(p.sum()), accuracy=0.5, num_examples=1),
+        evaluate=lambda p: Evaluation({"accuracy": 0.5, "loss": float(p.sum())}, num_examples=1),
         clients=tuple(vectors),
         client=ClientConfig(),
         min_clients=min_clients,

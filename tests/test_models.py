@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtrain.config import ModelConfig
+from fedtrain.config import BUILTIN_MODELS, ModelConfig
 from fedtrain.models import build_model
 
 
@@ -16,6 +16,16 @@ def test_reference_models_map_inputs_to_logits(name: str, shape: tuple[int, ...]
     model = build_model(ModelConfig(name=name, hidden=16), shape, 10, seed=0)
 
     assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", BUILTIN_MODELS)
+def test_every_builtin_name_builds_a_module(name: str) -> None:
+    language = name in ("gpt", "lstm")
+    cfg = ModelConfig(name=name, hidden=16, embedding=16, lstm_hidden=16)
+    model = build_model(cfg, (8,) if language else (64,), 10, seed=0)
+    x = torch.randint(0, 10, (2, 8)) if language else torch.zeros(2, 64)
+
+    assert model(x).shape == ((2, 8, 10) if language else (2, 10))
 
 
 def test_initialisation_is_seeded_and_leaves_global_rng_alone() -> None:

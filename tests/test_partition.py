@@ -9,11 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtrain.config import Partition
+from fedtrain.config import ConfigError, Partition
 from fedtrain.data import partition
 from fedtrain.data.partition import _stable_hash
 
-ALL = list(Partition)
+ALL = [p for p in Partition if p is not Partition.NATURAL]
+"""The partitioners that split into any data.num_clients; ``natural`` takes
+its number from the keys and is tested on its own at the end."""
 DIGITS_LIKE = np.repeat(np.arange(10), 100)  # 1,000 records, 100 per class
 
 
@@ -258,3 +260,97 @@ def test_kind_may_be_given_as_its_string_value() -> None:
     parts = partition("iid", _labels(100), 4, np.random.default_rng(0))  # type: ignore[arg-type]
 
     _assert_exact_cover(parts, 100)
+
+
+# --- natural: one client per key ------------------------------------------------------------------------------
+
+
+def test_natural_gives_one_client_per_key_in_sorted_key_order() -> None:
+    rng = np.random.default_rng(0)
+    keys = rng.permutation(np.array([f"play/ROLE{i % 7}" for i in range(300)]))
+
+    parts = partition(Partition.NATURAL, _labels(300), 7, rng, keys=keys)
+
+    assert [sorted(set(keys[p].tolist())) for p in parts] == [[f"play/ROLE{i}"] for i in range(7)]
+    _assert_exact_cover(parts, 300)
+
+
+def test_natural_draws_nothing_and_ignores_the_seed() -> None:
+    keys = np.array(["b", "a", "c", "a", "b"])
+    rng = np.random.default_rng(3)
+    before = rng.bit_generator.state
+
+    a = partition(Partition.NATURAL, np.zeros(5), 3, rng, keys=keys)
+    b = partition(Partition.NATURAL, np.zeros(5), 3, np.random.default_rng(99), keys=keys)
+
+    assert rng.bit_generator.state == before
+    assert [p.tolist() for p in a] == [p.tolist() for p in b] == [[1, 3], [0, 4], [2]]
+
+
+def test_natural_takes_targets_of_any_shape_by_their_keys() -> None:
+    from fedtrain.data.partition import partition_labels
+
+    targets = np.zeros((6, 80), dtype=np.int64)  # a language model's next characters
+    keys = np.array(["x", "y"] * 3)
+
+    parts = partition(Partition.NATURAL, partition_labels(targets, Partition.NATURAL), 2,
+                      np.random.default_rng(0), keys=keys)
+
+    assert [p.tolist() for p in parts] == [[0, 2, 4], [1, 3, 5]]
+
+
+def test_natural_with_another_number_of_clients_names_the_keys_and_the_fix() -> None:
+    keys = np.array(["hamlet/HAM", "hamlet/HOR", "lear/LEAR", "lear/FOOL", "hamlet/HAM"])
+
+    with pytest.raises(ConfigError, match=r"data\.num_clients = 20 with data\.partition = 'natural': the data "
+                                          r"set's keys name 4 clients \('hamlet/HAM', 'hamlet/HOR', 'lear/FOOL', "
+                                          r"\.\.\., 'lear/LEAR'\); set data\.num_clients = 4"):
+        partition(Partition.NATURAL, np.zeros(5), 20, np.random.default_rng(0), keys=keys)
+
+
+def test_natural_without_keys_is_one_client_per_record() -> None:
+    parts = partition(Partition.NATURAL, np.zeros(4), 4, np.random.default_rng(0))
+
+    assert [p.tolist() for p in parts] == [[0], [1], [2], [3]]
+
+
+def _keyed_dataset(keys: list[str] | None):  # type: ignore[no-untyped-def]
+    import torch
+
+    from fedtrain.data import Dataset
+
+    n = 6 if keys is None else len(keys)
+    x = torch.arange(n * 4, dtype=torch.int64).reshape(n, 4)
+    return Dataset("keyed", x, x + 1, x[:2], x[:2] + 1, 100, (4,), None if keys is None else np.array(keys))
+
+
+def test_the_run_takes_natural_clients_from_the_data_sets_keys() -> None:
+    from fedtrain import config
+    from fedtrain.run import client_partitions
+
+    cfg = config.load(None, ["data.partition=natural", "data.num_clients=3", "strategy.clients_per_round=2"])
+    data = _keyed_dataset(["lear/FOOL", "hamlet/HAM", "lear/FOOL", "hamlet/HOR", "hamlet/HAM"])
+
+    parts = client_partitions(cfg, data)  # data.key is 'index' by default: natural uses the keys all the same
+
+    assert {cid: p.tolist() for cid, p in parts.items()} == {"0": [1, 4], "1": [3], "2": [0, 2]}
+
+
+@pytest.mark.parametrize(
+    ("keys", "num_clients", "message"),
+    [
+        (None, 3, r"data\.partition = 'natural': dataset 'keyed' has no key column"),
+        (["a", "b", "a"], 3, r"data\.num_clients = 3 .*keys name 2 clients \('a', 'b'\); set data\.num_clients = 2"),
+    ],
+)
+def test_the_run_refuses_natural_clients_it_cannot_make(
+    keys: list[str] | None, num_clients: int, message: str
+) -> None:
+    from fedtrain import config
+    from fedtrain.run import client_partitions
+
+    cfg = config.load(None, ["data.partition=natural", f"data.num_clients={num_clients}",
+                             "strategy.clients_per_round=2"])
+
+    with pytest.raises(ConfigError, match=message):
+        client_partitions(cfg, _keyed_dataset(keys))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedtrain.training.loss import per_record_loss
+from fedtrain.training.task import Classification
 from fedtrain.training.stacked import StackedSequential
 from fedtrain.models import cnn, mlp
 
@@ -63,7 +63,7 @@ def _objective_gradients(
     """Autograd's gradients of ``sum(w · loss)`` through the stacked forward pass, with the
     training layer's loss: the written-out backward must agree with it."""
     leaves = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
-    ce = per_record_loss(stacked(leaves, x).transpose(1, 2), y)
+    ce = Classification().per_record_loss(stacked(leaves, x).transpose(1, 2), y)
     grads = torch.autograd.grad((ce * w).sum(), list(leaves.values()))
     return dict(zip(leaves, grads)), ce.detach()
 

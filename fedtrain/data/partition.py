@@ -3,8 +3,8 @@
 Each partitioner maps the training labels (and optionally one key per record)
 to one sorted ``int64`` index array per client. All of them put every record
 on exactly one client and draw only from the seeded ``rng`` they are given, so
-a seed reproduces the split; ``range`` and ``hash`` draw nothing at all and
-depend only on the keys.
+a seed reproduces the split; ``range``, ``hash`` and ``natural`` draw nothing
+at all and depend only on the keys.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from fedtrain.config import Partition
+from fedtrain.config import ConfigError, Partition
 
 _MAX_DIRICHLET_DRAWS = 1000
 _FIX = "lower data.num_clients or set data.allow_empty = true"
@@ -124,6 +124,28 @@ def _hash(
     return [np.flatnonzero(client_of == c) for c in range(num_clients)]
 
 
+def _natural(
+    labels: np.ndarray, num_clients: int, rng: np.random.Generator, opt: _Options
+) -> list[np.ndarray]:
+    """The data set's own clients: one per distinct key (a Shakespeare role,
+    a user), in sorted key order, so client ``i`` is the ``i``-th smallest key
+    whatever the seed or the order of the records (the federated data sets of
+    LEAF, Caldas et al. 2018, are split so). Nothing is drawn, and the
+    number of clients comes from the data: ``data.num_clients`` must equal
+    the number of distinct keys, or the split is refused with that number."""
+    unique, inverse = np.unique(opt.keys, return_inverse=True)
+    if len(unique) != num_clients:
+        plain = [k.item() if isinstance(k, np.generic) else k for k in unique]
+        shown = ", ".join(repr(k) for k in plain[:3]) + (f", ..., {plain[-1]!r}" if len(plain) > 3 else "")
+        raise ConfigError(
+            f"data.num_clients = {num_clients} with data.partition = 'natural': the data set's keys name "
+            f"{len(unique)} clients ({shown}); set data.num_clients = {len(unique)}"
+        )
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(inverse, minlength=len(unique)))[:-1])
+
+
 Partitioner = Callable[[np.ndarray, int, np.random.Generator, _Options], list[np.ndarray]]
 
 PARTITIONERS: dict[Partition, Partitioner] = {
@@ -132,6 +154,7 @@ PARTITIONERS: dict[Partition, Partitioner] = {
     Partition.SHARDS: _shards,
     Partition.RANGE: _range,
     Partition.HASH: _hash,
+    Partition.NATURAL: _natural,
 }
 """One partitioner per :class:`~fedtrain.config.Partition` value."""
 
@@ -150,9 +173,9 @@ def partition(
     """Split record indices ``0..len(labels)-1`` among ``num_clients`` clients.
 
     Returns one sorted ``int64`` index array per client; every index is on
-    exactly one client. ``keys`` (one per record, for ``range`` / ``hash``)
-    defaults to the record index. Unless ``allow_empty``, a client without
-    records is an error that names the config keys to change.
+    exactly one client. ``keys`` (one per record, for ``range`` / ``hash`` /
+    ``natural``) defaults to the record index. Unless ``allow_empty``, a
+    client without records is an error that names the config keys to change.
     """
     kind = Partition(kind)
     labels = np.asarray(labels)
@@ -170,7 +193,7 @@ def partition(
     keys = np.asarray(keys)
     if keys.shape != (n,):
         raise ValueError(f"keys has shape {keys.shape}, expected one key per record ({n},)")
-    if num_clients > n and not allow_empty:
+    if num_clients > n and not allow_empty and kind is not Partition.NATURAL:  # natural: its own check
         raise ValueError(
             f"data.num_clients = {num_clients} with data.partition = {kind.value!r}: there are only "
             f"{n} training records, so some client would get none; {_FIX}"
@@ -187,3 +210,51 @@ def partition(
                     f"client {client} got no records; {_FIX}{hint}"
                 )
     return parts
+
+
+TARGET_BINS = 10
+"""Quantile bins a continuous (regression) target is cut into, so that the
+label-based partitioners (``dirichlet``, ``shards``) can skew it: each bin
+plays a class. Ten, as many as the digits' classes, so that a
+``data.alpha`` gives about as much skew as on a 10-class data set, while a
+bin of diabetes' 353 training records still holds ~35 of them."""
+
+_LABEL_PARTITIONS = (Partition.DIRICHLET, Partition.SHARDS)
+
+
+def partition_labels(y: np.ndarray, kind: Partition) -> np.ndarray:
+    """The one label per record that :func:`partition` splits by, from the
+    training targets ``y``.
+
+    Integer targets of shape ``(N,)`` (class labels) are returned as they are,
+    so classification splits are unchanged. A real-valued ``(N,)`` target
+    (regression) is cut into :data:`TARGET_BINS` quantile bins of the training
+    targets (fewer when many values tie) and each record labelled with its
+    bin, ``0`` for the lowest: ``dirichlet`` / ``shards`` then give a client
+    mostly low or mostly high targets, the regression analogue of label skew.
+    Targets of any other shape (a language model's ``(N, T)`` next tokens,
+    several regression outputs) have no one label per record: ``dirichlet`` and
+    ``shards`` are refused with a :class:`~fedtrain.config.ConfigError`, and the
+    other partitioners, which use only the record count and keys, get a
+    placeholder label ``0`` for every record."""
+    y = np.asarray(y)
+    kind = Partition(kind)
+    if y.ndim != 1:
+        if kind in _LABEL_PARTITIONS:
+            allowed = ", ".join(repr(p.value) for p in Partition if p not in _LABEL_PARTITIONS)
+            raise ConfigError(
+                f"data.partition = {kind.value!r} splits by one label per record, but the training targets "
+                f"have shape {y.shape}; for targets that are not 1-D, allowed: {allowed}"
+            )
+        return np.zeros(len(y), dtype=np.int64)
+    if not np.issubdtype(y.dtype, np.floating):
+        return y
+    if not np.isfinite(y).all():
+        raise ValueError(
+            f"data.partition = {kind.value!r}: the training targets hold {int((~np.isfinite(y)).sum())} "
+            "non-finite values (NaN or inf), which cannot be binned; clean the data set"
+        )
+    if len(y) == 0:
+        return np.zeros(0, dtype=np.int64)
+    inner = np.unique(np.quantile(y, np.linspace(0.0, 1.0, TARGET_BINS + 1)[1:-1]))
+    return np.searchsorted(inner, y, side="right").astype(np.int64)

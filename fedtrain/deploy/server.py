@@ -147,17 +147,18 @@ def _coordinate(
     device = resolve_device(config.client.device)
     data = client_data(config, device)
     strategy, secure = build_strategy(config, deployed=True)
-    trainable = build_trainable(config, data.input_shape, data.num_classes, data.x_test[:2], device)
+    test_set = (data.x_test, data.y_test)
+    trainable = build_trainable(config, data.input_shape, data.num_classes, test_set, device)
     transport = make_transport(Hello(to_dict(config), data.input_shape, data.num_classes), secure)
     transport.ids_follow_keys = request.authenticated
     names = transport.wait_for_clients(request.expected_clients, config.strategy.min_clients, request.wait_seconds)
     engine = build_engine(
-        config, strategy, transport, trainable, (data.x_test, data.y_test),  # type: ignore[arg-type]
+        config, strategy, transport, trainable, test_set,  # type: ignore[arg-type]
         {n: transport.clients[n].num_records for n in names},
         clients_per_round=min(config.strategy.clients_per_round, len(names)),
     )
     run_engine(config, engine, trainable.layout, trainable.initial_params(), Path(request.run_dir), False,
-               request.resume, started, request.trust_checkpoint)
+               request.resume, started, request.trust_checkpoint, names=trainable.trainer.objective.metric_names)
 
 
 server_app = ServerApp()
@@ -372,10 +373,12 @@ def _follow(
 ) -> dict[str, Any]:
     """Show progress from ``metrics.jsonl`` until the run finishes; its status."""
     from fedtrain.progress import RoundProgress
+    from fedtrain.training.task import load_task
     from fedtrain.types import RoundRecord
 
+    names = load_task(options.config.task.name, options.config.task.options).metric_names
     done = len(metrics.read_text().splitlines()) if options.resume and metrics.exists() else 0
-    bar = RoundProgress(options.config.run.rounds, done) if options.progress else None
+    bar = RoundProgress(options.config.run.rounds, done, names=names) if options.progress else None
     offset = metrics.stat().st_size if metrics.exists() else 0
     last_check = 0.0
     with bar if bar is not None else contextlib.nullcontext():
@@ -390,7 +393,7 @@ def _follow(
                             break
                         offset += len(line.encode())
                         if bar is not None:
-                            bar.on_round(RoundRecord.from_json(json.loads(line)))
+                            bar.on_round(RoundRecord.from_json(json.loads(line), names.names))
             if time.monotonic() - last_check > 2.0:
                 last_check = time.monotonic()
                 runs = run_flwr(home, ["ls", CONNECTION, "--run-id", run_id]).get("runs", [])

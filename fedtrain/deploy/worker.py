@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Collection, Mapping
 import numpy as np
 import torch
 
-from fedtrain.config import BUILTIN_DATASETS, BUILTIN_MODELS, Config, ConfigError, from_dict
+from fedtrain.config import BUILTIN_DATASETS, BUILTIN_MODELS, BUILTIN_TASKS, Config, ConfigError, from_dict
 from fedtrain.errors import DataError, MissingFileError, UsageError
 from fedtrain.plugin import PluginError
 from fedtrain.transport.relay import (
@@ -64,8 +64,9 @@ class HeldUpdate:
 
 
 def load_own_data(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """A client's own records from an ``.npz`` file with arrays ``x`` (features,
-    shaped like the model's input) and ``y`` (integer labels)."""
+    """A client's own records from an ``.npz`` file with arrays ``x`` (inputs,
+    shaped like the model's) and ``y`` (targets): integer arrays become int64
+    (labels, token ids), the others float32; the run's task checks the rest."""
     if not path.is_file():
         raise MissingFileError(f"--data {path}: no such file")
     with np.load(path, allow_pickle=False) as f:
@@ -74,7 +75,11 @@ def load_own_data(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = f["x"], f["y"]
     if len(x) != len(y) or len(y) == 0:
         raise DataError(f"--data {path}: x has {len(x)} rows and y {len(y)}; need the same, at least one")
-    return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
+    return _as_tensor(x), _as_tensor(y)
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(array, dtype=torch.int64 if np.issubdtype(array.dtype, np.integer) else torch.float32)
 
 
 class PluginRefused(PluginError):
@@ -89,7 +94,7 @@ def plugin_refusal(config: Config, own_data: bool, allowed: Collection[str]) -> 
     ``data.dataset`` is never loaded when the client trains on its own
     ``--data``. A plug-in is allowed by its exact name
     (``fedtrain client --allow-plugin NAME``)."""
-    named = [("model.name", config.model.name, BUILTIN_MODELS)]
+    named = [("model.name", config.model.name, BUILTIN_MODELS), ("task.name", config.task.name, BUILTIN_TASKS)]
     if not own_data:
         named.append(("data.dataset", config.data.dataset, BUILTIN_DATASETS))
     for key, value, builtins in named:
@@ -155,7 +160,7 @@ class ClientWorker:
                     f"client {self.name}: records are shaped {tuple(x.shape[1:])}, the run's model "
                     f"expects {hello.input_shape}"
                 )
-            trainer = build_trainable(config, hello.input_shape, hello.num_classes, x[:2], device).trainer
+            trainer = build_trainable(config, hello.input_shape, hello.num_classes, (x, y), device).trainer
             self._setup = (hello.config, trainer, x, y, int(config.run.seed))
             log.info("client %s: %d records on %s, model of %d parameters",
                      self.name, len(y), device, trainer.layout.numel)

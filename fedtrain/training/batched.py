@@ -31,7 +31,7 @@ the same seeds give the same updates up to float rounding:
   step then sees all its records and their order only changes float rounding;
 * clients have different numbers of records, so batches are padded to a common
   width with a mask (loss ``sum(mask · ce) / count``, ``ce`` from
-  :func:`~fedtrain.training.loss.per_record_loss`), and clients are sorted
+  :meth:`~fedtrain.training.task.Task.per_record_loss`), and clients are sorted
   by their number of steps: at step ``t`` the clients still training are a
   prefix of the stack and only that prefix is computed and updated, so a
   client that has finished (parameters, momentum, Adam moments) does not move;
@@ -61,6 +61,7 @@ import functools
 import itertools
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -71,7 +72,7 @@ from torch.func import functional_call, grad, vmap
 from fedtrain.training.sequential import SequentialExecutor, client_generator
 from fedtrain.training.stacked import StackedSequential
 from fedtrain.training.optimizer import adam_step_, adam_step_count, sgd_step_
-from fedtrain.training.loss import mean_loss, per_record_loss
+from fedtrain.training.task import prediction
 from fedtrain.training.trainer import LocalTrainer, clip_and_report_
 from fedtrain.training.train_task import TrainTask
 from fedtrain.config import Optimizer
@@ -113,6 +114,21 @@ PROBE_RECORDS = 5
 """Records of the largest client that make the two probe clients: 5 records in
 batches of 3 and 2 records in one, so the probe has ragged steps and padding
 (which a layer mixing the samples of a batch would notice)."""
+
+
+SPEED_CLIENTS = 8
+"""Clients the ``auto`` engine's speed probe trains both ways (at least
+``min_batch_clients``): enough for batching to pay off where it can."""
+
+
+def _fastest_of_two(run: Callable[[], None]) -> float:
+    """The shorter wall time of two calls of ``run``."""
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 class BatchedMode(str, enum.Enum):
@@ -189,7 +205,8 @@ class BatchedExecutor:
         named = dict(self._model.named_parameters())
         self._trainable = tuple(n for n in self.layout.names if n in named and named[n].requires_grad)
         self._trainable_numel = sum(s for n, s in zip(self.layout.names, self.layout.sizes) if n in self._trainable)
-        self._stacked = StackedSequential.of(self._model)
+        self._objective = trainer.objective
+        self._stacked = StackedSequential.of(self._model) if self._objective.stacked_exact else None
         if min_batch_clients is None:
             min_batch_clients = MIN_STACKED_CLIENTS if self._stacked is not None else MIN_BATCH_CLIENTS
         self.min_batch_clients = min_batch_clients
@@ -412,13 +429,72 @@ class BatchedExecutor:
         except Exception as exc:
             return f"torch.func cannot run the model ({type(exc).__name__}: {exc})"
         if not _close(got_rows, expected):
-            return ("batched and sequential updates differ (the model keeps state outside its "
-                    "parameters or mixes the records of a batch)")
+            return self._difference_reason(probe, params, xs, ys)
         for g, w in zip(got, want):
             if g.keys() != w.keys() or any(abs(g[k] - w[k]) > 1e-3 * abs(w[k]) + 1e-6 for k in w):
                 return f"batched and sequential metrics differ ({g} vs {w})"
         self._measure(x[:1])
-        return None
+        return None if self.strict else self._slower_reason(probe, params, x, y)
+
+    def _difference_reason(
+        self, probe: TrainTask, params: torch.Tensor, xs: list[torch.Tensor], ys: list[torch.Tensor]
+    ) -> str:
+        """Why the probe's batched and sequential updates differ. Under Adam,
+        the probe is run again with SGD: when SGD agrees, the gradients agree
+        and Adam's normalisation is the cause — it divides each coordinate by
+        the root of its squared gradient, so a gradient that is mathematically
+        zero but float noise (around 1e-9) in one engine becomes a full step of
+        ``lr`` there."""
+        if probe.optimizer is Optimizer.ADAM:
+            sgd = dataclasses.replace(probe, optimizer=Optimizer.SGD, momentum=0.0)
+            want = torch.empty((2, params.numel()), device=params.device)
+            got = torch.empty_like(want)
+            saved = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
+            try:
+                for i, (xi, yi) in enumerate(zip(xs, ys)):
+                    self.trainer.train(params, xi, yi, sgd, torch.Generator().manual_seed(i), want[i])
+            finally:
+                self.trainer.model.load_state_dict(saved)
+            gens = [functools.partial(torch.Generator().manual_seed, i) for i in range(2)]
+            self._train_chunk(sgd, params, xs, ys, gens, got, [0, 1])
+            if _close(got, want):
+                return ("batched and sequential Adam updates differ although their SGD updates agree: some "
+                        "gradient coordinates are zero in exact arithmetic but float noise in one engine, and "
+                        "Adam divides by their root mean square, turning that noise into full steps of client.lr")
+        return ("batched and sequential updates differ (the model keeps state outside its "
+                "parameters or mixes the records of a batch)")
+
+    def _slower_reason(self, probe: TrainTask, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> str | None:
+        """Why ``auto`` trains this model one client after another although it
+        could batch it: :data:`SPEED_CLIENTS` clients' local step on a batch of
+        ``client.batch_size`` records, timed both ways (the faster of two runs
+        each, so that a first call's set-up does not count), is not faster
+        batched. (vmap has no batching rule that fuses attention, so a small
+        transformer's batched step costs as much as its sequential steps.)"""
+        m = min(len(y), probe.batch_size)
+        task = dataclasses.replace(probe, epochs=1, batch_size=m)
+        k = max(SPEED_CLIENTS, self.min_batch_clients)
+        xs, ys = [x[:m]] * k, [y[:m]] * k
+        rows = torch.empty((k, params.numel()), device=params.device)
+        saved = {name: v.detach().clone() for name, v in self.trainer.model.state_dict().items()}
+
+        def sequential() -> None:
+            for i in range(k):
+                self.trainer.train(params, xs[i], ys[i], task, torch.Generator().manual_seed(i), rows[i])
+
+        def batched() -> None:
+            gens = [functools.partial(torch.Generator().manual_seed, i) for i in range(k)]
+            self._train_chunk(task, params, xs, ys, gens, rows, list(range(k)))
+
+        try:
+            one_by_one = _fastest_of_two(sequential)
+            together = _fastest_of_two(batched)
+        finally:
+            self.trainer.model.load_state_dict(saved)
+        if together <= one_by_one:
+            return None
+        return (f"batched is not faster for this model: a step of {k} clients took {together * 1e3:.0f} ms batched, "
+                f"{one_by_one * 1e3:.0f} ms one after another")
 
     def _measure(self, x: torch.Tensor) -> None:
         """Per-sample activation count and record bytes, for the memory estimate."""
@@ -525,7 +601,7 @@ class BatchedExecutor:
         self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, count: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One client's batch loss ``sum(mask · ce) / count`` and its summed loss."""
-        ce = per_record_loss(functional_call(self._model, (p, consts), (x,)), y)
+        ce = self._objective.per_record_loss(prediction(functional_call(self._model, (p, consts), (x,))), y)
         total = (ce * m).sum()
         return total / count, total.detach()
 
@@ -539,7 +615,7 @@ class BatchedExecutor:
         ``vmap``; and every record's loss, detached."""
         if self._stacked is None:
             raise ValueError("the model has no stacked form")
-        ce = per_record_loss(self._stacked(_with_consts(p, consts), x).transpose(1, 2), y)
+        ce = self._objective.per_record_loss(self._stacked(_with_consts(p, consts), x).transpose(1, 2), y)
         return (ce * weight).sum(), ce.detach()
 
     def _vmap_objective(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -556,11 +632,12 @@ class BatchedExecutor:
 
     def _record_losses(self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One client's loss of each record of a batch."""
-        return per_record_loss(functional_call(self._model, (p, consts), (x,)), y)
+        return self._objective.per_record_loss(prediction(functional_call(self._model, (p, consts), (x,))), y)
 
     def _sample_loss(self, p: Tensors, consts: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One record's loss, for per-sample gradients."""
-        return mean_loss(functional_call(self._model, (p, consts), (x.unsqueeze(0),)), y.unsqueeze(0))
+        output = prediction(functional_call(self._model, (p, consts), (x.unsqueeze(0),)))
+        return self._objective.mean_loss(output, y.unsqueeze(0))
 
     def _train_sgd(
         self, task: TrainTask, weights: Tensors, anchor: Tensors, consts: Tensors,
@@ -689,7 +766,7 @@ class _Batches:
             for t, j in enumerate(self.running):
                 yield t, j, xb, yb, weight
             return
-        if self.idx.numel() * (x[:1].numel() * x.element_size() + y.element_size()) <= GATHER_BYTES:
+        if self.idx.numel() * (x[:1].numel() * x.element_size() + y[:1].numel() * y.element_size()) <= GATHER_BYTES:
             xs, ys = x[self.idx], y[self.idx]
             for t, j in enumerate(self.running):
                 yield t, j, xs[t, :j], ys[t, :j], self.weight[t, :j]

@@ -18,7 +18,7 @@ from fedtrain.layout import ParamLayout
 from fedtrain.privacy.mechanisms import clip_rows_
 from fedtrain.privacy.noise import NoiseSource, SecureGaussian, SeededGaussian
 from fedtrain.sampling import Randomness, SecretRandomness, TorchRandomness
-from fedtrain.training.loss import evaluation_sums, mean_loss, summed_loss
+from fedtrain.training.task import Classification, Task, prediction
 from fedtrain.training.optimizer import LocalOptimizer
 from fedtrain.training.train_task import TrainTask
 from fedtrain.types import ClientMetric, Evaluation, UpdateKind
@@ -84,8 +84,11 @@ class LocalTrainer:
     ``sub``, instead of a dozen small copies per client.
     """
 
-    def __init__(self, model: nn.Module, layout: ParamLayout, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, layout: ParamLayout, device: torch.device, objective: Task | None = None
+    ) -> None:
         self.model = model.to(device)
+        self.objective = Classification() if objective is None else objective
         self.layout = layout
         self.device = device
         state = self.model.state_dict(keep_vars=True)
@@ -182,7 +185,7 @@ class LocalTrainer:
                 idx = order[start : start + task.batch_size]
                 xb, yb = x[idx], y[idx]
                 optimizer.zero_grad()
-                loss = mean_loss(self.model(xb), yb)
+                loss = self.objective.mean_loss(prediction(self.model(xb)), yb)
                 losses.append(loss.detach())
                 sizes.append(len(idx))
                 if anchor is not None:
@@ -230,7 +233,7 @@ class LocalTrainer:
         if dp_sgd is None:
             raise ValueError("no DP-SGD settings in this task")
         if self._stepper is None:
-            self._stepper = DpSgdStepper(self.model, summed_loss)
+            self._stepper = DpSgdStepper(self.model, self.summed_loss)
         n = len(y)
         q = sample_rate(n, task.batch_size)
         noise = self.noise_source(dp_sgd.secure_noise, generator)
@@ -259,7 +262,7 @@ class LocalTrainer:
         total_loss = 0.0
         for start in range(0, n, batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            loss = summed_loss(self.model(xb), yb)
+            loss = self.summed_loss(self.model(xb), yb)
             (loss / n).backward()
             total_loss += float(loss.detach())
         named = dict(self.model.named_parameters())
@@ -272,19 +275,23 @@ class LocalTrainer:
         self.model.zero_grad(set_to_none=True)
         return total_loss / n
 
+    def summed_loss(self, output: object, y: torch.Tensor) -> torch.Tensor:
+        """The run's task's summed loss of a model ``output`` (any form
+        :func:`~fedtrain.training.task.prediction` takes): FedSGD's objective,
+        and the loss DP-SGD takes per-sample gradients of."""
+        return self.objective.summed_loss(prediction(output), y)
+
     @torch.no_grad()
     def evaluate(
         self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024
     ) -> Evaluation:
-        """Mean cross-entropy and accuracy of ``params`` on ``(x, y)``."""
+        """The task's metrics of ``params`` on ``(x, y)``, from statistics summed over batches."""
         self.load_(params)
         self.model.eval()
-        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        sums: tuple[torch.Tensor, ...] = ()
         for start in range(0, len(y), batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            batch_loss, batch_correct = evaluation_sums(self.model(xb), yb)
-            total_loss += batch_loss
-            correct += batch_correct
+            batch = self.objective.evaluation_sums(prediction(self.model(xb)), yb)
+            sums = batch if not sums else tuple(a + b for a, b in zip(sums, batch))
         n = len(y)
-        return Evaluation(loss=float(total_loss) / n, accuracy=int(correct) / n, num_examples=n)
+        return Evaluation(metrics=self.objective.evaluation(sums, n), num_examples=n)

@@ -84,7 +84,7 @@ def test_engine_records_the_failures_and_aggregates_the_rest() -> None:
         strategy=load_strategy("fedavg"),
         executor=SequentialExecutor(trainer, data, seed=0, timeout=1.0),
         sampler=UniformSampler(8),
-        evaluate=lambda p: __import__("fedtrain").Evaluation(0.0, 0.0, 1),
+        evaluate=lambda p: __import__("fedtrain").Evaluation({"accuracy": 0.0, "loss": 0.0}, 1),
         clients=data.ids,
         client=ClientConfig(batch_size=4, lr=0.1),
         min_clients=1,
