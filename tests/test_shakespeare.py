@@ -419,6 +419,23 @@ def test_a_run_on_natural_clients(plays: Path) -> None:
     assert "perplexity" in result.records[0].metrics
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parent.parent / "simulations").glob("shakespeare*.toml")))
+def test_the_shakespeare_configs_run_on_a_small_folder_of_plays(plays: Path, name: str) -> None:
+    """``simulations/shakespeare*.toml`` for two rounds on the fixture plays
+    (the real text is not in CI; ``test_simulation_configs_run`` skips them)."""
+    from fedtrain.simulation import simulate
+
+    path = Path(__file__).parent.parent / "simulations" / f"{name}.toml"
+    cfg = config.replace(config.load(path), [
+        f"data.root={json.dumps(str(plays))}", "data.num_clients=3", "strategy.clients_per_round=2", "run.rounds=2",
+        "data.seq_len=16",
+    ])
+
+    result = simulate(cfg)
+
+    assert len(result.records) == 2 and "perplexity" in result.records[-1].metrics
+
+
 def test_a_missing_folder_names_the_fetch_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(shk.DATA_ENV, str(tmp_path / "cache"))
 
