@@ -152,3 +152,32 @@ def test_a_model_whose_output_does_not_fit_the_task_is_refused_before_round_1(tm
 
     with pytest.raises(ValueError, match=r"the model cannot run on the data.s inputs \(torch.int64 of shape \(2, 16\)\)"):
         simulate(cfg)
+
+
+def test_a_deployed_client_trains_the_language_model_the_config_names(tmp_path: Path) -> None:
+    """The worker behind a deployed client builds the run's task from the
+    coordinator's config, trains its own token ids with it, and refuses a
+    plug-in task it was not allowed to import."""
+    import json as json_module
+
+    from fedtrain.deploy.worker import ClientWorker, PluginRefused
+    from fedtrain.transport.relay import Hello
+
+    x, y = _tokens(24, 3)
+    np.savez(tmp_path / "own.npz", x=x.numpy(), y=y.numpy())
+    cfg = config.load(None, ["task.name=language_model", "model.name=gpt", "model.layers=1", "model.heads=2",
+                             "model.embedding=16", "client.lr=0.01", "client.optimizer=adam"])
+    worker = ClientWorker("alice", None, tmp_path / "own.npz", "cpu")
+
+    info = worker.hello(Hello(config.to_dict(cfg), (T,), VOCAB))
+    trainer = worker._setup[1]  # type: ignore[index]
+    params = trainer.layout.flatten(trainer.model.state_dict()).numpy()
+    task = TrainTask.of(cfg.client, __import__("fedtrain").RoundPlan(clients=("alice",)), ClientPrivacy())
+    reply = worker.train(1, json_module.dumps(task.as_json()), params)
+
+    assert info.num_records == 24 and isinstance(trainer.objective, LanguageModel)
+    assert reply.update.shape == params.shape and np.isfinite(reply.update).all() and np.abs(reply.update).max() > 0
+    assert reply.metrics["train_loss"] > 0
+    plugin = config.to_dict(config.replace(cfg, ["task.name=my_tasks:Mine"]))
+    with pytest.raises(PluginRefused, match=r"task.name = 'my_tasks:Mine' is a plug-in"):
+        ClientWorker("bob", None, tmp_path / "own.npz", "cpu").hello(Hello(plugin, (T,), VOCAB))

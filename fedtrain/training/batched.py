@@ -120,6 +120,13 @@ SPEED_CLIENTS = 8
 """Clients the ``auto`` engine's speed probe trains both ways (at least
 ``min_batch_clients``): enough for batching to pay off where it can."""
 
+SPEED_MIN_SECONDS = 0.05
+"""Below this, the probe's sequential step is too short to time against
+scheduling noise (and batching small models is where it pays): ``auto`` keeps
+batched. Above it the choice is timed, so for a model near parity it can
+differ between runs on a loaded machine; set ``client.engine`` for a
+bit-reproducible run."""
+
 
 def _fastest_of_two(run: Callable[[], None]) -> float:
     """The shorter wall time of two calls of ``run``."""
@@ -491,7 +498,7 @@ class BatchedExecutor:
             together = _fastest_of_two(batched)
         finally:
             self.trainer.model.load_state_dict(saved)
-        if together <= one_by_one:
+        if together <= one_by_one or one_by_one < SPEED_MIN_SECONDS:
             return None
         return (f"batched is not faster for this model: a step of {k} clients took {together * 1e3:.0f} ms batched, "
                 f"{one_by_one * 1e3:.0f} ms one after another")
