@@ -137,8 +137,7 @@ def _headline(s: Summary) -> str:
     final = s.final_metrics.get(s.score, s.final_accuracy)
     best = s.best_score if s.best_score is not None else s.best_accuracy
     shown = "-" if final is None else f"{final:.4f}"
-    others = "".join(f", {k} {v:.4f}" for k, v in s.final_metrics.items() if k not in (s.score, "loss", "accuracy")
-                     or (k == "accuracy" and s.score != "accuracy"))
+    others = "".join(f", {k} {v:.4f}" for k, v in s.final_metrics.items() if k not in (s.score, "loss"))
     return f"final {s.score} {shown} (best {'-' if best is None else f'{best:.4f}'}){others}"
 
 
