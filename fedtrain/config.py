@@ -111,6 +111,15 @@ class Optimizer(str, enum.Enum):
     ADAM = "adam"
 
 
+class Precision(str, enum.Enum):
+    """The arithmetic of local training. ``BF16``: forward and backward under
+    ``torch.autocast`` in bfloat16, float32 master weights and optimiser
+    state; the update is computed and sent in float32."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
 def _rule(
     minimum: float | None = None,
     maximum: float | None = None,
@@ -138,6 +147,9 @@ class RunConfig:
         default=0,
         metadata=_rule(0, doc="torch CPU threads; 0 = auto (1 for models under 1M parameters, else all cores)"),
     )
+    checkpoint_every: int = field(
+        default=1, metadata=_rule(1, doc="write a checkpoint every N rounds (and after the last one)")
+    )
 
 
 @dataclass(frozen=True)
@@ -163,8 +175,18 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    r: int = field(default=0, metadata=_rule(0, doc="LoRA rank; 0 = no LoRA (the whole model trains)"))
+    alpha: float = field(default=16.0, metadata=_rule(0.0, exclusive_min=True, doc="LoRA scaling numerator (alpha / r)"))
+    dropout: float = field(default=0.0, metadata=_rule(0.0, 1.0, exclusive_max=True, doc="dropout on the LoRA input"))
+    target_modules: list[str] = field(
+        default_factory=list, metadata=_rule(doc="module names LoRA adapts; [] = peft's default for the architecture")
+    )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    name: str = field(default="mlp", metadata=_rule(doc="mlp | cnn | gpt | lstm | 'module:function'"))
+    name: str = field(default="mlp", metadata=_rule(doc="mlp | cnn | gpt | lstm | 'hf:PATH' | 'module:function'"))
     hidden: int = field(default=128, metadata=_rule(1, doc="hidden width of mlp and cnn"))
     layers: int = field(default=2, metadata=_rule(1, doc="gpt: transformer blocks; lstm: stacked LSTM layers"))
     heads: int = field(default=4, metadata=_rule(1, doc="gpt: attention heads; must divide model.embedding"))
@@ -175,6 +197,7 @@ class ModelConfig:
     )
     lstm_embedding: int = field(default=8, metadata=_rule(1, doc="lstm: token embedding width (LEAF: 8)"))
     lstm_hidden: int = field(default=256, metadata=_rule(1, doc="lstm: units per LSTM layer (LEAF: 256)"))
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass(frozen=True)
@@ -209,8 +232,13 @@ class ClientConfig:
         default=0.0, metadata=_rule(0.0, doc="seconds a client may take to load and train; 0 = no limit")
     )
     max_batch_clients: int = field(
-        default=0, metadata=_rule(0, doc="batched engine: clients per chunk; 0 = from a 1 GiB memory estimate")
+        default=0, metadata=_rule(0, doc="batched engine: clients per chunk; 0 = sized from the device's free memory")
     )
+    precision: Precision = Precision.FP32
+    grad_accum_steps: int = field(
+        default=1, metadata=_rule(1, doc="micro-batches per optimiser step (client.batch_size each)")
+    )
+    grad_checkpointing: bool = False
 
 
 class AttackKind(str, enum.Enum):
@@ -348,6 +376,10 @@ def _coerce(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r}: expected a string")
+    elif origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key} = {value!r}: expected a list of non-empty strings")
+        return list(value)
     elif origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} = {value!r}: expected a table")
@@ -399,8 +431,16 @@ def _check_device(device: str) -> None:
     raise ConfigError(f"client.device = {device!r}: allowed are 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
+HF_PREFIX = "hf:"
+"""``model.name = "hf:PATH"``: a Hugging Face model from the local folder PATH."""
+
+
 def _check_spec(key: str, value: str, builtins: Sequence[str]) -> None:
     if value in builtins:
+        return
+    if key == "model.name" and value.startswith(HF_PREFIX):
+        if not value[len(HF_PREFIX):]:
+            raise ConfigError(f"model.name = {value!r}: name the model's local folder, e.g. 'hf:models/gpt2-tiny'")
         return
     module, sep, attr = value.partition(":")
     if not sep or not module or not attr:

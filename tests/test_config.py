@@ -97,8 +97,10 @@ def test_readme_documents_every_key() -> None:
     readme = Path(__file__).parent.parent.joinpath("README.md").read_text()
     table = config.to_dict(config.load())
 
-    missing = [
-        f"{section}.{key}" for section, keys in table.items() for key in keys
-        if f"`{section}.{key}`" not in readme
-    ]
+    def keys(node: dict, prefix: str) -> list[str]:
+        return [k for name, v in node.items()
+                for k in (keys(v, f"{prefix}{name}.") if isinstance(v, dict) and v and name != "options"
+                          else [f"{prefix}{name}"])]
+
+    missing = [k for k in keys(table, "") if f"`{k}`" not in readme]
     assert missing == []
