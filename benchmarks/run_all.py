@@ -27,6 +27,7 @@ SCRIPTS = (
     "serialization",
     "batched_clients",
     "scaling",
+    "coordinator_memory",
     "dp_throughput",
     "secure_aggregation",
     "flower_comparison",

@@ -477,9 +477,13 @@ class LedgerJournal:
         the ledger, so each release ever published is counted.
 
         The journal's last entry is left out only when it cannot have been
-        published: its round has no checkpoint file at all (the checkpointer,
-        the first to publish a round, never finished); a ``void`` line
-        records that, so that later resumes agree. Raises
+        published: its round is due a checkpoint (``run.checkpoint_every`` of
+        ``saved``'s config, :func:`checkpoint_due`) and has no checkpoint
+        file at all (the checkpointer, the first to publish a round, never
+        finished); a ``void`` line records that, so that later resumes agree.
+        A round between checkpoints is published without one, so its entry
+        is always counted (a run's last round checkpointed off the period and
+        lost before its checkpoint is counted too: more ε, never less). Raises
         :class:`CheckpointError` when the journal is missing, unreadable, does
         not verify under the run key or holds fewer entries than ``saved``
         accounts for; with ``trust`` the last two are warnings and the
@@ -512,7 +516,11 @@ class LedgerJournal:
         ]
         unpublished: _Line | None = None
         last = lines[-1] if lines else None
-        if pending and pending[-1] is last and not _path(run_dir, last.round).exists():
+        every = checkpoint_every(saved.config)
+        if (
+            pending and pending[-1] is last and checkpoint_due(last.round, every)
+            and not _path(run_dir, last.round).exists()
+        ):
             unpublished = pending.pop()
         if key is None:
             key = create_key_(run_dir)
@@ -622,11 +630,16 @@ def _journal_line(item: Any, where: str, seq: int) -> tuple[_Line, str]:
 
 
 class Checkpointer:
-    """An engine observer that checkpoints after every round.
+    """An engine observer that checkpoints every ``every`` rounds
+    (``run.checkpoint_every``) and after the run's last round, whether the
+    run ends there or stops early (:meth:`on_run_end`).
 
     Put it before the observers that publish a round (the metrics file): a
-    round whose checkpoint file does not exist counts as unpublished when a
-    resume reads the ledger journal (see :meth:`LedgerJournal.resume_`).
+    round that is due a checkpoint (``round % every == 0``) but whose
+    checkpoint file does not exist counts as unpublished when a resume reads
+    the ledger journal (see :meth:`LedgerJournal.resume_`). A round between
+    checkpoints is published without one; a resume re-runs it and counts
+    its privacy cost again.
     """
 
     def __init__(
@@ -638,20 +651,51 @@ class Checkpointer:
         records: Sequence[Mapping[str, Any]] = (),
         *,
         journal: LedgerJournal,
+        every: int = 1,
     ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"run.checkpoint_every = {every!r}: must be an integer >= 1")
         self.run_dir = Path(run_dir)
         self.engine_state = engine_state
         self.config = config
         self.keep = keep
         self.journal = journal
+        self.every = every
         self._records = bytearray(encode_records(records))
+        self._unsaved: int | None = None
 
     def on_round(self, record: RoundRecord, params: torch.Tensor) -> None:
         self._records += encode_records([record.as_json()])
+        if checkpoint_due(record.round, self.every):
+            self._save(record.round, params)
+        else:
+            self._unsaved = record.round
+
+    def on_run_end(self, record: RoundRecord | None, params: torch.Tensor) -> None:
+        """Checkpoint the run's last round (``record``) when it has none yet."""
+        if record is not None and self._unsaved == record.round:
+            self._save(record.round, params)
+
+    def _save(self, rnd: int, params: torch.Tensor) -> None:
         save(
             self.run_dir,
-            Checkpoint(record.round, params, self.engine_state(), bytes(self._records), self.config,
-                       self.journal.entries),
+            Checkpoint(rnd, params, self.engine_state(), bytes(self._records), self.config, self.journal.entries),
             self.keep,
             self.journal.key,
         )
+        self._unsaved = None
+
+
+def checkpoint_due(rnd: int, every: int) -> bool:
+    """Whether round ``rnd`` is checkpointed as it ends (``run.checkpoint_every = every``)."""
+    return rnd % every == 0
+
+
+def checkpoint_every(config: Mapping[str, Any]) -> int:
+    """``run.checkpoint_every`` of a checkpoint's config (1 for a config that
+    predates the key)."""
+    run = config.get("run", {})
+    every = run.get("checkpoint_every", 1) if isinstance(run, Mapping) else 1
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise CheckpointError(f"checkpoint config run.checkpoint_every = {every!r}: expected an integer >= 1")
+    return every

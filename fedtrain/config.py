@@ -479,6 +479,22 @@ def validate(config: Config) -> Config:
             f"strategy.clients_per_round = {config.strategy.clients_per_round}"
         )
     _check_privacy(config)
+    c = config.client
+    if config.privacy.mode is PrivacyMode.SAMPLE and c.precision is not Precision.FP32:
+        raise ConfigError(
+            f"client.precision = {c.precision.value!r} with privacy.mode = 'sample': allowed only 'fp32'. "
+            "Under autocast Opacus' expanded-weights mode (grad_sample_mode 'ew', auto's first choice) fails "
+            "and its hooks mode gives bfloat16 per-sample gradients, whose norms, which clipping bounds to "
+            "privacy.max_grad_norm (the sensitivity DP-SGD's noise is calibrated to, Abadi et al. 2016), "
+            "are off by bfloat16 rounding"
+        )
+    if config.privacy.mode is PrivacyMode.SAMPLE and c.grad_accum_steps != 1:
+        raise ConfigError(
+            f"client.grad_accum_steps = {c.grad_accum_steps} with privacy.mode = 'sample': allowed only 1. "
+            "DP-SGD's accounting takes its Poisson sampling rate and step count from client.batch_size; "
+            "a logical batch of grad_accum_steps micro-batches would change both. Lower client.batch_size "
+            "(each Poisson batch is one step) to save memory"
+        )
     s = config.secure
     if s.simulated_dropout and not s.aggregation:
         raise ConfigError(

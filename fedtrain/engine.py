@@ -5,26 +5,35 @@ know how clients are reached (an :class:`~fedtrain.training.executor.Executor`
 or a transport does that) nor what a
 strategy computes; the same loop runs the in-process simulation and a
 deployment.
+
+When the executor streams and the strategy's aggregate is a weighted mean
+(``needs_individual_updates = False``) or the privacy policy releases a sum
+(user-level DP), each update is checked and folded in as it arrives
+(:class:`RoundIntake`, :class:`~fedtrain.aggregation.UpdateFold`): coordinator
+memory is then one buffer of rows, not one model per client, and the strategy
+gets one :class:`~fedtrain.types.AggregateUpdate` (origin ``CLIENT_MEAN``)
+standing for the folded clients, as under secure aggregation.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 
-from fedtrain.training.executor import Executor
+from fedtrain.aggregation import FoldedClient, UpdateFold
+from fedtrain.training.executor import Executor, takes_sink
 from fedtrain.training.train_task import TrainTask
 from fedtrain.config import ClientConfig
-from fedtrain.privacy.policy import BudgetExhausted, NoPrivacy, PrivacyPolicy, Release
+from fedtrain.privacy.policy import BudgetExhausted, FoldingPolicy, NoPrivacy, PrivacyPolicy, Release
 from fedtrain.sampling import Randomness, Sampler, SecretRandomness, SeededRandomness
 from fedtrain.strategy import Strategy
-from fedtrain.types import ClientFailure, ClientMetric, Evaluation, RoundRecord
-from fedtrain.validation import split_valid
+from fedtrain.types import ClientFailure, ClientMetric, ClientUpdate, Evaluation, RoundPlan, RoundRecord, UpdateKind
+from fedtrain.validation import inspect_update, split_valid
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,16 @@ class RoundObserver(Protocol):
     """Told about every finished round (results files, progress bars)."""
 
     def on_round(self, record: RoundRecord, params: torch.Tensor) -> None: ...
+
+
+@runtime_checkable
+class RunEndObserver(Protocol):
+    """An observer that is also told when :meth:`Engine.run` returns, with
+    the last round's record (None when no round ran) and model: after the
+    last round, or when the privacy budget stops the run early (the
+    checkpointer then saves a round that fell between its checkpoints)."""
+
+    def on_run_end(self, record: RoundRecord | None, params: torch.Tensor) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,46 @@ class RngStreams:
             np.random.default_rng(strategy),
             SecretRandomness() if secret_cohort else None,
         )
+
+
+class RoundIntake:
+    """The engine's :class:`~fedtrain.training.executor.UpdateSink` for one
+    round: each update is checked as it enters (shape, dtype, kind, counts,
+    metrics, finite: :func:`~fedtrain.validation.inspect_update`), admitted
+    by the privacy policy (which sees the norm that check computed) and
+    folded in; a refused one is kept as its client's failure, with the reason
+    the unfolded round gives."""
+
+    def __init__(self, fold: UpdateFold, policy: FoldingPolicy, kind: UpdateKind) -> None:
+        self.fold = fold
+        self.policy = policy
+        self.kind = kind
+        self.invalid: list[ClientFailure] = []
+        self.refused: list[tuple[str, str]] = []
+        self.validated = 0
+
+    def row(self) -> torch.Tensor:
+        return self.fold.row()
+
+    def push(self, update: ClientUpdate) -> None:
+        self._take(update, borrow=False)
+
+    def take_returned(self, update: ClientUpdate) -> None:
+        """Fold an update the executor returned (held by reference: the
+        outcome keeps it alive anyway)."""
+        self._take(update, borrow=True)
+
+    def _take(self, update: ClientUpdate, borrow: bool) -> None:
+        inspection = inspect_update(update, self.fold.numel, self.kind)
+        if inspection.reason is not None:
+            self.invalid.append(ClientFailure(update.client_id, inspection.reason))
+            return
+        self.validated += 1
+        why = self.policy.admit(update, inspection.norm)
+        if why is not None:
+            self.refused.append((update.client_id, why))
+            return
+        self.fold.add_(update, borrow=borrow)
 
 
 @dataclass
@@ -103,6 +162,17 @@ class Engine:
         self.rngs.sampling.bit_generator.state = state["rng"]["sampling"]
         self.rngs.strategy.bit_generator.state = state["rng"]["strategy"]
 
+    def _intake(self, plan: RoundPlan, params: torch.Tensor) -> RoundIntake | None:
+        """The round's sink, when the executor streams and the strategy and
+        privacy policy allow a fold; None runs the round on the returned updates."""
+        if params.numel() == 0 or not takes_sink(self.executor) or not isinstance(self.privacy, FoldingPolicy):
+            return None
+        reduction = self.privacy.reduction(self.strategy.needs_individual_updates, self.strategy.weighted)
+        if reduction is None:
+            return None
+        fold = UpdateFold(reduction, params.numel(), plan.clients, plan.kind, params.device)
+        return RoundIntake(fold, self.privacy, plan.kind)
+
     def run_round(self, rnd: int, params: torch.Tensor) -> tuple[torch.Tensor, RoundRecord]:
         """One round; raises :class:`BudgetExhausted` before any client works
         when the round would exceed the privacy budget."""
@@ -113,15 +183,27 @@ class Engine:
             raise BudgetExhausted(stop)
         plan = self.strategy.configure(rnd, cohort, self.rngs.strategy)
         task = TrainTask.of(self.client, plan, self.privacy.client_privacy(rnd))
-        outcome = self.executor.train_round(rnd, plan.clients, task, params)
-        valid, rejected_updates = split_valid(outcome.updates, params.numel(), plan.kind)
-        failures = [*outcome.failures, *rejected_updates]
-        release = self.privacy.release(rnd, plan.clients, valid)
+        intake = self._intake(plan, params)
+        if intake is None:
+            outcome = self.executor.train_round(rnd, plan.clients, task, params)
+            checked, rejected_updates = split_valid(outcome.updates, params.numel(), plan.kind)
+            failures = [*outcome.failures, *rejected_updates]
+            release = self.privacy.release(rnd, plan.clients, checked)
+        else:
+            outcome = self.executor.train_round(rnd, plan.clients, task, params, sink=intake)
+            for update in outcome.updates:
+                intake.take_returned(update)
+            failures = [*outcome.failures, *intake.invalid]
+            release = intake.policy.release_fold(rnd, plan.clients, intake.fold, intake.validated)
+            release = replace(release, rejected=(*intake.refused, *release.rejected))
         if self.journal is not None:
             self.journal(rnd, release)
         rejected = {cid for cid, _ in release.rejected}
         failures.extend(ClientFailure(cid, why) for cid, why in release.rejected)
-        valid = [u for u in valid if u.client_id not in rejected]
+        valid: Sequence[ClientUpdate | FoldedClient] = (
+            [u for u in checked if u.client_id not in rejected] if intake is None
+            else [c for c in intake.fold.clients if c.client_id not in rejected]
+        )
         for failure in failures:
             log.warning("round %d: client %s rejected: %s", rnd, failure.client_id, failure.reason)
         contributors = sum(u.contributors for u in valid)
@@ -162,15 +244,25 @@ class Engine:
     ) -> tuple[torch.Tensor, list[RoundRecord], str | None]:
         """Up to ``rounds`` rounds; returns the last model, the records and why
         it stopped early (None when every round ran). On a privacy stop the
-        model is the last one released within the budget."""
+        model is the last one released within the budget, and the state
+        (:meth:`state_dict`) that of the last round that ran: the stopped
+        round's cohort draw is undone. Observers that are
+        :class:`RunEndObserver` are told when it returns."""
         records: list[RoundRecord] = []
+        stopped: str | None = None
         for rnd in range(first_round, first_round + rounds):
+            sampling = self.rngs.sampling.bit_generator.state
             try:
                 params, record = self.run_round(rnd, params)
             except BudgetExhausted as exc:
                 log.warning("privacy budget exhausted, training stops: %s", exc)
-                return params, records, str(exc)
+                self.rngs.sampling.bit_generator.state = sampling
+                stopped = str(exc)
+                break
             records.append(record)
             for observer in observers:
                 observer.on_round(record, params)
-        return params, records, None
+        for observer in observers:
+            if isinstance(observer, RunEndObserver):
+                observer.on_run_end(records[-1] if records else None, params)
+        return params, records, stopped

@@ -4,7 +4,8 @@ A model factory takes ``(input_shape, num_classes)`` and returns a module that
 maps a batch of shape ``(B, *input_shape)`` to ``(B, num_classes)`` logits.
 The language models (``gpt``, ``lstm``) take ``input_shape = (T,)`` and the
 vocabulary size ``V`` as ``num_classes``: they map int64 token ids ``(B, T)``
-to next-token logits ``(B, T, V)`` at every position.
+to next-token logits ``(B, T, V)`` at every position. Hugging Face models
+(``hf:PATH``) and LoRA come from :mod:`fedtrain.huggingface`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from fedtrain.config import ConfigError, ModelConfig
+from fedtrain.huggingface import adapt_model, is_hf, load_hf_model
 from fedtrain.plugin import load_object
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
@@ -240,13 +242,22 @@ def lstm(
 
 
 def build_model(
-    cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int
+    cfg: ModelConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    seed: int,
+    task: str = "classification",
+    grad_checkpointing: bool = False,
 ) -> nn.Module:
     """The configured model, initialised from ``seed`` without touching the
-    global torch RNG of the caller."""
+    global torch RNG of the caller. ``task`` (``task.name``) picks a Hugging
+    Face model's head; LoRA (``model.lora``) and ``grad_checkpointing``
+    (``client.grad_checkpointing``) are applied by :mod:`fedtrain.huggingface`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if cfg.name == "mlp":
+        if is_hf(cfg.name):
+            model = load_hf_model(cfg.name, task, num_classes)
+        elif cfg.name == "mlp":
             model = mlp(input_shape, num_classes, cfg.hidden)
         elif cfg.name == "cnn":
             model = cnn(input_shape, num_classes, cfg.hidden)
@@ -257,6 +268,8 @@ def build_model(
         else:
             factory = load_object(cfg.name, "model function", "model.name")
             model = factory(input_shape, num_classes)
+        if isinstance(model, nn.Module) and (cfg.lora.r > 0 or grad_checkpointing):
+            model = adapt_model(model, cfg, grad_checkpointing)
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model.name = {cfg.name!r}: the factory returned {type(model).__name__}, "

@@ -17,9 +17,8 @@ import torch
 
 from fedtrain.config import Config, dumps
 from fedtrain.curves import Rows, plot_curves
-from fedtrain.layout import ParamLayout
 from fedtrain.metrics import CLASSIFICATION_METRICS, MetricNames
-from fedtrain.types import RoundRecord
+from fedtrain.types import Params, RoundRecord
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -44,7 +43,11 @@ class Summary:
     ``final_metrics`` holds every metric of the task's last evaluation;
     ``score`` names the one where higher is better and ``best_score`` is its
     best round's. ``final_accuracy`` / ``best_accuracy`` (and ``final_loss``)
-    are those of a task that reports an accuracy (a loss), else ``None``."""
+    are those of a task that reports an accuracy (a loss), else ``None``.
+
+    ``num_parameters`` counts every parameter of the model (a tied tensor
+    once), ``num_trainable_parameters`` those that train and are federated
+    (``None`` in folders written before it was recorded)."""
 
     final_accuracy: float | None
     final_loss: float | None
@@ -68,6 +71,7 @@ class Summary:
     final_metrics: dict[str, float] = field(default_factory=dict)
     score: str = "accuracy"
     best_score: float | None = None
+    num_trainable_parameters: int | None = None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -104,11 +108,14 @@ class RunWriter:
         self._metrics.write(json.dumps(record.as_json()) + "\n")
         self._metrics.flush()
 
-    def finish(self, summary: Summary, params: torch.Tensor, layout: ParamLayout) -> None:
+    def finish(self, summary: Summary, state: Params) -> None:
+        """Write the summary, ``model.pt`` (``state``: the model's whole
+        ``state_dict``, frozen tensors included, a tied tensor under each of
+        its names) and the plot."""
         self._metrics.close()
         _write_atomic(self.dir / SUMMARY_FILE, (json.dumps(asdict(summary), indent=2) + "\n").encode())
         tmp = self.dir / (MODEL_FILE + ".tmp")
-        torch.save(layout.unflatten(params.cpu()), tmp)
+        torch.save(state, tmp)
         os.replace(tmp, self.dir / MODEL_FILE)
         self._plot([r.as_json() for r in self.records], self.dir / CURVES_FILE, self._names)
 

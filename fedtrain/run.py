@@ -33,7 +33,8 @@ from fedtrain.data.clients import ClientData, PartitionedData, partitions_by_id
 from fedtrain.data.partition import partition_labels
 from fedtrain.data.synthetic import CLASSES, DIMENSION, SyntheticData
 from fedtrain.engine import Engine, RngStreams, RoundObserver
-from fedtrain.layout import ParamLayout
+from fedtrain.huggingface import save_adapter
+from fedtrain.layout import ParamLayout, frozen_fingerprint, parameter_counts
 from fedtrain.models import build_model
 from fedtrain.privacy.events import GaussianEvent
 from fedtrain.privacy.policy import Release
@@ -48,7 +49,7 @@ from fedtrain.training.executor import Executor
 from fedtrain.training.sequential import SequentialExecutor
 from fedtrain.training.task import Task, load_task, prediction
 from fedtrain.training.trainer import LocalTrainer
-from fedtrain.types import RoundRecord
+from fedtrain.types import Params, RoundRecord
 
 if TYPE_CHECKING:
     from fedtrain.secure.setting import SecureSettings
@@ -155,7 +156,9 @@ def prepare_model(
 ) -> tuple[nn.Module, GradSampleMode]:
     """The configured model, made DP-SGD ready under sample-level privacy, and
     the per-sample gradient mode chosen for it (tried on ``sample``)."""
-    model = build_model(config.model, input_shape, num_classes, config.run.seed)
+    model = build_model(
+        config.model, input_shape, num_classes, config.run.seed, config.task.name, config.client.grad_checkpointing
+    )
     grad_sample_mode = config.privacy.grad_sample_mode
     if config.privacy.mode is PrivacyMode.SAMPLE:
         from fedtrain.privacy.dpsgd import choose_mode, make_private_model
@@ -168,7 +171,8 @@ def prepare_model(
 @dataclass(frozen=True)
 class Trainable:
     """The run's model as every party builds it: the trainer that holds it,
-    its flat layout, and the per-sample gradient mode chosen for it."""
+    its flat layout (what is federated: :mod:`fedtrain.layout`), and the
+    per-sample gradient mode chosen for it."""
 
     trainer: LocalTrainer
     layout: ParamLayout
@@ -177,6 +181,17 @@ class Trainable:
     def initial_params(self) -> torch.Tensor:
         """The model's initial flat parameters, on the trainer's device."""
         return self.layout.flatten(self.trainer.model.state_dict()).to(self.trainer.device)
+
+    def fingerprint(self) -> str:
+        """The fingerprint of what stays on each party (:func:`fedtrain.layout.frozen_fingerprint`)."""
+        return frozen_fingerprint(self.trainer.model, self.layout)
+
+    def final_state(self, params: torch.Tensor) -> Params:
+        """The model's whole ``state_dict`` (on the CPU) with the federated
+        tensors set to ``params``: frozen tensors as built, a tied tensor
+        under each of its names."""
+        self.trainer.load_(params)
+        return {k: v.detach().cpu().clone() for k, v in self.trainer.model.state_dict().items()}
 
 
 def build_trainable(
@@ -198,7 +213,7 @@ def build_trainable(
     task.check_data(x, y, num_classes, f"data.dataset = {config.data.dataset!r}")
     model, grad_sample_mode = prepare_model(config, input_shape, num_classes, x[:2])
     check_model_output(task, model, x[:2], y[:2])
-    layout = ParamLayout.of(model.state_dict())
+    layout = ParamLayout.of_model(model)
     torch.set_num_threads(cpu_threads(config.run.threads, layout.numel))
     return Trainable(LocalTrainer(model, layout, device, task), layout, grad_sample_mode)
 
@@ -331,7 +346,7 @@ def _journal_release(journal: checkpoint.LedgerJournal) -> Callable[[int, Releas
 def run_engine(
     config: Config,
     engine: Engine,
-    layout: ParamLayout,
+    trainable: Trainable,
     params: torch.Tensor,
     out_dir: str | Path | None,
     progress: bool,
@@ -384,7 +399,7 @@ def run_engine(
         engine.journal = _journal_release(journal)
         observers.append(checkpoint.Checkpointer(
             out_dir, engine.state_dict, to_dict(config), config.run.keep_checkpoints,
-            [r.as_json() for r in earlier], journal=journal,
+            [r.as_json() for r in earlier], journal=journal, every=config.run.checkpoint_every,
         ))
         writer = RunWriter(out_dir, config, earlier, plot, names)
         observers.append(writer)
@@ -400,6 +415,7 @@ def run_engine(
     records = earlier + new_records
     final = engine.evaluate(params) if not records else records[-1]
     report = engine.privacy.report()
+    num_parameters, num_trainable = parameter_counts(trainable.trainer.model)
     summary = Summary(
         final_accuracy=final.accuracy,
         final_loss=final.loss,
@@ -417,7 +433,8 @@ def run_engine(
         dataset=config.data.dataset,
         num_clients=config.data.num_clients,
         clients_per_round=config.strategy.clients_per_round,
-        num_parameters=layout.numel,
+        num_parameters=num_parameters,
+        num_trainable_parameters=num_trainable,
         privacy_mode=config.privacy.mode.value,
         epsilon=report.epsilon,
         delta=report.delta,
@@ -425,8 +442,9 @@ def run_engine(
         stopped_early=stopped,
     )
     if writer is not None:
-        writer.finish(summary, params, layout)
-    return RunResult(params, layout, tuple(records), summary, writer.dir if writer else None)
+        writer.finish(summary, trainable.final_state(params))
+        save_adapter(trainable.trainer.model, writer.dir)
+    return RunResult(params, trainable.layout, tuple(records), summary, writer.dir if writer else None)
 
 
 def _best(records: Sequence[RoundRecord], metric: str, otherwise: float | None) -> float | None:

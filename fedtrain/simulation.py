@@ -47,5 +47,5 @@ def simulate(
     executor = in_process_executor(config, trainable.trainer, clients.data, secure)
     sizes = {cid: clients.data.size(cid) for cid in clients.data.ids}
     engine = build_engine(config, strategy, executor, trainable, test_set, sizes)
-    return run_engine(config, engine, trainable.layout, trainable.initial_params(), out_dir, progress, resume,
+    return run_engine(config, engine, trainable, trainable.initial_params(), out_dir, progress, resume,
                       started, trust_checkpoint, plot, trainable.trainer.objective.metric_names)

@@ -25,14 +25,23 @@ class Strategy:
     """Base class of every aggregation strategy; subclass and override
     :meth:`aggregate` (and :meth:`configure` to change what clients do).
 
-    ``needs_individual_updates`` is true for strategies that look at each
-    update on its own (median, Krum): they cannot run on a securely
-    aggregated sum. ``weighted`` says whether the strategy averages updates
+    ``needs_individual_updates`` (default true) says that the strategy may
+    look at each update on its own (median, Krum, a plug-in's own rule): it
+    gets every update of the round, held at once, and cannot run on a
+    securely aggregated sum or under user-level DP. A strategy whose
+    ``aggregate`` depends on the updates only through their mean (weighted
+    by ``num_examples`` when ``weighted``) sets it to false, as the
+    averaging built-ins do; it then gets one
+    :class:`~fedtrain.types.AggregateUpdate` standing for the round's
+    clients — their mean, summed ``num_examples`` and ``contributors`` —
+    folded as updates arrive (origin ``CLIENT_MEAN``: the coordinator's
+    memory does not grow with the cohort) or made by secure aggregation
+    (``SECURE_SUM``). ``weighted`` says whether the strategy averages updates
     by their record counts; secure aggregation then sums each client's
     update with its (capped) count as weight, and with 1 when it is false.
     """
 
-    needs_individual_updates: bool = False
+    needs_individual_updates: bool = True
     weighted: bool = True
 
     def configure(

@@ -99,11 +99,14 @@ class AggregateOrigin(str, enum.Enum):
     ``DP_FEDAVG``: user-level DP's noisy mean (:mod:`fedtrain.privacy.user_level`).
     ``DISTRIBUTED_DP``: distributed DP's release of a secure sum
     (:mod:`fedtrain.privacy.distributed`).
+    ``CLIENT_MEAN``: the (weighted) mean of the round's updates, folded in
+    by the engine as they arrived (:class:`fedtrain.aggregation.UpdateFold`).
     """
 
     SECURE_SUM = "secure-aggregate"
     DP_FEDAVG = "dp-fedavg"
     DISTRIBUTED_DP = "distributed-dp"
+    CLIENT_MEAN = "client-mean"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,34 +52,64 @@ def metrics_reason(metrics: Any) -> str | None:
     return None
 
 
-def rejection_reason(update: ClientUpdate, numel: int, kind: UpdateKind) -> str | None:
-    """Why ``update`` cannot be aggregated, or None when it can.
+@dataclass(frozen=True)
+class Inspection:
+    """The verdict on one update: why it is refused (None when it may be
+    aggregated) and, for an accepted one, its L2 norm, so that a privacy
+    policy's norm bound does not read the vector a second time."""
+
+    reason: str | None
+    norm: float = math.nan
+
+
+def finite_norm(v: torch.Tensor) -> float:
+    """The L2 norm of a float32 vector in one read, ``inf`` or NaN when a
+    value is not finite (NaN and ±inf propagate through the norm). Only when
+    the float32 norm overflows although every value is finite (values above
+    ~1.8e19) is it computed again in float64, where squares of float32
+    values cannot overflow."""
+    norm = float(torch.linalg.vector_norm(v))
+    if norm == math.inf:
+        norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
+    return norm
+
+
+def inspect_update(update: ClientUpdate, numel: int, kind: UpdateKind) -> Inspection:
+    """Whether ``update`` can be aggregated, and its norm when it can.
 
     ``num_examples`` must be an integer in 1 … :data:`~fedtrain.types.MAX_RECORDS`
     per client the update stands for (``contributors``, more than one for a
-    secure aggregate). Finiteness is checked through one float64 sum (NaN and
-    ±inf propagate; float32 values cannot overflow it) rather than a full-size
-    mask per update.
+    secure aggregate). Finiteness and the norm come from one pass over the
+    vector (:func:`finite_norm`), not a full-size mask per update.
     """
     v = update.vector
     if not isinstance(v, torch.Tensor):
-        return f"vector is a {type(v).__name__}, not a tensor"
+        return Inspection(f"vector is a {type(v).__name__}, not a tensor")
     if v.dtype != torch.float32:
-        return f"dtype {v.dtype}, expected torch.float32"
+        return Inspection(f"dtype {v.dtype}, expected torch.float32")
     if v.shape != (numel,):
-        return f"shape {tuple(v.shape)}, expected ({numel},)"
+        return Inspection(f"shape {tuple(v.shape)}, expected ({numel},)")
     if update.kind is not kind:
-        return f"kind {describe(getattr(update.kind, 'value', update.kind))}, the round asked for {kind.value!r}"
+        return Inspection(
+            f"kind {describe(getattr(update.kind, 'value', update.kind))}, the round asked for {kind.value!r}"
+        )
     reason = count_reason("contributors", update.contributors, 1, MAX_RECORDS)
     if reason is None:
         reason = count_reason("num_examples", update.num_examples, 1, MAX_RECORDS * update.contributors)
     if reason is None:
         reason = metrics_reason(update.metrics)
     if reason is not None:
-        return reason
-    if not math.isfinite(float(v.sum(dtype=torch.float64))):
-        return "vector has NaN or infinite values"
-    return None
+        return Inspection(reason)
+    norm = finite_norm(v)
+    if not math.isfinite(norm):
+        return Inspection("vector has NaN or infinite values")
+    return Inspection(None, norm)
+
+
+def rejection_reason(update: ClientUpdate, numel: int, kind: UpdateKind) -> str | None:
+    """Why ``update`` cannot be aggregated, or None when it can
+    (:func:`inspect_update`'s reason)."""
+    return inspect_update(update, numel, kind).reason
 
 
 def split_valid(

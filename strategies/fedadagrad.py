@@ -23,6 +23,8 @@ class FedAdagrad(Strategy):
     :meth:`state_dict`.
     """
 
+    needs_individual_updates = False
+
     def __init__(self, server_lr: float = 0.1, tau: float = 1e-3, weighted: bool = True) -> None:
         self.server_lr = positive("server_lr", server_lr)
         self.tau = positive("tau", tau)

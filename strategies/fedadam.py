@@ -23,6 +23,8 @@ class FedAdam(Strategy):
     The moments are kept in :meth:`state_dict`.
     """
 
+    needs_individual_updates = False
+
     def __init__(
         self,
         server_lr: float = 0.01,

@@ -22,6 +22,8 @@ class FedAvg(Strategy):
     server learning rate of Reddi et al. 2021 (FedAvg = server SGD on ``-Δ``).
     """
 
+    needs_individual_updates = False
+
     def __init__(self, server_lr: float = 1.0, weighted: bool = True) -> None:
         self.server_lr = positive("server_lr", server_lr)
         self.weighted = flag("weighted", weighted)

@@ -22,6 +22,8 @@ class FedAvgM(Strategy):
     momentum buffer is kept in :meth:`state_dict`.
     """
 
+    needs_individual_updates = False
+
     def __init__(
         self, server_lr: float = 1.0, momentum: float = 0.9, weighted: bool = True
     ) -> None:

@@ -21,6 +21,8 @@ class FedProx(Strategy):
     ``new = params + server_lr * sum_i w_i Δ_i``. ``mu = 0`` is FedAvg.
     """
 
+    needs_individual_updates = False
+
     def __init__(self, mu: float = 0.01, server_lr: float = 1.0, weighted: bool = True) -> None:
         self.mu = non_negative("mu", mu)
         self.server_lr = positive("server_lr", server_lr)

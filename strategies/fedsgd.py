@@ -23,6 +23,8 @@ class FedSGD(Strategy):
     when ``weighted=False``.
     """
 
+    needs_individual_updates = False
+
     def __init__(self, server_lr: float = 0.1, weighted: bool = True) -> None:
         self.server_lr = positive("server_lr", server_lr)
         self.weighted = flag("weighted", weighted)

@@ -80,6 +80,8 @@ class FedYogi(Strategy):
     delta (Reddi et al. 2021). The moments are kept in :meth:`state_dict`.
     """
 
+    needs_individual_updates = False
+
     def __init__(
         self,
         server_lr: float = 0.01,

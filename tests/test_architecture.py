@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "fedtrain.types", "fedtrain.errors", "fedtrain.config", "fedtrain.arguments", "fedtrain.layout",
         "fedtrain.validation", "fedtrain.plugin", "fedtrain.deadline", "fedtrain.aggregation",
         "fedtrain.strategy", "fedtrain.checkpoint", "fedtrain.results", "fedtrain.curves",
-        "fedtrain.progress", "fedtrain.certs", "fedtrain.models", "fedtrain.metrics",
+        "fedtrain.progress", "fedtrain.certs", "fedtrain.models", "fedtrain.huggingface", "fedtrain.metrics",
     )),
     ("data", ("fedtrain.data",)),
     ("privacy", ("fedtrain.privacy", "fedtrain.sampling")),  # secret sampling draws from the keystream

@@ -35,7 +35,7 @@ NUMEL = 5
 
 
 def _hello(**fields: object) -> RecordDict:
-    row: dict[str, object] = {"status": "ok", "name": "7", "num_records": 120, "device": "cpu"}
+    row: dict[str, object] = {"status": "ok", "name": "7", "num_records": 120, "device": "cpu", "fingerprint": "0" * 64}
     row.update(fields)
     return RecordDict({"result": ConfigRecord({k: v for k, v in row.items() if v is not MISSING})})
 
@@ -71,7 +71,7 @@ def test_a_hello_with_a_bad_field_is_rejected_naming_it(fields: dict[str, object
 
 
 def test_a_well_formed_hello_gives_the_client_info() -> None:
-    assert flower.parse_hello_reply(_hello()) == ClientInfo("7", 120, "cpu")
+    assert flower.parse_hello_reply(_hello()) == ClientInfo("7", 120, "cpu", "0" * 64)
     assert flower.parse_hello_reply(_hello(num_records=MAX_RECORDS)).num_records == MAX_RECORDS
 
 

@@ -31,7 +31,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import httpx
@@ -354,17 +353,6 @@ def test_coordinator_starts_with_a_certificate_for_other_names_and_logs_each_ref
 # ----------------------------------------------------- without processes
 
 
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Flower's messages need a run id; one for the test, restored after."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
-
-
 class _Grid:
     """The one question the backend asks Flower's grid when admitting a client."""
 
@@ -378,7 +366,7 @@ class _Grid:
 def _hello_reply(name: str):  # type: ignore[no-untyped-def]
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    result = ConfigRecord({"status": "ok", "name": name, "num_records": 10, "device": "cpu"})
+    result = ConfigRecord({"status": "ok", "name": name, "num_records": 10, "device": "cpu", "fingerprint": "0" * 64})
     return Message(RecordDict({"result": result}), dst_node_id=1, message_type=MessageType.QUERY)
 
 

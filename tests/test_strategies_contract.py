@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import math
 import textwrap
 
@@ -581,3 +582,37 @@ def test_user_strategy_from_a_file(tmp_path) -> None:
         load_strategy(f"{path}:MyStrategy", {"bogus": 1})
     with pytest.raises(ValueError, match="Missing"):
         load_strategy(f"{path}:Missing", {})
+
+
+def test_a_plug_in_sees_every_update_unless_it_declares_it_uses_only_their_mean(tmp_path) -> None:
+    from fedtrain import config
+    from fedtrain.simulation import simulate
+
+    path = tmp_path / "seen.py"
+    path.write_text(textwrap.dedent(
+        """
+        import json
+        from fedtrain import Strategy, weighted_mean
+
+        class Each(Strategy):
+            def __init__(self, out: str) -> None:
+                self.out = out
+
+            def aggregate(self, rnd, params, updates):
+                with open(self.out, "w") as f:
+                    json.dump([[u.client_id, u.contributors] for u in updates], f)
+                return params + weighted_mean(updates)
+
+        class MeanOnly(Each):
+            needs_individual_updates = False
+        """
+    ))
+    seen = {}
+    for name in ("Each", "MeanOnly"):
+        out = tmp_path / f"{name}.json"
+        cfg = config.load(None, [f"strategy.name={path}:{name}", f"strategy.options.out={str(out)!r}",
+                                 "run.rounds=1", "strategy.clients_per_round=4"])
+        simulate(cfg, plot=lambda *a, **k: None)
+        seen[name] = json.loads(out.read_text())
+    assert len(seen["Each"]) == 4 and all(c == 1 for _, c in seen["Each"])
+    assert seen["MeanOnly"] == [["client-mean", 4]]

@@ -149,7 +149,9 @@ def _coordinate(
     strategy, secure = build_strategy(config, deployed=True)
     test_set = (data.x_test, data.y_test)
     trainable = build_trainable(config, data.input_shape, data.num_classes, test_set, device)
-    transport = make_transport(Hello(to_dict(config), data.input_shape, data.num_classes), secure)
+    transport = make_transport(
+        Hello(to_dict(config), data.input_shape, data.num_classes, trainable.fingerprint()), secure
+    )
     transport.ids_follow_keys = request.authenticated
     names = transport.wait_for_clients(request.expected_clients, config.strategy.min_clients, request.wait_seconds)
     engine = build_engine(
@@ -157,7 +159,7 @@ def _coordinate(
         {n: transport.clients[n].num_records for n in names},
         clients_per_round=min(config.strategy.clients_per_round, len(names)),
     )
-    run_engine(config, engine, trainable.layout, trainable.initial_params(), Path(request.run_dir), False,
+    run_engine(config, engine, trainable, trainable.initial_params(), Path(request.run_dir), False,
                request.resume, started, request.trust_checkpoint, names=trainable.trainer.objective.metric_names)
 
 

@@ -125,6 +125,7 @@ class ClientWorker:
         self.device_name = device
         self.allowed_plugins = frozenset(allowed_plugins)
         self._setup: tuple[Mapping[str, Any], Any, torch.Tensor, torch.Tensor, int] | None = None
+        self._fingerprint = ""
         self._held: dict[int, HeldUpdate] = {}
         self.lock = threading.Lock()
 
@@ -160,12 +161,14 @@ class ClientWorker:
                     f"client {self.name}: records are shaped {tuple(x.shape[1:])}, the run's model "
                     f"expects {hello.input_shape}"
                 )
-            trainer = build_trainable(config, hello.input_shape, hello.num_classes, (x, y), device).trainer
+            trainable = build_trainable(config, hello.input_shape, hello.num_classes, (x, y), device)
+            trainer = trainable.trainer
             self._setup = (hello.config, trainer, x, y, int(config.run.seed))
+            self._fingerprint = trainable.fingerprint()
             log.info("client %s: %d records on %s, model of %d parameters",
                      self.name, len(y), device, trainer.layout.numel)
         trainer, y = self._setup[1], self._setup[3]
-        return ClientInfo(self.name, len(y), str(trainer.device))
+        return ClientInfo(self.name, len(y), str(trainer.device), self._fingerprint)
 
     def train(self, rnd: int, task_json: str, params: np.ndarray) -> TrainReply:
         from fedtrain.training.train_task import TrainTask

@@ -77,9 +77,18 @@ def make_private_model(model: nn.Module, fix: bool) -> nn.Module:
 
     Otherwise, with ``fix`` the unsupported layers are replaced
     (``ModuleValidator.fix``: BatchNorm → GroupNorm) and the change is logged;
-    without it a ``ConfigError`` names each layer and the fix.
+    without it a ``ConfigError`` names each layer and the fix. A model with
+    gradient checkpointing on is refused: its blocks recompute their forward
+    pass inside the backward one, where Opacus captures no activations (the
+    per-sample gradients come out missing, or the recomputation fails).
     """
     from opacus.validators import ModuleValidator
+
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise ConfigError(
+            "client.grad_checkpointing = true with privacy.mode = 'sample': Opacus computes no per-sample "
+            "gradients through checkpointed blocks; set client.grad_checkpointing = false"
+        )
 
     errors = ModuleValidator.validate(model, strict=False)
     if not errors:
@@ -108,7 +117,9 @@ def _wrap(model: nn.Module, mode: GradSampleMode) -> nn.Module:
 
 def choose_mode(model: nn.Module, requested: GradSampleMode, example: torch.Tensor) -> GradSampleMode:
     """``requested``, or for ``auto`` the fastest mode that computes correct
-    per-sample gradients for ``model`` on ``example`` (a batch of 2 inputs)."""
+    per-sample gradients for ``model`` on ``example`` (a batch of 2 inputs).
+    Only the trainable parameters count: a frozen one (a LoRA model's base)
+    gets no per-sample gradient in any mode, and needs none."""
     if requested is not GradSampleMode.AUTO:
         return requested
     for mode in MODE_PREFERENCE:
@@ -132,14 +143,15 @@ def choose_mode(model: nn.Module, requested: GradSampleMode, example: torch.Tens
 
 
 def _per_sample_grads(wrapped: nn.Module, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
-    """Each parameter's per-sample gradients through ``wrapped``, of the sum of
-    every record's output at the class ``model`` predicts for it. Whether a
-    mode computes them depends on the layers, not on the loss, so the probe
-    needs no training loss, only a scalar that every record's output reaches."""
+    """Each trainable parameter's per-sample gradients through ``wrapped``, of
+    the sum of every record's output at the class ``model`` predicts for it.
+    Whether a mode computes them depends on the layers, not on the loss, so
+    the probe needs no training loss, only a scalar that every record's
+    output reaches."""
     with torch.no_grad():
         predicted = model(x).argmax(dim=1, keepdim=True)
     wrapped(x).gather(1, predicted).sum().backward()
-    return [getattr(p, "grad_sample", None) for p in model.parameters()]
+    return [getattr(p, "grad_sample", None) for p in model.parameters() if p.requires_grad]
 
 
 class DpSgdStepper:

@@ -58,26 +58,47 @@ class Keystream:
         """
         if count < 0:
             raise ValueError(f"byte count = {count}: must be >= 0")
-        out = bytearray()
-        while len(out) < count:
+        size = -(-count // _BLOCK) * _BLOCK
+        out = bytearray(size)
+        view = memoryview(out)
+        done = 0
+        while done < size:
             if self._left == 0:
                 self._rekey()
-            take = min(-(-(count - len(out)) // _BLOCK) * _BLOCK, self._left)
-            out += self._encryptor.update(bytes(take))
+            take = min(size - done, self._left)
+            # the keystream is the encryption of zeros, written straight into the result (no copies)
+            self._encryptor.update_into(bytes(take), view[done : done + take])
             self._left -= take
+            done += take
+        view.release()
         del out[count:]
         return out
+
+    def words(self, count: int) -> torch.Tensor:
+        """The next ``count`` 64-bit words of the stream (CPU, ``int64``):
+        the raw bits :meth:`uniform` is made of, for a device that turns
+        them into uniforms itself (:func:`uniform_from_words`)."""
+        if count == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.frombuffer(self.read(8 * count), dtype=torch.int64)
 
     def uniform(self, count: int) -> torch.Tensor:
         """``count`` float64 uniforms in (0, 1], 53 random bits each."""
         if count == 0:
             return torch.zeros(0, dtype=torch.float64)
-        words = torch.frombuffer(self.read(8 * count), dtype=torch.int64)
-        top53 = torch.bitwise_right_shift(words, 11) & ((1 << 53) - 1)
-        return (top53.to(torch.float64) + 1.0) * _U53
+        return uniform_from_words(self.words(count))
 
     def bernoulli(self, count: int, p: float) -> torch.Tensor:
         """``count`` independent secret coin flips with ``P(True) = p`` (bool)."""
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"probability = {p}: must be in [0, 1]")
         return self.uniform(count) <= p
+
+
+def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
+    """Float64 uniforms in (0, 1] from 64-bit words (``int64``), on the
+    words' device: the top 53 bits of each, plus one, times 2^-53, so every
+    value is a multiple of 2^-53 and exactly representable. A public,
+    deterministic transform: the randomness is all in the words."""
+    top53 = torch.bitwise_right_shift(words, 11).bitwise_and_((1 << 53) - 1)
+    return top53.to(torch.float64).add_(1.0).mul_(_U53)

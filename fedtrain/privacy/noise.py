@@ -17,16 +17,31 @@ Random Sampling in Differential Privacy", ESORICS): each sample is the sum of
 in float64 and rounded once to float32, so the output's low bits are no
 longer a function of one Box–Muller pair. It is a mitigation, not a proof; a
 discrete Gaussian (Canonne, Kamath & Steinke 2020) would be one.
+
+Noise for a tensor on a CUDA device is made on that device
+(:func:`gaussian_from_words`), and the key stays where it is: the ChaCha20
+key (256 bits) and nonce (96 bits) come from :func:`secrets.token_bytes`
+(the operating system's CSPRNG) and the keystream is computed on the CPU by
+``cryptography`` (see :mod:`fedtrain.privacy.keystream`); only its raw 64-bit
+words are copied to the device, which applies the public, deterministic
+transform (53-bit uniforms, Box–Muller, the sum of ``SUMMED_DRAWS``, one
+rounding to float32) with float64 torch ops. All the randomness is the
+keystream, so the GPU's own generator (Philox, counter-based and not meant to
+be unpredictable) is never used for anything secret; the words are as secret
+as the noise, which lives on the device anyway. The device computes the same
+float64 operations as the CPU path, so the noise equals what the CPU path
+makes of the same words up to the last bits of the device's ``log``/``cos``/
+``sin`` (one float32 rounding usually absorbs them).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 import torch
 
-from fedtrain.privacy.keystream import Keystream
+from fedtrain.privacy.keystream import Keystream, uniform_from_words
 
 _TWO_PI = 2.0 * math.pi
 
@@ -58,10 +73,25 @@ class SecureGaussian:
             raise ValueError(f"noise std = {std}: must be >= 0")
         if n == 0:
             return torch.zeros(0, dtype=torch.float32, device=device)
+        if device.type != "cpu":
+            return self.gaussian_on(n, std, device)
         total = torch.zeros(n, dtype=torch.float64)
         for _ in range(SUMMED_DRAWS):
             total += box_muller(self._stream.uniform(2 * ((n + 1) // 2)))[:n]
         return (total * (std / math.sqrt(SUMMED_DRAWS))).to(torch.float32).to(device)
+
+    def gaussian_on(self, n: int, std: float, device: torch.device) -> torch.Tensor:
+        """``n`` samples made on ``device`` (:func:`gaussian_from_words`) from
+        the next ``SUMMED_DRAWS`` pieces of the keystream, copied there one at
+        a time: what :meth:`gaussian` does for a non-CPU device, and on the
+        CPU the same values as its CPU path would make of those pieces."""
+        if std < 0:
+            raise ValueError(f"noise std = {std}: must be >= 0")
+        if n == 0:
+            return torch.zeros(0, dtype=torch.float32, device=device)
+        count = 2 * ((n + 1) // 2)
+        draws = (self._stream.words(count).to(device) for _ in range(SUMMED_DRAWS))
+        return gaussian_from_words(draws, n, std)
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing: the key never leaves the process; a resumed run draws from a fresh one."""
@@ -71,12 +101,43 @@ class SecureGaussian:
         return None
 
 
+def gaussian_from_words(draws: Iterable[torch.Tensor], n: int, std: float) -> torch.Tensor:
+    """``n`` float32 samples of ``N(0, std²)`` on the device of ``draws``:
+    each draw (``int64`` words, at least ``n`` of them, an even number) gives
+    ``n`` Box–Muller normals of its :func:`uniform_from_words`; the draws'
+    normals are summed in float64 and scaled by ``std / √(number of draws)``,
+    as :meth:`SecureGaussian.gaussian` does on the CPU. Draws are consumed
+    one at a time, so an iterator that copies each to the device holds one
+    draw there at once."""
+    if std < 0:
+        raise ValueError(f"noise std = {std}: must be >= 0")
+    total: torch.Tensor | None = None
+    count = 0
+    for words in draws:
+        if words.numel() < n or words.numel() % 2:
+            raise ValueError(f"a draw of {words.numel()} words for {n} samples: need an even number >= {n}")
+        if total is None:
+            total = torch.zeros(n, dtype=torch.float64, device=words.device)
+        total += box_muller(uniform_from_words(words))[:n]
+        count += 1
+    if total is None:
+        raise ValueError("gaussian_from_words: no draws")
+    return (total * (std / math.sqrt(count))).to(torch.float32)
+
+
 def box_muller(u: torch.Tensor) -> torch.Tensor:
-    """Standard normals from an even number of uniforms in (0, 1] (Box & Muller 1958)."""
+    """Standard normals from an even number of uniforms in (0, 1] (Box & Muller 1958):
+    ``√(−2 ln u₁)·cos(2π u₂)`` then ``√(−2 ln u₁)·sin(2π u₂)``, the first half
+    of ``u`` as ``u₁``. Computed in place into one output (half the memory
+    traffic of temporaries and a concatenation); IEEE multiplication is
+    commutative, so the values are those of the expression as written."""
     pairs = u.numel() // 2
-    radius = torch.sqrt(-2.0 * torch.log(u[:pairs]))
-    angle = _TWO_PI * u[pairs : 2 * pairs]
-    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
+    out = torch.empty(2 * pairs, dtype=u.dtype, device=u.device)
+    radius = torch.log(u[:pairs]).mul_(-2.0).sqrt_()
+    angle = torch.mul(u[pairs : 2 * pairs], _TWO_PI)
+    torch.cos(angle, out=out[:pairs]).mul_(radius)
+    torch.sin(angle, out=out[pairs:]).mul_(radius)
+    return out
 
 
 class SeededGaussian:

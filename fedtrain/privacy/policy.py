@@ -10,8 +10,9 @@ computed from a round leaves the coordinator without its cost recorded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
+from fedtrain.aggregation import Reduction, UpdateFold, strategy_reduction
 from fedtrain.config import PrivacyMode
 from fedtrain.privacy.dpsgd import DpSgdTask
 from fedtrain.privacy.events import GaussianEvent
@@ -117,6 +118,40 @@ class PrivacyPolicy(Protocol):
         ...
 
 
+@runtime_checkable
+class FoldingPolicy(Protocol):
+    """A policy whose release depends on the round's updates only through
+    their sum or mean, so that the engine folds them in as they arrive
+    (:class:`~fedtrain.aggregation.UpdateFold`) instead of holding the cohort.
+
+    The engine admits each update that passed validation (:meth:`admit`,
+    which sees its norm), folds the admitted ones as :meth:`reduction` says,
+    and calls :meth:`release_fold` once instead of :meth:`PrivacyPolicy.release`;
+    the release it returns is the one :meth:`PrivacyPolicy.release` would give
+    for the same updates (its ``rejected`` left to :meth:`admit`).
+    """
+
+    def reduction(self, needs_individual_updates: bool, weighted: bool) -> Reduction | None:
+        """How the round's updates are folded for a strategy with these
+        properties, or None when they may not be (the strategy must see each)."""
+        ...
+
+    def admit(self, update: ClientUpdate, norm: float) -> str | None:
+        """Why the policy refuses a valid ``update`` of L2 norm ``norm``, or None."""
+        ...
+
+    def release_fold(self, rnd: int, cohort: Sequence[str], fold: UpdateFold, validated: int) -> Release:
+        """The round's release from the admitted updates folded in ``fold``;
+        ``validated`` counts the updates that passed validation, admitted or not."""
+        ...
+
+
+def fold_release(fold: UpdateFold, events: Mapping[str, tuple[GaussianEvent, ...]] | None = None) -> Release:
+    """The release of a policy that passes the admitted updates through: the
+    fold's one mean update (nothing when no update was admitted)."""
+    return Release((fold.aggregate(),) if fold.count else (), (), dict(events or {}))
+
+
 def coordinator_events(events: Mapping[str, Sequence[GaussianEvent]], mode: PrivacyMode) -> tuple[GaussianEvent, ...]:
     """The events of a one-ledger policy's release; raises, naming the ledger,
     on events of any other ledger (they belong to another privacy mode)."""
@@ -142,6 +177,15 @@ class NoPrivacy:
 
     def release(self, rnd: int, cohort: Sequence[str], updates: Sequence[ClientUpdate]) -> Release:
         return Release(tuple(updates))
+
+    def reduction(self, needs_individual_updates: bool, weighted: bool) -> Reduction | None:
+        return strategy_reduction(needs_individual_updates, weighted)
+
+    def admit(self, update: ClientUpdate, norm: float) -> str | None:
+        return None
+
+    def release_fold(self, rnd: int, cohort: Sequence[str], fold: UpdateFold, validated: int) -> Release:
+        return fold_release(fold)
 
     def report(self) -> PrivacyReport:
         return PrivacyReport()

@@ -29,7 +29,8 @@ from fedtrain.config import AccountantKind, Config, ConfigError, GradSampleMode,
 from fedtrain.privacy.accountant import Accountant
 from fedtrain.privacy.dpsgd import DpSgdTask, client_event
 from fedtrain.privacy.events import GaussianEvent
-from fedtrain.privacy.policy import ClientPrivacy, PrivacyReport, Release
+from fedtrain.aggregation import Reduction, UpdateFold, strategy_reduction
+from fedtrain.privacy.policy import ClientPrivacy, PrivacyReport, Release, fold_release
 from fedtrain.types import MAX_RECORDS, ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,20 @@ class SampleLevelDP:
         self.compose_release_(events)
         refused = [(u.client_id, self.excluded[u.client_id]) for u in updates if u.client_id in self.excluded]
         return Release(tuple(u for u in updates if u.client_id not in self.excluded), tuple(refused), events)
+
+    def reduction(self, needs_individual_updates: bool, weighted: bool) -> Reduction | None:
+        """The strategy's own reduction: the release passes updates through."""
+        return strategy_reduction(needs_individual_updates, weighted)
+
+    def admit(self, update: ClientUpdate, norm: float) -> str | None:
+        """The reason of a client left out, as :meth:`release` refuses it."""
+        return self.excluded.get(update.client_id)
+
+    def release_fold(self, rnd: int, cohort: Sequence[str], fold: UpdateFold, validated: int) -> Release:
+        """:meth:`release` of the admitted updates, folded into one mean."""
+        events = {cid: (self.event(cid),) for cid in cohort if cid in self.sizes}
+        self.compose_release_(events)
+        return fold_release(fold, events)
 
     def compose_release_(self, events: Mapping[str, Sequence[GaussianEvent]]) -> None:
         for cid, client_events in events.items():

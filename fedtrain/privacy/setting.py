@@ -82,7 +82,8 @@ def build_policy(
             raise ConfigError(
                 f"strategy.name = {config.strategy.name!r} with privacy.mode = 'user': the strategy looks at "
                 "each update on its own, but user-level DP releases only their noisy mean; use fedavg, "
-                "fedavgm, fedadam, fedyogi, fedadagrad, fedprox or fedsgd"
+                "fedavgm, fedadam, fedyogi, fedadagrad, fedprox or fedsgd (a strategy of yours that uses only "
+                "the updates' mean declares needs_individual_updates = False)"
             )
         if config.strategy.sampling is not Sampling.POISSON:
             log.warning(

@@ -37,14 +37,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from fedtrain.aggregation import stack
+from fedtrain.aggregation import FoldedClient, Reduction, UpdateFold, stack
 from fedtrain.config import PrivacyMode
 from fedtrain.privacy.accountant import Accountant
 from fedtrain.privacy.events import GaussianEvent
 from fedtrain.privacy.mechanisms import add_gaussian_
 from fedtrain.privacy.noise import NoiseSource
 from fedtrain.privacy.policy import COORDINATOR_LEDGER, ClientPrivacy, PrivacyReport, Release, coordinator_events
-from fedtrain.types import AggregateOrigin, AggregateUpdate, ClientMetric, ClientUpdate
+from fedtrain.types import AggregateOrigin, AggregateUpdate, ClientMetric, ClientUpdate, UpdateKind
 
 _UNCLIPPED = ClientMetric.UNCLIPPED.value
 
@@ -143,32 +143,61 @@ class UserLevelDP:
     def check(self, rnd: int, cohort: Sequence[str]) -> str | None:
         return budget_refusal(self.accountant, self.event, self.delta, self.max_epsilon, rnd)
 
+    def admit(self, update: ClientUpdate, norm: float) -> str | None:
+        """Why a valid ``update`` of L2 norm ``norm`` may not enter the sum:
+        above the clip (with :data:`NORM_TOLERANCE`), or, under adaptive
+        clipping, without its ``unclipped`` bit."""
+        if norm > self.clip * (1.0 + NORM_TOLERANCE):
+            return f"update norm {norm:.6g} exceeds privacy.clip = {self.clip:.6g}"
+        if self.adaptive is not None and update.metrics.get(_UNCLIPPED) not in (0.0, 1.0):
+            return f"metric {_UNCLIPPED!r} missing or not 0/1 under adaptive clipping"
+        return None
+
+    def reduction(self, needs_individual_updates: bool, weighted: bool) -> Reduction | None:
+        """The unit-weight sum, whatever the strategy: it sees one noisy mean."""
+        return Reduction.SUM
+
     def release(self, rnd: int, cohort: Sequence[str], updates: Sequence[ClientUpdate]) -> Release:
         self.accountant.compose(self.event)
-        bound = self.clip * (1.0 + NORM_TOLERANCE)
         accepted: list[ClientUpdate] = []
         rejected: list[tuple[str, str]] = []
         for u in updates:
-            norm = float(u.vector.norm())
-            if norm > bound:
-                rejected.append((u.client_id, f"update norm {norm:.6g} exceeds privacy.clip = {self.clip:.6g}"))
-            elif self.adaptive is not None and u.metrics.get(_UNCLIPPED) not in (0.0, 1.0):
-                rejected.append((u.client_id, f"metric {_UNCLIPPED!r} missing or not 0/1 under adaptive clipping"))
-            else:
+            reason = self.admit(u, float(u.vector.norm()))
+            if reason is None:
                 accepted.append(u)
+            else:
+                rejected.append((u.client_id, reason))
         released: tuple[ClientUpdate, ...] = ()
         if updates:
             total = stack(accepted).sum(dim=0) if accepted else torch.zeros_like(updates[0].vector)
-            add_gaussian_(total, self.update_multiplier * self.clip, self.noise)
-            mean = total / self.expected_cohort
-            released = (
-                AggregateUpdate(vector=mean, num_examples=1, kind=updates[0].kind, origin=AggregateOrigin.DP_FEDAVG),
-            )
+            released = (self._noisy_mean(total, updates[0].kind),)
         if self.adaptive is not None:
             self._adapt_clip(accepted)
         return Release(released, tuple(rejected), {COORDINATOR_LEDGER: (self.event,)})
 
-    def _adapt_clip(self, accepted: Sequence[ClientUpdate]) -> None:
+    def release_fold(self, rnd: int, cohort: Sequence[str], fold: UpdateFold, validated: int) -> Release:
+        """:meth:`release` of the admitted updates summed in ``fold``: a
+        release (noise alone when none was admitted) whenever an update
+        passed validation."""
+        self.accountant.compose(self.event)
+        released: tuple[ClientUpdate, ...] = ()
+        if validated:
+            total = (
+                fold.result() if fold.count
+                else torch.zeros(fold.numel, dtype=torch.float32, device=fold.device)
+            )
+            released = (self._noisy_mean(total, fold.kind),)
+        if self.adaptive is not None:
+            self._adapt_clip(fold.clients)
+        return Release(released, (), {COORDINATOR_LEDGER: (self.event,)})
+
+    def _noisy_mean(self, total: torch.Tensor, kind: UpdateKind) -> AggregateUpdate:
+        """``(total + N(0, (z_Δ·C)²)) / expected``; ``total`` is noised in place."""
+        add_gaussian_(total, self.update_multiplier * self.clip, self.noise)
+        mean = total / self.expected_cohort
+        return AggregateUpdate(vector=mean, num_examples=1, kind=kind, origin=AggregateOrigin.DP_FEDAVG)
+
+    def _adapt_clip(self, accepted: Sequence[ClientUpdate | FoldedClient]) -> None:
         adaptive = self.adaptive
         if adaptive is None:
             return

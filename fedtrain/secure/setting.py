@@ -140,5 +140,6 @@ def check_strategy(config: Config, strategy: Strategy) -> None:
         raise ConfigError(
             f"strategy.name = {config.strategy.name!r} with secure.aggregation = true: the strategy looks at "
             "each client's update on its own (needs_individual_updates), but secure aggregation reveals only "
-            "their sum; use fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox or fedsgd"
+            "their sum; use fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox or fedsgd (a strategy of "
+            "yours that uses only the updates' mean declares needs_individual_updates = False)"
         )

@@ -15,8 +15,8 @@ import torch
 
 from fedtrain.training.train_task import TrainTask
 from fedtrain.config import AttackKind
-from fedtrain.training.executor import Executor
-from fedtrain.types import RoundOutcome
+from fedtrain.training.executor import Executor, UpdateSink, takes_sink
+from fedtrain.types import ClientUpdate, RoundOutcome
 
 
 def choose_attackers(clients: Sequence[str], fraction: float, seed: int) -> frozenset[str]:
@@ -27,7 +27,15 @@ def choose_attackers(clients: Sequence[str], fraction: float, seed: int) -> froz
 
 
 class AttackingExecutor:
-    """Runs ``inner`` and then rewrites the attackers' update vectors in place."""
+    """Runs ``inner`` and rewrites the attackers' update vectors in place.
+
+    With a sink, sign flips and scalings are applied to each attacker's
+    update on its way into the sink (:class:`_AttackingSink`), so the inner
+    executor streams as it would without an attack. The ``noise`` attack
+    draws its noise from one generator in cohort order, which a stream in
+    another order (the batched engine's chunks) would hand to other clients:
+    it runs the inner executor without a sink and returns the updates.
+    """
 
     def __init__(self, inner: Executor, attackers: frozenset[str], kind: AttackKind, scale: float, seed: int) -> None:
         self.inner = inner
@@ -36,19 +44,46 @@ class AttackingExecutor:
         self.scale = scale
         self.seed = seed
 
+    def corrupt_(self, update: ClientUpdate, generator: torch.Generator) -> None:
+        """Rewrite ``update``'s vector in place when its client is an attacker."""
+        if update.client_id not in self.attackers:
+            return
+        v = update.vector
+        if self.kind is AttackKind.SIGN_FLIP:
+            v.mul_(-self.scale)
+        elif self.kind is AttackKind.SCALE:
+            v.mul_(self.scale)
+        elif self.kind is AttackKind.NOISE:
+            v.copy_(torch.randn(v.shape, generator=generator) * self.scale)
+
     def train_round(
-        self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
+        self,
+        rnd: int,
+        clients: Sequence[str],
+        task: TrainTask,
+        params: torch.Tensor,
+        sink: UpdateSink | None = None,
     ) -> RoundOutcome:
-        outcome = self.inner.train_round(rnd, clients, task, params)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rnd)
+        if sink is not None and self.kind is not AttackKind.NOISE and takes_sink(self.inner):
+            return self.inner.train_round(rnd, clients, task, params, sink=_AttackingSink(self, sink, generator))
+        outcome = self.inner.train_round(rnd, clients, task, params)
         for update in outcome.updates:
-            if update.client_id not in self.attackers:
-                continue
-            v = update.vector
-            if self.kind is AttackKind.SIGN_FLIP:
-                v.mul_(-self.scale)
-            elif self.kind is AttackKind.SCALE:
-                v.mul_(self.scale)
-            elif self.kind is AttackKind.NOISE:
-                v.copy_(torch.randn(v.shape, generator=generator) * self.scale)
+            self.corrupt_(update, generator)
         return outcome
+
+
+class _AttackingSink:
+    """A sink that corrupts each attacker's update before passing it on."""
+
+    def __init__(self, attack: AttackingExecutor, sink: UpdateSink, generator: torch.Generator) -> None:
+        self.attack = attack
+        self.sink = sink
+        self.generator = generator
+
+    def row(self) -> torch.Tensor:
+        return self.sink.row()
+
+    def push(self, update: ClientUpdate) -> None:
+        self.attack.corrupt_(update, self.generator)
+        self.sink.push(update)

@@ -61,6 +61,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -69,13 +70,14 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fedtrain.training.executor import UpdateSink
 from fedtrain.training.sequential import SequentialExecutor, client_generator
 from fedtrain.training.stacked import StackedSequential
 from fedtrain.training.optimizer import adam_step_, adam_step_count, sgd_step_
 from fedtrain.training.task import prediction
 from fedtrain.training.trainer import LocalTrainer, clip_and_report_
 from fedtrain.training.train_task import TrainTask
-from fedtrain.config import Optimizer
+from fedtrain.config import Optimizer, Precision
 from fedtrain.data.clients import ClientData
 from fedtrain.deadline import ClientTimeout, Deadline, call_with_timeout, timeout_reason
 from fedtrain.privacy.dpsgd import sample_rate, steps_per_round
@@ -90,9 +92,88 @@ Tensors = dict[str, torch.Tensor]
 _Result = tuple[int, dict[str, float]]
 """A trained client's number of records and metrics, by its slot in the cohort."""
 
-MEMORY_BUDGET = 1 << 30
-"""Default bytes one chunk of the cohort may use (stacked parameters, their
-gradients and optimiser state, batch activations, the chunk's records)."""
+CUDA_MEMORY_SHARE = 0.8
+"""Share of a CUDA device's free memory one chunk of the cohort may use: the
+rest is headroom for the allocator's fragmentation and the temporaries the
+estimate of :func:`client_bytes` leaves out."""
+
+HOST_MEMORY_SHARE = 0.5
+"""Share of the host's available memory one chunk may use on the CPU: the
+process's other buffers (the data set, the coordinator's aggregate) and other
+processes need the rest."""
+
+
+def device_budget(device: torch.device) -> int:
+    """Bytes one chunk of the cohort may use on ``device``: on CUDA
+    :data:`CUDA_MEMORY_SHARE` of its free memory (``torch.cuda.mem_get_info``
+    plus what PyTorch's caching allocator holds unused, which is free to this
+    process), elsewhere :data:`HOST_MEMORY_SHARE` of the host's available
+    memory (:func:`host_available_bytes`)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return max(1, int(CUDA_MEMORY_SHARE * (free + cached)))
+    return max(1, int(HOST_MEMORY_SHARE * host_available_bytes()))
+
+
+def host_available_bytes() -> int:
+    """The host memory a new allocation can get without swapping: Linux'
+    ``MemAvailable`` (free plus reclaimable page cache), else the free
+    physical pages ``sysconf`` reports; in a container with a memory limit
+    (cgroup v2 ``memory.max``) at most what is left under that limit."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as limit, \
+                open("/sys/fs/cgroup/memory.current", encoding="ascii") as current:
+            cap = limit.read().strip()
+            if cap != "max":
+                available = min(available, max(0, int(cap) - int(current.read().strip())))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def client_bytes(
+    numel: int, trainable: int, optimizer_states: int, width: int, per_record: int, record_bytes: int
+) -> int:
+    """Estimated bytes one client takes in a batched chunk: float32 copies of
+    its update row and the global parameters it starts from (``2 · numel``),
+    of its gradients, one temporary and ``optimizer_states`` state tensors
+    (momentum: 1, Adam: 2 moments) of the ``trainable`` parameters, of
+    ``per_record`` float32 values (activations and their gradients, or
+    per-sample gradients) for each of ``width`` records of a batch, plus its
+    records' ``record_bytes``."""
+    if min(numel, trainable, optimizer_states, width, per_record, record_bytes) < 0:
+        raise ValueError("client_bytes: every count must be >= 0")
+    return 4 * (2 * numel + (2 + optimizer_states) * trainable + width * per_record) + record_bytes
+
+
+def chunk_clients(budget: int, costs: Sequence[int], cap: int) -> list[int]:
+    """The lengths of consecutive chunks of clients whose estimated bytes
+    ``costs`` (in training order) are cut where a chunk would exceed
+    ``budget`` bytes or ``cap`` clients; a client above the budget on its
+    own still gets a chunk, of one."""
+    if budget <= 0:
+        raise ValueError(f"memory budget = {budget}: must be > 0")
+    if cap < 1:
+        raise ValueError(f"client.max_batch_clients = {cap}: must be >= 1")
+    lengths: list[int] = []
+    used = 0
+    for need in costs:
+        if not lengths or lengths[-1] >= cap or used + need > budget:
+            lengths.append(0)
+            used = 0
+        lengths[-1] += 1
+        used += need
+    return lengths
 
 MIN_BATCH_CLIENTS = 4
 """Below this many clients a chunk trains one by one when its forward pass
@@ -157,6 +238,19 @@ class BatchedMode(str, enum.Enum):
         return cls.DP_SGD if task.privacy.dp_sgd is not None else cls.TRAIN
 
 
+def _unbatched_setting(task: TrainTask) -> str | None:
+    """Why the batched engine cannot train ``task`` whatever the model: it
+    steps in float32 on one batch per step (the sequential trainer does
+    ``client.precision`` and ``client.grad_accum_steps``). FedSGD already sums
+    all of a client's batches, so accumulation changes nothing there."""
+    if task.precision is not Precision.FP32:
+        return f"client.precision = {task.precision.value!r}: the batched engine trains in fp32 only"
+    if task.grad_accum_steps != 1 and task.kind is not UpdateKind.GRADIENT:
+        return (f"client.grad_accum_steps = {task.grad_accum_steps}: the batched engine takes one batch "
+                "per optimiser step")
+    return None
+
+
 def _close(batched: torch.Tensor, sequential: torch.Tensor) -> bool:
     scale = float(sequential.abs().max()) if sequential.numel() else 0.0
     return float((batched - sequential).abs().max()) <= 1e-3 * scale + 1e-6
@@ -166,10 +260,13 @@ class BatchedExecutor:
     """Trains each round's cohort in chunks of stacked virtual clients.
 
     ``max_batch_clients`` caps the clients per chunk; chunks are otherwise
-    sized so that their estimated memory stays within ``memory_budget``
-    bytes; chunks of fewer than ``min_batch_clients`` clients (default:
-    :data:`MIN_STACKED_CLIENTS` or :data:`MIN_BATCH_CLIENTS`, by the model)
-    train one by one, which is faster for them. With ``strict`` a model that cannot run
+    sized so that their estimated memory (:func:`client_bytes`) stays within
+    ``memory_budget`` bytes, by default :func:`device_budget` of the trainer's
+    device, measured once, at the first round (so a run's chunks do not follow
+    the machine's load from round to round; set ``max_batch_clients`` for
+    chunks that are the same on every machine); chunks of fewer than
+    ``min_batch_clients`` clients (default: :data:`MIN_STACKED_CLIENTS` or
+    :data:`MIN_BATCH_CLIENTS`, by the model) train one by one, which is faster for them. With ``strict`` a model that cannot run
     batched is an error (``ValueError`` at its first round) instead of a
     logged fallback. Everything runs on ``trainer.device``. Update vectors
     are rows of one preallocated ``(cohort, P)`` buffer, as with
@@ -182,7 +279,7 @@ class BatchedExecutor:
         data: ClientData,
         seed: int,
         max_batch_clients: int | None = None,
-        memory_budget: int = MEMORY_BUDGET,
+        memory_budget: int | None = None,
         min_batch_clients: int | None = None,
         strict: bool = False,
         timeout: float = 0.0,
@@ -195,13 +292,15 @@ class BatchedExecutor:
             raise ValueError(f"max_batch_clients = {max_batch_clients}: must be >= 1")
         if min_batch_clients is not None and min_batch_clients < 1:
             raise ValueError(f"min_batch_clients = {min_batch_clients}: must be >= 1")
-        if memory_budget <= 0:
+        if memory_budget is not None and memory_budget <= 0:
             raise ValueError(f"memory_budget = {memory_budget}: must be > 0")
         self.trainer = trainer
         self.data = data
         self.seed = seed
         self.max_batch_clients = max_batch_clients
         self.memory_budget = memory_budget
+        self._measured_budget: int | None = None
+        self._refusals: set[str] = set()
         self.strict = strict
         self.timeout = timeout
         self.sequential = SequentialExecutor(trainer, data, seed, timeout)
@@ -226,10 +325,19 @@ class BatchedExecutor:
     # ------------------------------------------------------------------ round
 
     def train_round(
-        self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
+        self,
+        rnd: int,
+        clients: Sequence[str],
+        task: TrainTask,
+        params: torch.Tensor,
+        sink: UpdateSink | None = None,
     ) -> RoundOutcome:
+        """With a ``sink``, each chunk trains in rows of its own and its
+        updates are pushed into the sink after the chunk (this executor then
+        holds one chunk's rows, not the cohort's); without one, the updates
+        are returned in cohort order on consecutive rows."""
         if task.kind is UpdateKind.GRADIENT and task.privacy.dp_sgd is not None:
-            return self.sequential.train_round(rnd, clients, task, params)  # fails each client, as it should
+            return self.sequential.train_round(rnd, clients, task, params, sink)  # fails each client, as it should
         params = params.to(self.trainer.device)
         failures: dict[int, ClientFailure] = {}
         sizes: dict[int, int] = {}
@@ -246,7 +354,13 @@ class BatchedExecutor:
             except Exception as exc:
                 failures[slot] = ClientFailure(cid, f"{type(exc).__name__}: {exc}")
         if sizes and not self._supported(task, clients, sizes):
-            return self.sequential.train_round(rnd, clients, task, params)
+            return self.sequential.train_round(rnd, clients, task, params, sink)
+        if sink is not None:
+            for chunk in self._chunks(sizes, task):
+                loaded = self._load(chunk, clients, failures)
+                if loaded:
+                    self._push_loaded(rnd, clients, task, params, loaded, failures, sink)
+            return RoundOutcome((), tuple(failures[s] for s in sorted(failures)))
         rows = self._rows(len(clients), params.numel())
         results: dict[int, _Result] = {}
         for chunk in self._chunks(sizes, task):
@@ -254,6 +368,29 @@ class BatchedExecutor:
             if loaded:
                 self._train_loaded(rnd, clients, task, params, loaded, rows, results, failures)
         return self._outcome(clients, task, rows, results, failures)
+
+    def _push_loaded(
+        self,
+        rnd: int,
+        clients: Sequence[str],
+        task: TrainTask,
+        params: torch.Tensor,
+        loaded: list[tuple[int, torch.Tensor, torch.Tensor]],
+        failures: dict[int, ClientFailure],
+        sink: UpdateSink,
+    ) -> None:
+        """Train one chunk in rows ``0 … k−1`` and push its updates into ``sink``."""
+        names = [clients[slot] for slot, _, _ in loaded]
+        local = [(i, x, y) for i, (_, x, y) in enumerate(loaded)]
+        rows = self._rows(len(local), params.numel())
+        results: dict[int, _Result] = {}
+        lost: dict[int, ClientFailure] = {}
+        self._train_loaded(rnd, names, task, params, local, rows, results, lost)
+        for i, (slot, _, _) in enumerate(loaded):
+            if i in lost:
+                failures[slot] = lost[i]
+            elif i in results:
+                sink.push(ClientUpdate(names[i], rows[i], results[i][0], task.kind, results[i][1]))
 
     def _rows(self, n: int, numel: int) -> torch.Tensor:
         if self._buffer.shape[0] < n or self._buffer.shape[1:] != (numel,):
@@ -264,27 +401,34 @@ class BatchedExecutor:
         """Slots by size, largest first (so chunks hold similar step counts),
         cut where the memory estimate or ``max_batch_clients`` would be exceeded."""
         order = sorted(sizes, key=lambda s: -sizes[s])
-        cap = self.max_batch_clients or len(order)
-        chunks: list[list[int]] = []
-        used = 0
-        for slot in order:
-            need = self._client_bytes(sizes[slot], task)
-            if not chunks or len(chunks[-1]) >= cap or used + need > self.memory_budget:
-                chunks.append([])
-                used = 0
-            chunks[-1].append(slot)
-            used += need
-        return chunks
+        cap = self.max_batch_clients or max(1, len(order))
+        lengths = chunk_clients(self._budget(), [self._client_bytes(sizes[slot], task) for slot in order], cap)
+        starts = [0, *itertools.accumulate(lengths)]
+        return [order[a:b] for a, b in zip(starts, starts[1:])]
+
+    def _budget(self) -> int:
+        """``memory_budget``, or the device's, measured at the first call."""
+        if self.memory_budget is not None:
+            return self.memory_budget
+        if self._measured_budget is None:
+            self._measured_budget = device_budget(self.trainer.device)
+            log.debug("batched chunks sized to %d MiB on %s", self._measured_budget >> 20, self.trainer.device)
+        return self._measured_budget
 
     def _client_bytes(self, n: int, task: TrainTask) -> int:
-        """Rough float32 footprint of one client in a chunk."""
-        numel, trainable = self.layout.numel, self._trainable_numel
+        """:func:`client_bytes` of one client of ``n`` records: per record of a
+        batch three copies of the activations the probe measured (forward
+        output, saved input, gradient); under DP-SGD a Poisson batch up to
+        four standard deviations above its mean, each record also with its
+        per-sample gradient and its clipped copy."""
+        trainable = self._trainable_numel
         width = min(task.batch_size, n)
-        per_sample = 3 * self._activations
+        per_record = 3 * self._activations
         if task.privacy.dp_sgd is not None:
             width = task.batch_size + 4 * math.isqrt(task.batch_size) + 1
-            per_sample += 2 * trainable
-        return 4 * (2 * numel + 4 * trainable + width * per_sample) + n * self._record_bytes
+            per_record += 2 * trainable
+        states = 2 if task.optimizer is Optimizer.ADAM else (1 if task.momentum else 0)
+        return client_bytes(self.layout.numel, trainable, states, width, per_record, n * self._record_bytes)
 
     def _load(
         self, chunk: list[int], clients: Sequence[str], failures: dict[int, ClientFailure]
@@ -382,9 +526,9 @@ class BatchedExecutor:
     def _unsupported_by_design(self) -> str | None:
         if any(d != torch.float32 for d in self.layout.dtypes):
             return "the model has tensors that are not float32"
-        shared = len(list(self._model.named_parameters(remove_duplicate=False)))
-        if shared != len(list(self._model.named_parameters())):
-            return "the model has tied (shared) parameters"
+        trained = [p for _, p in self._model.named_parameters(remove_duplicate=False) if p.requires_grad]
+        if len(trained) != len({id(p) for p in trained}):
+            return "the model has tied (shared) trainable parameters"
         if not self._trainable:
             return "the model has no trainable parameters"
         return None
@@ -394,6 +538,14 @@ class BatchedExecutor:
         training two tiny clients (from the largest loadable client's records)
         both ways and comparing."""
         mode = BatchedMode.of(task)
+        refusal = _unbatched_setting(task)
+        if refusal is not None:
+            if self.strict:
+                raise ValueError(f"batched clients unsupported for {mode.value} tasks: {refusal}")
+            if refusal not in self._refusals:
+                self._refusals.add(refusal)
+                log.warning("batched clients unsupported for %s tasks, training one by one: %s", mode.value, refusal)
+            return False
         if mode not in self._support:
             reason = self._static_reason
             if reason is None:
@@ -714,9 +866,9 @@ class BatchedExecutor:
             g = per_sample({name: w[:j] for name, w in weights.items()}, consts, x[idx], y[idx])
             squared = sum(g[n].flatten(2).pow(2).sum(dim=2) for n in names)
             factors = clip_factors(squared.sqrt(), dp.max_grad_norm) * mask
-            noise = torch.stack([noises[i].gaussian(sum(numels), stds[i], torch.device("cpu")) for i in range(j)])
+            noise = torch.stack([noises[i].gaussian(sum(numels), stds[i], x.device) for i in range(j)])
             grads = {}
-            for name, z in zip(names, noise.to(x.device).split(numels, dim=1)):
+            for name, z in zip(names, noise.split(numels, dim=1)):
                 summed = torch.einsum("cb,cb...->c...", factors, g[name])
                 grads[name] = (summed + z.reshape(summed.shape)) / expected[:j].view(-1, *[1] * (summed.dim() - 1))
             step(j, grads)

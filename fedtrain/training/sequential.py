@@ -2,8 +2,9 @@
 after another, on one shared model instance.
 
 No Ray, no subprocess, no serialisation: a client's update is written straight
-into a row of one preallocated ``(cohort, P)`` buffer, so the engine's
-aggregation is a single ``w @ X`` over memory that is already warm.
+into the row the engine's fold hands out (:class:`~fedtrain.training.executor.UpdateSink`),
+or, without a sink, into a row of one preallocated ``(cohort, P)`` buffer, so
+the aggregation is a single ``w @ X`` over memory that is already warm.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fedtrain.training.executor import UpdateSink
 from fedtrain.training.trainer import LocalTrainer
 from fedtrain.training.train_task import TrainTask
 from fedtrain.data.clients import ClientData
@@ -48,11 +50,30 @@ class SequentialExecutor:
             self._buffer = torch.empty((n, numel), dtype=torch.float32, device=self.trainer.device)
         return self._buffer
 
+    def _row(self, sink: UpdateSink | None, rows: torch.Tensor | None, index: int) -> torch.Tensor:
+        if sink is not None:
+            row = sink.row()
+            if row.device == self.trainer.device:
+                return row
+            rows = self._rows(1, row.numel())
+            index = 0
+        if rows is None:
+            raise ValueError("a round without a sink needs the executor's own rows")
+        return rows[index]
+
     def train_round(
-        self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
+        self,
+        rnd: int,
+        clients: Sequence[str],
+        task: TrainTask,
+        params: torch.Tensor,
+        sink: UpdateSink | None = None,
     ) -> RoundOutcome:
+        """With a ``sink``, each update is trained straight into the sink's
+        row and pushed (nothing is returned, and no ``(cohort, P)`` buffer is
+        held); without one, into a row of this executor's buffer and returned."""
         params = params.to(self.trainer.device)
-        rows = self._rows(len(clients), params.numel())
+        rows = None if sink is not None else self._rows(len(clients), params.numel())
         updates: list[ClientUpdate] = []
         failures: list[ClientFailure] = []
         for cid in clients:
@@ -63,7 +84,7 @@ class SequentialExecutor:
             if refusal is not None:
                 failures.append(ClientFailure(cid, refusal))
                 continue
-            out = rows[len(updates)]
+            out = self._row(sink, rows, len(updates))
             deadline = Deadline(self.timeout)
             try:
                 x, y = call_with_timeout(lambda: self.data.load(cid), self.timeout)
@@ -77,13 +98,15 @@ class SequentialExecutor:
                 log.debug("round %d: client %s failed", rnd, cid, exc_info=True)
                 failures.append(ClientFailure(cid, f"{type(exc).__name__}: {exc}"))
                 continue
-            updates.append(
-                ClientUpdate(
-                    client_id=cid,
-                    vector=out,
-                    num_examples=result.num_examples,
-                    kind=task.kind,
-                    metrics=result.metrics,
-                )
+            update = ClientUpdate(
+                client_id=cid,
+                vector=out,
+                num_examples=result.num_examples,
+                kind=task.kind,
+                metrics=result.metrics,
             )
+            if sink is None:
+                updates.append(update)
+            else:
+                sink.push(update)
         return RoundOutcome(tuple(updates), tuple(failures))

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, ContextManager, Mapping
 
-from fedtrain.config import ClientConfig, Optimizer
+import torch
+
+from fedtrain.config import ClientConfig, Optimizer, Precision
 from fedtrain.privacy.policy import ClientPrivacy
 from fedtrain.types import RoundPlan, UpdateKind
 
 
+def precision_context(precision: Precision, device: torch.device) -> ContextManager[Any]:
+    """Where local training runs its forward pass and loss: for ``BF16``
+    ``torch.autocast`` in bfloat16 on ``device``'s kind (CPU or CUDA), which
+    casts each op's inputs, not the float32 master weights, so gradients,
+    optimiser state and the update stay float32 (bfloat16 keeps float32's
+    exponent range, so no loss scaling is needed); for ``FP32`` nothing, the
+    computation exactly as without it."""
+    if precision is Precision.FP32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 @dataclass(frozen=True)
 class TrainTask:
-    """Everything a client needs to know about this round's local work."""
+    """Everything a client needs to know about this round's local work.
+
+    ``precision`` (``client.precision``) is the arithmetic of the forward pass
+    and loss; ``grad_accum_steps`` (``client.grad_accum_steps``) is how many
+    micro-batches of ``batch_size`` records make one optimiser step, so that
+    a large logical batch fits in a small device's memory."""
 
     epochs: int
     batch_size: int
@@ -23,6 +43,12 @@ class TrainTask:
     proximal_mu: float = 0.0
     kind: UpdateKind = UpdateKind.DELTA
     privacy: ClientPrivacy = field(default_factory=ClientPrivacy)
+    precision: Precision = Precision.FP32
+    grad_accum_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"client.grad_accum_steps = {self.grad_accum_steps}: must be >= 1")
 
     @classmethod
     def of(cls, client: ClientConfig, plan: RoundPlan, privacy: ClientPrivacy) -> "TrainTask":
@@ -39,6 +65,8 @@ class TrainTask:
             proximal_mu=plan.proximal_mu,
             kind=plan.kind,
             privacy=privacy,
+            precision=client.precision,
+            grad_accum_steps=client.grad_accum_steps,
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -46,6 +74,7 @@ class TrainTask:
         row = asdict(self)
         row["optimizer"] = self.optimizer.value
         row["kind"] = self.kind.value
+        row["precision"] = self.precision.value
         if self.privacy.dp_sgd is not None:
             row["privacy"]["dp_sgd"]["mode"] = self.privacy.dp_sgd.mode.value
         return row
@@ -78,6 +107,8 @@ class TrainTask:
                         secure_noise=bool(dp["secure_noise"]),
                     ),
                 ),
+                precision=Precision(row.get("precision", Precision.FP32.value)),
+                grad_accum_steps=int(row.get("grad_accum_steps", 1)),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed training task: missing or mistyped {exc}") from exc

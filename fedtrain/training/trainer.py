@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtrain.config import ConfigError
+from fedtrain.config import ConfigError, Precision
 from fedtrain.layout import ParamLayout
 from fedtrain.privacy.mechanisms import clip_rows_
 from fedtrain.privacy.noise import NoiseSource, SecureGaussian, SeededGaussian
 from fedtrain.sampling import Randomness, SecretRandomness, TorchRandomness
 from fedtrain.training.task import Classification, Task, prediction
 from fedtrain.training.optimizer import LocalOptimizer
-from fedtrain.training.train_task import TrainTask
+from fedtrain.training.train_task import TrainTask, precision_context
 from fedtrain.types import ClientMetric, Evaluation, UpdateKind
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ class LocalTrainer:
         if task.kind is UpdateKind.GRADIENT:
             if dp_sgd is not None:
                 raise ValueError("gradient updates (FedSGD) cannot be combined with privacy.mode = 'sample'")
-            loss = self._mean_gradient(x, y, task.batch_size, out)
+            loss = self._mean_gradient(x, y, task.batch_size, out, task.precision)
         else:
             if dp_sgd is not None:
                 loss = self._train_dp_sgd(x, y, task, generator)
@@ -173,25 +173,36 @@ class LocalTrainer:
         return [p.detach().clone() for p in self.model.parameters()] if task.proximal_mu > 0 else None
 
     def _train_sgd(self, x: torch.Tensor, y: torch.Tensor, task: TrainTask, generator: torch.Generator) -> float:
+        """Local epochs; each optimiser step sums the gradients of
+        ``grad_accum_steps`` micro-batches of ``batch_size`` records, each
+        micro-batch's mean loss weighted by its share of the logical batch,
+        so the step is one step on the whole logical batch up to float
+        rounding; forward and loss under ``task.precision``."""
         n = len(y)
         self.model.train()
         optimizer = self._optimizer(task)
         anchor = self._proximal_anchor(task)
         losses: list[torch.Tensor] = []
         sizes: list[int] = []
+        logical_size = task.batch_size * task.grad_accum_steps
         for _ in range(task.epochs):
             order = torch.randperm(n, generator=generator).to(self.device)
-            for start in range(0, n, task.batch_size):
-                idx = order[start : start + task.batch_size]
-                xb, yb = x[idx], y[idx]
+            for start in range(0, n, logical_size):
+                logical = order[start : start + logical_size]
+                micro_batches = logical.split(task.batch_size)
                 optimizer.zero_grad()
-                loss = self.objective.mean_loss(prediction(self.model(xb)), yb)
-                losses.append(loss.detach())
-                sizes.append(len(idx))
-                if anchor is not None:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(self.model.parameters(), anchor))
-                    loss = loss + 0.5 * task.proximal_mu * prox
-                loss.backward()
+                for m, idx in enumerate(micro_batches):
+                    xb, yb = x[idx], y[idx]
+                    with precision_context(task.precision, self.device):
+                        loss = self.objective.mean_loss(prediction(self.model(xb)), yb)
+                    losses.append(loss.detach().float())
+                    sizes.append(len(idx))
+                    if len(idx) != len(logical):
+                        loss = loss * (len(idx) / len(logical))
+                    if anchor is not None and m == len(micro_batches) - 1:
+                        prox = sum(((p - a) ** 2).sum() for p, a in zip(self.model.parameters(), anchor))
+                        loss = loss + 0.5 * task.proximal_mu * prox
+                    loss.backward()
                 optimizer.step()
         weights = torch.tensor(sizes, dtype=torch.float32, device=self.device)
         return float(torch.stack(losses) @ weights) / n / task.epochs
@@ -232,6 +243,11 @@ class LocalTrainer:
         dp_sgd = task.privacy.dp_sgd
         if dp_sgd is None:
             raise ValueError("no DP-SGD settings in this task")
+        if task.precision is not Precision.FP32 or task.grad_accum_steps != 1:
+            raise ValueError(
+                f"client.precision = {task.precision.value!r}, client.grad_accum_steps = {task.grad_accum_steps} "
+                "with privacy.mode = 'sample': DP-SGD trains in fp32 with grad_accum_steps = 1 only"
+            )
         if self._stepper is None:
             self._stepper = DpSgdStepper(self.model, self.summed_loss)
         n = len(y)
@@ -254,15 +270,20 @@ class LocalTrainer:
         return total_loss / max(seen, 1)
 
     def _mean_gradient(
-        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, out: torch.Tensor
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, out: torch.Tensor,
+        precision: Precision,
     ) -> float:
+        """FedSGD: the mean gradient over all records at the loaded
+        parameters, summed over batches (gradient accumulation is what it
+        always does); forward and loss under ``precision``."""
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         n = len(y)
         total_loss = 0.0
         for start in range(0, n, batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            loss = self.summed_loss(self.model(xb), yb)
+            with precision_context(precision, self.device):
+                loss = self.summed_loss(self.model(xb), yb)
             (loss / n).backward()
             total_loss += float(loss.detach())
         named = dict(self.model.named_parameters())

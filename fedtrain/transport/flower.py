@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -54,6 +54,7 @@ from fedtrain.transport.relay import ClientInfo, Hello, SecureStage
 if TYPE_CHECKING:
     import torch
 
+    from fedtrain.training.executor import UpdateSink
     from fedtrain.training.train_task import TrainTask
     from fedtrain.types import ClientFailure, RoundOutcome
     from fedtrain.secure.messages import (
@@ -101,7 +102,10 @@ ARRAY_HEADER_BYTES = 4096
 """Slack over ``4 · numel`` bytes for the ``.npy`` header of an update (numpy
 writes 128 bytes for a 1-D float32 array)."""
 
-HELLO_KEYS = frozenset({"status", "name", "num_records", "device"})
+FINGERPRINT_CHARS = 64
+"""A frozen-model fingerprint: SHA-256 as hex (:func:`fedtrain.layout.frozen_fingerprint`)."""
+
+HELLO_KEYS = frozenset({"status", "name", "num_records", "device", "fingerprint"})
 TRAIN_KEYS = frozenset({"status", "num_examples", "metrics"})
 ERROR_KEYS = frozenset({"status", "reason"})
 
@@ -187,11 +191,14 @@ def parse_hello_reply(content: RecordDict, min_records: int = 1) -> ClientInfo:
         if reason is not None:
             raise RejectedReply(reason)
         device = _text_field("device", result.get("device"), MAX_DEVICE_CHARS)
+        fingerprint = _text_field("fingerprint", result.get("fingerprint"), FINGERPRINT_CHARS)
+        if len(fingerprint) != FINGERPRINT_CHARS or fingerprint.strip("0123456789abcdef"):
+            raise RejectedReply(f"fingerprint = {fingerprint!r}: expected {FINGERPRINT_CHARS} lowercase hex digits")
     except RejectedReply:
         raise
     except Exception as exc:  # whatever a hostile record does, it is this client's failure
         raise RejectedReply(f"malformed hello reply: {type(exc).__name__}: {_clean(str(exc))}") from None
-    return ClientInfo(name, int(count), device)  # type: ignore[arg-type]
+    return ClientInfo(name, int(count), device, fingerprint)  # type: ignore[arg-type]
 
 
 def _metrics(text: object) -> dict[str, float]:
@@ -301,8 +308,12 @@ class FlowerTransport:
         self._node_of: dict[str, int] = {}
         self._greeted: set[int] = set()
 
-    def _exchange(self, messages: Sequence[Message], timeout: float) -> dict[int, Message]:
-        """Push ``messages``; the replies that arrive within ``timeout``, by node id."""
+    def _exchange(
+        self, messages: Sequence[Message], timeout: float, on_reply: Callable[[int, Message], None] | None = None
+    ) -> dict[int, Message]:
+        """Push ``messages``; the replies that arrive within ``timeout``, by
+        node id. With ``on_reply``, each reply is handed to it (node id,
+        reply) as it is pulled and not kept (the result is then empty)."""
         if not messages:
             return {}
         node_of_message = {}
@@ -314,7 +325,11 @@ class FlowerTransport:
         while pending and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(pending):
                 pending.discard(reply.metadata.reply_to_message_id)
-                replies[node_of_message[reply.metadata.reply_to_message_id]] = reply
+                node = node_of_message[reply.metadata.reply_to_message_id]
+                if on_reply is None:
+                    replies[node] = reply
+                else:
+                    on_reply(node, reply)
             if pending:
                 time.sleep(self.poll_seconds)
         return replies
@@ -349,6 +364,12 @@ class FlowerTransport:
         holder = self._node_of.get(info.name)
         if holder is not None and holder != node and (self.ids_follow_keys or holder in self.grid.get_node_ids()):
             return f"claims client id {info.name}, which node {holder} (another key) holds in this run"
+        if self.hello.fingerprint and info.fingerprint != self.hello.fingerprint:
+            return (
+                f"client {info.name}'s frozen model differs from the coordinator's (fingerprint "
+                f"{info.fingerprint[:12]}…, expected {self.hello.fingerprint[:12]}…): both must build the same "
+                "model from the same config and weights (model.name, model.lora, the folder of an hf: model)"
+            )
         known = self.clients.get(info.name)
         if known is not None and known.num_records != info.num_records:
             return (
@@ -442,8 +463,17 @@ class FlowerTransport:
         return replace(task, privacy=task.privacy.for_client(cid))
 
     def train_round(
-        self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
+        self,
+        rnd: int,
+        clients: Sequence[str],
+        task: TrainTask,
+        params: torch.Tensor,
+        sink: UpdateSink | None = None,
     ) -> RoundOutcome:
+        """Send the round's task to each connected client; with a ``sink``,
+        each reply is decoded and pushed into it as it arrives (the decoded
+        update copied into the sink's row, the message dropped), so the
+        coordinator never holds the cohort's updates."""
         from fedtrain.types import ClientFailure, RoundOutcome
         from fedtrain.types import ClientUpdate
 
@@ -456,8 +486,31 @@ class FlowerTransport:
             )
             for cid, node in nodes.items()
         ]
-        replies = self._exchange(messages, self.timeout)
         updates: list[ClientUpdate] = []
+        if sink is not None:
+            cid_of = {node: cid for cid, node in nodes.items()}
+            lost: dict[str, ClientFailure] = {}
+            replied: set[int] = set()
+
+            def fold(node: int, reply: Message) -> None:
+                replied.add(node)
+                cid = cid_of[node]
+                decoded = self._decode(cid, reply, task.kind, params)
+                if isinstance(decoded, ClientUpdate):
+                    sink.push(decoded)
+                else:
+                    lost[cid] = decoded
+
+            self._exchange(messages, self.timeout, fold)
+            for cid, node in nodes.items():
+                failure = lost.get(cid) or (
+                    None if node in replied else ClientFailure(cid, f"no reply within {self.timeout:g} s")
+                )
+                if failure is not None:
+                    failures.append(failure)
+                    self._greeted.discard(node)
+            return RoundOutcome((), tuple(failures))
+        replies = self._exchange(messages, self.timeout)
         for cid, node in nodes.items():
             reply = replies.get(node)
             outcome = (

@@ -66,6 +66,7 @@ def _hello(message: Message, context: Context) -> Message:
         return Message(_status_error(str(answer)), reply_to=message)
     return Message(RecordDict({"result": ConfigRecord({
         "status": "ok", "name": answer.name, "num_records": answer.num_records, "device": answer.device,
+        "fingerprint": answer.fingerprint,
     })}), reply_to=message)
 
 

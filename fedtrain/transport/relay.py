@@ -70,31 +70,38 @@ class SecureRequest:
 @dataclass(frozen=True)
 class Hello:
     """What the coordinator tells a client before its first round: the run's
-    config and the model's shape."""
+    config, the model's shape and the coordinator's
+    :func:`~fedtrain.layout.frozen_fingerprint` (what the client's frozen
+    model must match; the coordinator checks the client's answer)."""
 
     config: Mapping[str, Any]
     input_shape: tuple[int, ...]
     num_classes: int
+    fingerprint: str = ""
 
     def as_json(self) -> str:
-        return json.dumps(
-            {"config": self.config, "input_shape": list(self.input_shape), "num_classes": self.num_classes}
-        )
+        return json.dumps({
+            "config": self.config, "input_shape": list(self.input_shape), "num_classes": self.num_classes,
+            "fingerprint": self.fingerprint,
+        })
 
     @classmethod
     def from_json(cls, text: str) -> "Hello":
         row = json.loads(text)
-        return cls(row["config"], tuple(int(d) for d in row["input_shape"]), int(row["num_classes"]))
+        return cls(row["config"], tuple(int(d) for d in row["input_shape"]), int(row["num_classes"]),
+                   str(row.get("fingerprint", "")))
 
 
 @dataclass(frozen=True)
 class ClientInfo:
-    """A client's answer to :class:`Hello`: the id the engine knows it by and
-    its record count (public, as in the simulation)."""
+    """A client's answer to :class:`Hello`: the id the engine knows it by,
+    its record count (public, as in the simulation), its device and the
+    fingerprint of its frozen model (:func:`~fedtrain.layout.frozen_fingerprint`)."""
 
     name: str
     num_records: int
     device: str
+    fingerprint: str
 
 
 @dataclass(frozen=True)
