@@ -5,11 +5,23 @@ Methods, each an encode (tensor → bytes) and a decode (bytes → tensor):
 
 * **raw** (the reference): ``tensor.numpy().tobytes()`` and
   ``torch.from_numpy(numpy.frombuffer(...))``: one copy out, none back;
-* **Flower message (deployment)**: what ``fedtrain.transport.flower`` sends:
-  ``ArrayRecord({"update": Array(ndarray)})`` serialized to its protobuf wire
-  bytes (``array_record_to_proto(...).SerializeToString()``), and back with
-  ``ProtoArrayRecord.FromString``, ``array_record_from_proto``,
-  ``Array.numpy()`` and ``torch.from_numpy``;
+* **fedtrain's wire encoding**: what ``fedtrain.transport.flower`` puts in and
+  takes out of Flower's record: :func:`~fedtrain.transport.flower.float32_array`
+  (raw little-endian bytes in an ``Array``) and back through
+  :func:`~fedtrain.transport.flower.parse_train_reply` (every field checked)
+  into a preallocated row, as the coordinator's sink does;
+* **Flower's deployment path**, with fedtrain's raw ``Array`` and, for the
+  before/after comparison, with the ``.npy`` ``Array`` fedtrain sent before
+  issue 17: the record deflated into Flower 1.42's content-addressed objects
+  (5 MiB ``ArrayChunk`` objects, each named by its SHA-256: what ``Grid.push_messages``
+  and the SuperNode push) and inflated back from them
+  (``inflate_object_from_contents``: what a pull does), plus the encoding on
+  either side; the network itself is not in it;
+* **SHA-256 of the bytes** (``hashlib``): the floor of Flower's path, which
+  names every object by its hash;
+* **Flower ``ArrayRecord`` protobuf (legacy serde)**: what this benchmark
+  measured before issue 17 as the deployment path (``array_record_to_proto``
+  of the ``.npy`` ``Array``); Flower 1.42 no longer sends records that way;
 * **torch.save / torch.load** to and from an in-memory buffer;
 * **pickle** (protocol 5) of the numpy array.
 
@@ -62,7 +74,77 @@ def _flower() -> Method:
         record = array_record_from_proto(ProtoArrayRecord.FromString(b))
         return torch.from_numpy(np.ascontiguousarray(record["update"].numpy()))
 
-    return Method("Flower ArrayRecord protobuf (deployment)", encode, decode)
+    return Method("Flower ArrayRecord protobuf, .npy (legacy serde; before)", encode, decode)
+
+
+def _reply(array: object) -> object:
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    return RecordDict({"update": ArrayRecord({"update": array}),
+                       "result": ConfigRecord({"status": "ok", "num_examples": 1, "metrics": "{}"})})
+
+
+def _decoder(numel: int, row: torch.Tensor) -> Callable[[object], torch.Tensor]:
+    """fedtrain's checked decode of a training reply into ``row`` (the sink's copy)."""
+    from fedtrain.transport.flower import parse_train_reply
+
+    def decode(content: object) -> torch.Tensor:
+        vector, _, _ = parse_train_reply(content, numel)  # type: ignore[arg-type]
+        np.copyto(row.numpy(), vector)
+        return row
+
+    return decode
+
+
+def _fedtrain(numel: int) -> Method:
+    from fedtrain.transport.flower import float32_array
+
+    row = torch.empty(numel)
+    decode = _decoder(numel, row)
+    store: dict[str, object] = {}
+
+    def encode(t: torch.Tensor) -> bytes:
+        store["content"] = _reply(float32_array(t.numpy()))
+        return store["content"]["update"]["update"].data  # type: ignore[index]
+
+    return Method("fedtrain wire encoding: raw Array, checked (after)", encode, lambda b: decode(store["content"]))
+
+
+def _objects(numel: int, raw: bool) -> Method:
+    """Flower's deployment path: the reply deflated into objects and inflated back."""
+    from flwr.app import Array
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    from fedtrain.transport.flower import float32_array
+
+    row = torch.empty(numel)
+    decode_raw = _decoder(numel, row)
+    store: dict[str, object] = {}
+
+    def encode(t: torch.Tensor) -> bytes:
+        array = float32_array(t.numpy()) if raw else Array(np.ascontiguousarray(t.numpy(), dtype=np.float32))
+        content = _reply(array)
+        objects = get_all_nested_objects(content)  # type: ignore[arg-type]
+        store["root"] = content.object_id  # type: ignore[attr-defined]
+        store["contents"] = {object_id: obj.deflate() for object_id, obj in objects.items()}
+        return b"".join(store["contents"].values())  # type: ignore[attr-defined]
+
+    def decode(_: bytes) -> torch.Tensor:
+        content = inflate_object_from_contents(store["root"], dict(store["contents"]))  # type: ignore[arg-type]
+        if raw:
+            return decode_raw(content)
+        return torch.from_numpy(content["update"]["update"].numpy())  # type: ignore[index]
+
+    name = "raw Array (after)" if raw else ".npy Array (before)"
+    return Method(f"Flower 1.42 deployment path: objects, {name}", encode, decode)
+
+
+def _sha256() -> Method:
+    import hashlib
+
+    return Method("SHA-256 of the bytes (Flower's object ids: the floor of its path)",
+                  lambda t: hashlib.sha256(t.numpy().data).digest(), lambda b: torch.empty(0))
 
 
 def _torch_save() -> Method:
@@ -87,9 +169,10 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 15)
     sizes = (100_000, 1_000_000) if args.quick else (100_000, 1_000_000, 10_000_000)
     torch.set_num_threads(1)
-    methods = [_raw(), _flower(), _torch_save(), _pickle()]
     rows: list[list[object]] = []
     for numel in sizes:
+        methods = [_raw(), _fedtrain(numel), _objects(numel, True), _objects(numel, False), _sha256(), _flower(),
+                   _torch_save(), _pickle()]
         vector = torch.randn(numel, generator=torch.Generator().manual_seed(0))
         nbytes = vector.numel() * vector.element_size()
         target = torch.empty_like(vector)
@@ -98,7 +181,9 @@ def main() -> None:
         for method in methods:
             blob = method.encode(vector)
             back = method.decode(blob)
-            if not torch.equal(back, vector):
+            if method.name.startswith("SHA-256"):
+                blob = vector.numpy().tobytes()
+            elif not torch.equal(back, vector):
                 raise RuntimeError(f"{method.name}: the decoded vector differs from the encoded one")
             t_enc = best_seconds(lambda: method.encode(vector), repeats)
             t_dec = best_seconds(lambda: method.decode(blob), repeats)
@@ -119,7 +204,10 @@ def main() -> None:
         table(["parameters", "method", "bytes / raw bytes", "encode GB/s", "decode GB/s", "round trip ms",
                "round trip / raw", "round trip / copy_"], rows),
         [revision(), f"min of {repeats} timings per step; 1 torch thread; GB/s counts the vector's bytes once",
-         "raw decode (numpy.frombuffer + torch.from_numpy) copies nothing: it is a view of the bytes"],
+         "raw decode (numpy.frombuffer + torch.from_numpy) copies nothing: it is a view of the bytes",
+         "fedtrain's decode copies the checked bytes once, into a preallocated row (the coordinator's sink)",
+         "Flower's deployment path, bytes / raw bytes: every object's deflated content (headers included)",
+         "SHA-256 row: encode hashes the bytes once, decode is empty; Flower hashes every object it pushes"],
     )
 
 

@@ -9,13 +9,20 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from fedtrain import __version__
 from fedtrain.errors import UsageError, UserError
 
 if TYPE_CHECKING:
     from fedtrain.config import Config
     from fedtrain.results import Summary
+
+EVERY_CLIENT_FAILED = 3
+"""The exit code of a run in which no client's update was aggregated in any round."""
+
+COMPARE_FILE = "compare.png"
+"""The plot of ``fedtrain compare`` (in the current folder) and of a sweep (in its parent folder)."""
 
 DEFAULT_POLL = 0.1
 """``fedtrain.transport.flower.DEFAULT_POLL``, the default of ``--poll``, repeated here so
@@ -50,26 +57,124 @@ def _config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
     return config_mod.load(args.config, args.set), out
 
 
+def _check_trackers(cfg: Config) -> None:
+    """Refuse a tracker whose package is missing before anything is loaded."""
+    if cfg.run.tensorboard:
+        from fedtrain.tensorboard_log import check_available
+
+        check_available()
+
+
+def _every_client_failed(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why nothing was learnt, when no round aggregated any client's update
+    (every sampled client failed or was rejected every round); else ``None``."""
+    if not rows or any(r["num_clients"] or not r["num_failed"] for r in rows):
+        return None
+    from collections import Counter
+
+    reasons = Counter(reason for r in rows for reason in r.get("failures", {}).values())
+    total = sum(int(r["num_failed"]) for r in rows)
+    common = f"; most often: {reasons.most_common(1)[0][0]}" if reasons else ""
+    return (f"every client failed in every round ({len(rows)} rounds, {total} client updates lost){common}; "
+            "nothing was aggregated and the model is the initial one")
+
+
+def _failed_run(rows: Sequence[Mapping[str, Any]]) -> int:
+    """The exit code of a finished run: :data:`EVERY_CLIENT_FAILED`, with the reason on stderr, or 0."""
+    reason = _every_client_failed(rows)
+    if reason is None:
+        return 0
+    print(f"fedtrain: error: {reason}", file=sys.stderr)
+    return EVERY_CLIENT_FAILED
+
+
+def _run_line(s: Summary) -> str:
+    privacy = f", ε = {s.epsilon:.3f} at δ = {s.delta:g}" if s.epsilon is not None else ""
+    return f"{_headline(s)} after {s.rounds} rounds in {s.wall_seconds:.1f} s{privacy}"
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     """The run, with ``curves.png`` drawn by a child process started before
     torch is imported here; the summary is printed as soon as the run ends,
     and the command returns once the plot is written."""
+    if args.sweep:
+        return _simulate_sweep(args)
     from fedtrain.curves import CurvesProcess
 
-    with CurvesProcess() as curves:
+    with CurvesProcess(Path(args.config).stem if args.config else "") as curves:
         from fedtrain.simulation import simulate
 
         cfg, out = _config_and_run_dir(args)
+        _check_trackers(cfg)
         result = simulate(cfg, out, progress=not args.quiet, resume=bool(args.resume),
                           trust_checkpoint=args.trust_checkpoint, plot=curves.draw)
         s = result.summary
         if s.stopped_early:
             print(f"stopped early: {s.stopped_early}; the model is the last one within the budget")
-        privacy = f", ε = {s.epsilon:.3f} at δ = {s.delta:g}" if s.epsilon is not None else ""
-        print(
-            f"{_headline(s)} after {s.rounds} rounds in {s.wall_seconds:.1f} s{privacy}; results in {out}/",
-            flush=True,
-        )
+        print(f"{_run_line(s)}; results in {out}/", flush=True)
+    return _failed_run([r.as_json() for r in result.records])
+
+
+def _simulate_sweep(args: argparse.Namespace) -> int:
+    """``--sweep``: every point of the product, one after another, each in
+    its own run folder under one parent (``--out``), a line per run, then
+    the comparison of them all (table printed, ``compare.png`` in the
+    parent). Every point's config is checked before the first run."""
+    from fedtrain import config as config_mod
+    from fedtrain.sweep import Sweep
+
+    if args.resume or args.trust_checkpoint:
+        raise UsageError("--sweep starts new runs; --resume one of its run folders on its own")
+    sweep = Sweep.parse(args.sweep)
+    overridden = {item.partition("=")[0].strip() for item in args.set}
+    both = sorted(overridden & {axis.key for axis in sweep.axes})
+    if both:
+        raise UsageError(f"--set {both[0]}=... and --sweep {both[0]}=...: give the key in one of them")
+    points = sweep.points()
+    configs = []
+    for point in points:
+        try:
+            configs.append(config_mod.load(args.config, [*args.set, *point.overrides]))
+        except UserError as exc:
+            raise UsageError(f"--sweep point {point.label()}: {exc}") from None
+    for cfg in configs:
+        _check_trackers(cfg)
+    parent = Path(args.out) if args.out else _default_out(args.config)
+    name = Path(args.config).stem if args.config else "default"
+    width = len(str(len(points)))
+    from fedtrain.curves import CurvesProcess
+
+    folders: list[Path] = []
+    failed: list[str] = []
+    for i, (point, cfg) in enumerate(zip(points, configs), 1):
+        out = parent / point.folder(i, width)
+        with CurvesProcess(f"{name} [{point.label()}]") as curves:
+            from fedtrain.simulation import simulate
+
+            result = simulate(cfg, out, progress=not args.quiet, plot=curves.draw)
+        reason = _every_client_failed([r.as_json() for r in result.records])
+        if reason is not None:
+            failed.append(f"{point.label()}: {reason}")
+        print(f"[{i}/{len(points)}] {point.label()}: {_run_line(result.summary)}; results in {out}/", flush=True)
+        folders.append(out)
+    from fedtrain.comparison import Comparison
+
+    comparison = Comparison.of(folders)
+    print(comparison.table())
+    print(f"plot of the {len(folders)} runs in {comparison.plot(parent / COMPARE_FILE)}", flush=True)
+    for line in failed:
+        print(f"fedtrain: error: {line}", file=sys.stderr)
+    return EVERY_CLIENT_FAILED if failed else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    """The table of the runs, then their overlaid curves as a PNG."""
+    from fedtrain.comparison import Comparison
+
+    comparison = Comparison.of(args.run_dirs)
+    comparison.plotted(args.metric)
+    print(comparison.table(), flush=True)
+    print(f"plot of the {len(comparison.runs)} runs in {comparison.plot(args.out or COMPARE_FILE, args.metric)}")
     return 0
 
 
@@ -102,14 +207,17 @@ def _cmd_server(args: argparse.Namespace) -> int:
     from fedtrain.deploy.server import ServerOptions, serve
     from fedtrain.results import read_summary
 
+    from fedtrain.results import read_metrics
+
     certs = _security(args)
     cfg, out = _config_and_run_dir(args)
+    _check_trackers(cfg)
     _exit_on_sigterm()
     serve(ServerOptions(cfg, out, certs, args.address, bool(args.resume), args.wait, not args.quiet, args.poll,
                         trust_checkpoint=args.trust_checkpoint))
     s = read_summary(out)
     print(f"{_headline(s)} after {s.rounds} rounds in {s.wall_seconds:.1f} s; results in {out}/")
-    return 0
+    return _failed_run(read_metrics(out))
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
@@ -182,12 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedtrain", description="Privacy-first federated training for PyTorch."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command")
     sim = sub.add_parser(
         "simulate",
         help="run a federated simulation in this process",
         description="Run a federated simulation in this process. With no CONFIG it runs "
-        "the embedded default: digits, 20 Dirichlet(0.5) clients, FedAvg.",
+        "the embedded default: digits, 20 Dirichlet(0.5) clients, FedAvg. Every config key, its "
+        "type, default and allowed values: the 'Config reference' section of README.md "
+        "(an unknown key given to --set is refused with the keys its table allows).",
     )
     sim.add_argument("config", nargs="?", help="TOML config file (default: the embedded default)")
     sim.add_argument(
@@ -201,20 +312,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue RUN_DIR from its last valid checkpoint (--set run.rounds=N may extend it)",
     )
     sim.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    sim.add_argument(
+        "--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+        help="run once per value (repeatable: the product of all --sweep values), one after another, "
+        "each in its own folder under --out, then print the table of fedtrain compare and write "
+        f"{COMPARE_FILE} there (e.g. --sweep strategy.name=fedavg,fedadam --sweep run.seed=0,1,2)",
+    )
     sim.set_defaults(func=_cmd_simulate)
+    compare = sub.add_parser(
+        "compare", help="compare run folders: a table of their results and their curves in one plot",
+        description="Print a markdown table of the runs' final and best metrics, rounds, wall time, ε and "
+        "the config keys whose values differ, and write one PNG that overlays their curves against the "
+        "round (and virtual time or bytes sent, where every run recorded them), each run named by what "
+        "differs in its config.",
+    )
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders of finished runs")
+    compare.add_argument("--out", metavar="FILE.png", help=f"the plot (default: {COMPARE_FILE} here)")
+    compare.add_argument("--metric", metavar="NAME",
+                         help="plot only this metric (e.g. accuracy, loss, epsilon, train_loss; "
+                         "default: each run's score and loss, and ε with privacy)")
+    compare.set_defaults(func=_cmd_compare)
     priv = sub.add_parser(
         "privacy",
         help="plan a DP budget: ε for a noise level, or the noise for a target ε",
         description="Compute ε of the Poisson-subsampled Gaussian mechanism after STEPS steps "
         "(DP-SGD steps, or rounds of user-level DP-FedAvg), or the noise multiplier that reaches "
-        "--target-epsilon.",
+        "--target-epsilon. Give exactly one of --noise-multiplier and --target-epsilon; "
+        "the accountant is rdp (Rényi DP) unless --accountant names another.",
     )
     priv.add_argument("--noise-multiplier", type=float, help="noise std / clip norm")
     priv.add_argument("--target-epsilon", type=float, help="find the noise multiplier for this ε")
     priv.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q")
     priv.add_argument("--steps", type=int, required=True, help="number of steps (or rounds)")
     priv.add_argument("--delta", type=float, required=True, help="δ of (ε, δ)-DP")
-    priv.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    from fedtrain.config import AccountantKind
+
+    priv.add_argument(
+        "--accountant", choices=[k.value for k in AccountantKind], default=AccountantKind.RDP.value,
+        help="rdp (Opacus' Rényi DP), prv (Opacus' PRV) or pld (dp_accounting's privacy loss "
+        "distributions, the tightest; needs pip install 'fedtrain[pld]')",
+    )
     priv.set_defaults(func=_cmd_privacy)
 
     certs = sub.add_parser(
@@ -311,7 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     (exit code 1)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedtrain").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         code = int(args.func(args))
         if argv is None:

@@ -76,11 +76,14 @@ class PrivacyMode(str, enum.Enum):
 
 
 class AccountantKind(str, enum.Enum):
-    """Opacus' privacy accountants: Rényi DP (Mironov 2017) or the privacy
-    random variable accountant (Gopi et al. 2021), tighter for many steps."""
+    """Privacy accountants: Opacus' Rényi DP (Mironov 2017) or privacy random
+    variable accountant (Gopi et al. 2021), tighter for many steps, or Google
+    ``dp_accounting``'s privacy loss distributions (Koskela et al. 2020,
+    Doroshenko et al. 2022), the tightest for the Poisson-subsampled Gaussian."""
 
     RDP = "rdp"
     PRV = "prv"
+    PLD = "pld"
 
 
 class GradSampleMode(str, enum.Enum):
@@ -120,6 +123,38 @@ class Precision(str, enum.Enum):
     BF16 = "bf16"
 
 
+class Compression(str, enum.Enum):
+    """How a vector is compressed on the wire (:mod:`fedtrain.compression`).
+
+    ``fp16`` / ``bf16``: a cast; ``int8`` / ``int4``: blockwise quantisation
+    with per-block float32 scales and unbiased stochastic rounding (QSGD,
+    Alistarh et al. 2017); ``topk``: the largest ``compression.fraction`` of
+    the coordinates by magnitude; ``randk``: that share of coordinates drawn
+    from a per-round seed every client shares."""
+
+    NONE = "none"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+    INT4 = "int4"
+    TOPK = "topk"
+    RANDK = "randk"
+
+
+SPARSIFIERS = (Compression.TOPK, Compression.RANDK)
+QUANTISERS = (Compression.INT8, Compression.INT4)
+
+
+class ErrorFeedback(str, enum.Enum):
+    """Whether a client adds what it did not send to its next update (Stich et
+    al. 2018; Karimireddy et al. 2019). ``auto``: on for ``topk`` / ``randk``,
+    off otherwise; TOML's ``true`` / ``false`` name the other two."""
+
+    AUTO = "auto"
+    ON = "true"
+    OFF = "false"
+
+
 def _rule(
     minimum: float | None = None,
     maximum: float | None = None,
@@ -136,10 +171,20 @@ def _rule(
     }
 
 
+MAX_SEED = 2**63 - 1
+"""The largest ``run.seed``: torch's generators and the seeds derived from it are 64-bit signed integers."""
+
+LEGACY_SEEDED_DATASETS = ("digits", "diabetes")
+"""Built-in data sets whose test split draws from numpy's ``RandomState(run.seed)`` (to keep the
+splits runs have always used), which takes seeds below 2**32 only."""
+
+
 @dataclass(frozen=True)
 class RunConfig:
     rounds: int = field(default=100, metadata=_rule(1, doc="federated rounds"))
-    seed: int = field(default=0, metadata=_rule(0, doc="seed of every random stream"))
+    seed: int = field(
+        default=0, metadata=_rule(0, MAX_SEED, doc="seed of every random stream (a 64-bit signed integer)")
+    )
     keep_checkpoints: int = field(
         default=2, metadata=_rule(1, doc="checkpoints kept in the run folder (one per round, newest kept)")
     )
@@ -149,6 +194,10 @@ class RunConfig:
     )
     checkpoint_every: int = field(
         default=1, metadata=_rule(1, doc="write a checkpoint every N rounds (and after the last one)")
+    )
+    tensorboard: bool = field(
+        default=False,
+        metadata=_rule(doc="write TensorBoard event files into RUN_DIR/tensorboard (needs fedtrain[tensorboard])"),
     )
 
 
@@ -328,6 +377,31 @@ class SecureConfig:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    """Compressed updates (``up``: client → coordinator) and global models
+    (``down``: as a delta against the clients' last copy), :mod:`fedtrain.compression`."""
+
+    up: Compression = Compression.NONE
+    down: Compression = Compression.NONE
+    fraction: float = field(
+        default=0.01, metadata=_rule(0.0, 1.0, exclusive_min=True, doc="topk / randk: share of coordinates kept")
+    )
+    error_feedback: ErrorFeedback = ErrorFeedback.AUTO
+    block: int = field(default=256, metadata=_rule(1, 1 << 20, doc="int8 / int4: coordinates per float32 scale"))
+    residual_memory_mb: int = field(
+        default=1024,
+        metadata=_rule(0, doc="error-feedback residuals kept in memory; the rest spill to the run folder"),
+    )
+
+    @property
+    def feedback(self) -> bool:
+        """Whether the uplink keeps error-feedback residuals (``auto`` resolved)."""
+        if self.error_feedback is ErrorFeedback.AUTO:
+            return self.up in SPARSIFIERS
+        return self.error_feedback is ErrorFeedback.ON and self.up is not Compression.NONE
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -338,6 +412,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     secure: SecureConfig = field(default_factory=SecureConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
 
 BUILTIN_TASKS = ("classification", "language_model", "regression")
@@ -454,6 +529,11 @@ def validate(config: Config) -> Config:
     """Cross-key checks that no single field can make; returns ``config``."""
     _check_device(config.client.device)
     _check_spec("data.dataset", config.data.dataset, BUILTIN_DATASETS)
+    if config.data.dataset in LEGACY_SEEDED_DATASETS and config.run.seed >= 2**32:
+        raise ConfigError(
+            f"run.seed = {config.run.seed} with data.dataset = {config.data.dataset!r}: must be < 2**32 "
+            f"({2**32}); the data set's test split draws from numpy's RandomState, which takes 32-bit seeds"
+        )
     _check_spec("model.name", config.model.name, BUILTIN_MODELS)
     m = config.model
     if m.name == "gpt" and m.embedding % m.heads:
@@ -479,6 +559,7 @@ def validate(config: Config) -> Config:
             f"strategy.clients_per_round = {config.strategy.clients_per_round}"
         )
     _check_privacy(config)
+    _check_compression(config)
     c = config.client
     if config.privacy.mode is PrivacyMode.SAMPLE and c.precision is not Precision.FP32:
         raise ConfigError(
@@ -513,6 +594,38 @@ def validate(config: Config) -> Config:
     return config
 
 
+def _check_compression(config: Config) -> None:
+    z = config.compression
+    if z.error_feedback is ErrorFeedback.ON and z.up is Compression.NONE:
+        raise ConfigError(
+            "compression.error_feedback = true with compression.up = 'none': nothing is left unsent; "
+            "set compression.up or leave error_feedback at 'auto'"
+        )
+    if z.fraction != 0.01 and z.up not in SPARSIFIERS and z.down not in SPARSIFIERS:
+        raise ConfigError(
+            f"compression.fraction = {z.fraction}: has no effect unless compression.up or compression.down "
+            "is 'topk' or 'randk'"
+        )
+    if z.block != 256 and z.up not in QUANTISERS and z.down not in QUANTISERS:
+        raise ConfigError(
+            f"compression.block = {z.block}: has no effect unless compression.up or compression.down "
+            "is 'int8' or 'int4'"
+        )
+    if not config.secure.aggregation or z.up in (Compression.NONE, Compression.RANDK):
+        return
+    if z.up is Compression.TOPK:
+        raise ConfigError(
+            "compression.up = 'topk' with secure.aggregation = true: each client keeps other coordinates, "
+            "so the masked sums of the kept values do not add up; use compression.up = 'randk', whose "
+            "coordinates come from a per-round seed every client shares"
+        )
+    raise ConfigError(
+        f"compression.up = {z.up.value!r} with secure.aggregation = true: secure aggregation already "
+        "quantises each coordinate into the ring of secure.bits bits (fedtrain/secure/quantize.py), and a "
+        "codec before it would round twice; allowed: 'none' or 'randk' (lower secure.bits to send fewer bytes)"
+    )
+
+
 def _check_privacy(config: Config) -> None:
     p = config.privacy
     if p.mode is PrivacyMode.NONE:
@@ -544,6 +657,14 @@ def _check_privacy(config: Config) -> None:
             "privacy.mode = 'user' with secure.aggregation = true: DP-FedAvg checks each update's norm and adds "
             "the noise on the coordinator, which secure aggregation hides; use privacy.mode = 'distributed'"
         )
+    if p.accountant is AccountantKind.PLD:
+        import importlib.util
+
+        if importlib.util.find_spec("dp_accounting") is None:
+            raise ConfigError(
+                "privacy.accountant = 'pld': needs Google's dp_accounting package, which is not installed; "
+                "pip install 'fedtrain[pld]' (or pip install dp-accounting), or use 'rdp' or 'prv'"
+            )
     if p.adaptive_clip and p.mode is not PrivacyMode.USER:
         raise ConfigError(
             f"privacy.adaptive_clip = true: adaptive clipping is for privacy.mode = 'user', not {p.mode.value!r}"

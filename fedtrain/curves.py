@@ -16,11 +16,15 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from fedtrain.metrics import CLASSIFICATION_METRICS, MetricNames
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +32,37 @@ Rows = Sequence[Mapping[str, Any]]
 """Rounds as ``metrics.jsonl`` rows (``RoundRecord.as_json()``)."""
 
 
-def plot_curves(rows: Rows, path: Path, names: MetricNames = CLASSIFICATION_METRICS) -> None:
+@dataclass(frozen=True)
+class PlotTitle:
+    """The title of ``curves.png``: which run (``name``: its config) and its
+    headline figure (``headline``: the strategy and the final score, e.g.
+    ``FedAvg, 0.958``), so that a plot lifted out of its folder still says
+    what it shows."""
+
+    name: str
+    headline: str
+
+    def text(self) -> str:
+        return f"{self.name} — {self.headline}" if self.name else self.headline
+
+
+def plot_curves(
+    rows: Rows, path: Path, names: MetricNames = CLASSIFICATION_METRICS, title: PlotTitle | None = None
+) -> None:
+    """:func:`curves_figure` as a PNG at ``path``."""
+    curves_figure(rows, names, title).savefig(path, dpi=100)
+
+
+def curves_figure(rows: Rows, names: MetricNames = CLASSIFICATION_METRICS, title: PlotTitle | None = None) -> Figure:
     """The task's score (e.g. test accuracy), its loss next to the clients'
-    training loss, and (with privacy) ε per round, side by side, as a PNG."""
+    training loss, and (with privacy) ε per round, side by side, under ``title``."""
     from matplotlib.figure import Figure
 
     rounds = [r["round"] for r in rows]
     private = [(r["round"], r["epsilon"]) for r in rows if r.get("epsilon") is not None]
     fig = Figure(figsize=(15 if private else 10, 4))
+    if title is not None:
+        fig.suptitle(title.text())
     axes = fig.subplots(1, 3 if private else 2)
     ax_acc, ax_loss = axes[0], axes[1]
     ax_acc.plot(rounds, [r.get(names.score) for r in rows], marker=".")
@@ -56,7 +83,7 @@ def plot_curves(rows: Rows, path: Path, names: MetricNames = CLASSIFICATION_METR
         ax_eps.set(xlabel="round", ylabel="ε", title=f"Privacy spent (δ = {rows[-1]['delta']:g})")
         ax_eps.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 class CurvesProcess:
@@ -72,8 +99,12 @@ class CurvesProcess:
     raised here as it would be without the child.
     """
 
-    def __init__(self) -> None:
-        self._job: tuple[list[Mapping[str, Any]], Path, MetricNames] | None = None
+    def __init__(self, name: str = "") -> None:
+        """``name`` replaces the run's name in the title the run folder's
+        writer gives (e.g. the config file's stem, where the writer knows
+        only the folder)."""
+        self._name = name
+        self._job: tuple[list[Mapping[str, Any]], Path, MetricNames, PlotTitle | None] | None = None
         try:
             self._child: subprocess.Popen[bytes] | None = subprocess.Popen(
                 [sys.executable, "-m", "fedtrain.curves"],
@@ -83,17 +114,25 @@ class CurvesProcess:
             log.debug("could not start the plotting process (%s); plotting in process", exc)
             self._child = None
 
-    def draw(self, rows: Rows, path: Path, names: MetricNames = CLASSIFICATION_METRICS) -> None:
+    def draw(
+        self, rows: Rows, path: Path, names: MetricNames = CLASSIFICATION_METRICS, title: PlotTitle | None = None
+    ) -> None:
         """Hand the child the rows to plot to ``path``."""
-        self._job = ([dict(r) for r in rows], Path(path), names)
+        title = self.title_for(title)
+        self._job = ([dict(r) for r in rows], Path(path), names, title)
         if self._child is None or self._child.stdin is None:
             return
         try:
-            request = {"path": str(path), "rows": self._job[0], "names": [list(names.names), names.score, names.loss]}
+            request = {"path": str(path), "rows": self._job[0], "names": [list(names.names), names.score, names.loss],
+                       "title": None if title is None else [title.name, title.headline]}
             self._child.stdin.write(json.dumps(request).encode())
             self._child.stdin.close()
         except OSError:  # the child has died; close() plots in process
             pass
+
+    def title_for(self, title: PlotTitle | None) -> PlotTitle | None:
+        """``title`` with this process's ``name``, when it was given one."""
+        return replace(title, name=self._name) if title is not None and self._name else title
 
     def close(self) -> None:
         """Wait until the child has written the file, or plot here if it did
@@ -134,7 +173,9 @@ def _serve() -> int:
         return 0
     job = json.loads(request)
     names, score, loss = job["names"]
-    plot_curves(job["rows"], Path(job["path"]), MetricNames(tuple(names), score, loss))
+    title = job.get("title")
+    plot_curves(job["rows"], Path(job["path"]), MetricNames(tuple(names), score, loss),
+                None if title is None else PlotTitle(*title))
     return 0
 
 

@@ -13,6 +13,13 @@ When the executor streams and the strategy's aggregate is a weighted mean
 memory is then one buffer of rows, not one model per client, and the strategy
 gets one :class:`~fedtrain.types.AggregateUpdate` (origin ``CLIENT_MEAN``)
 standing for the folded clients, as under secure aggregation.
+
+Under ``compression.up`` an update arrives as a
+:class:`~fedtrain.compression.CompressedUpdate`; it is decoded before it is
+checked, so the norm bound (user-level DP) holds for the decoded update.
+Under ``compression.down`` clients train from the broadcast copy
+(:class:`~fedtrain.compression.Downlink`), the coordinator aggregates into
+its own model. Every record counts the bytes that crossed each way.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ import numpy as np
 import torch
 
 from fedtrain.aggregation import FoldedClient, UpdateFold
+from fedtrain.compression import (
+    CompressedUpdate, CompressionPlan, decoded_update, uncompressed_nbytes, wire_nbytes,
+)
 from fedtrain.training.executor import Executor, takes_sink
 from fedtrain.training.train_task import TrainTask
 from fedtrain.config import ClientConfig
@@ -94,13 +104,19 @@ class RoundIntake:
     folded in; a refused one is kept as its client's failure, with the reason
     the unfolded round gives."""
 
-    def __init__(self, fold: UpdateFold, policy: FoldingPolicy, kind: UpdateKind) -> None:
+    def __init__(
+        self, fold: UpdateFold, policy: FoldingPolicy, kind: UpdateKind,
+        rnd: int = 0, compression: CompressionPlan | None = None,
+    ) -> None:
         self.fold = fold
         self.policy = policy
         self.kind = kind
+        self.rnd = rnd
+        self.compression = compression
         self.invalid: list[ClientFailure] = []
         self.refused: list[tuple[str, str]] = []
         self.validated = 0
+        self.bytes_up = 0
 
     def row(self) -> torch.Tensor:
         return self.fold.row()
@@ -114,6 +130,14 @@ class RoundIntake:
         self._take(update, borrow=True)
 
     def _take(self, update: ClientUpdate, borrow: bool) -> None:
+        self.bytes_up += wire_nbytes(update, self.fold.numel)
+        if isinstance(update, CompressedUpdate):
+            try:
+                update = decoded_update(update, self.fold.numel, self.rnd, self.compression, out=self.fold.row())
+            except ValueError as exc:
+                self.invalid.append(ClientFailure(update.client_id, f"compressed update refused: {exc}"))
+                return
+            borrow = False
         inspection = inspect_update(update, self.fold.numel, self.kind)
         if inspection.reason is not None:
             self.invalid.append(ClientFailure(update.client_id, inspection.reason))
@@ -143,11 +167,14 @@ class Engine:
     """Told of each round's release as soon as its privacy cost is composed,
     before the model is aggregated or anything about the round is published:
     the run's ledger journal (:class:`fedtrain.checkpoint.LedgerJournal`)."""
+    compression: CompressionPlan | None = None
+    """``[compression]``: decodes compressed updates and keeps the
+    downlink's broadcast copy; the executor holds the same plan's uplink."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the model that a resumed run needs to continue
         exactly: strategy, privacy ledger and the random streams."""
-        return {
+        state: dict[str, Any] = {
             "strategy": self.strategy.state_dict(),
             "privacy": self.privacy.state_dict(),
             "rng": {
@@ -155,14 +182,19 @@ class Engine:
                 "strategy": self.rngs.strategy.bit_generator.state,
             },
         }
+        if self.compression is not None:
+            state["compression"] = self.compression.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.strategy.load_state_dict(state["strategy"])
         self.privacy.load_state_dict(state["privacy"])
         self.rngs.sampling.bit_generator.state = state["rng"]["sampling"]
         self.rngs.strategy.bit_generator.state = state["rng"]["strategy"]
+        if self.compression is not None:
+            self.compression.load_state_dict(state.get("compression", {}))
 
-    def _intake(self, plan: RoundPlan, params: torch.Tensor) -> RoundIntake | None:
+    def _intake(self, rnd: int, plan: RoundPlan, params: torch.Tensor) -> RoundIntake | None:
         """The round's sink, when the executor streams and the strategy and
         privacy policy allow a fold; None runs the round on the returned updates."""
         if params.numel() == 0 or not takes_sink(self.executor) or not isinstance(self.privacy, FoldingPolicy):
@@ -171,7 +203,29 @@ class Engine:
         if reduction is None:
             return None
         fold = UpdateFold(reduction, params.numel(), plan.clients, plan.kind, params.device)
-        return RoundIntake(fold, self.privacy, plan.kind)
+        return RoundIntake(fold, self.privacy, plan.kind, rnd, self.compression)
+
+    def _decoded(
+        self, rnd: int, updates: Sequence[ClientUpdate], numel: int
+    ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
+        """The returned updates with compressed ones decoded, and the refused ones."""
+        decoded: list[ClientUpdate] = []
+        refused: list[ClientFailure] = []
+        for update in updates:
+            if not isinstance(update, CompressedUpdate):
+                decoded.append(update)
+                continue
+            try:
+                decoded.append(decoded_update(update, numel, rnd, self.compression))
+            except ValueError as exc:
+                refused.append(ClientFailure(update.client_id, f"compressed update refused: {exc}"))
+        return decoded, refused
+
+    def _broadcast(self, rnd: int, params: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The model the clients train from, and the bytes each one received."""
+        if self.compression is None or self.compression.downlink is None or params.numel() == 0:
+            return params, uncompressed_nbytes(params.numel())
+        return self.compression.downlink.broadcast_(rnd, params)
 
     def run_round(self, rnd: int, params: torch.Tensor) -> tuple[torch.Tensor, RoundRecord]:
         """One round; raises :class:`BudgetExhausted` before any client works
@@ -183,16 +237,21 @@ class Engine:
             raise BudgetExhausted(stop)
         plan = self.strategy.configure(rnd, cohort, self.rngs.strategy)
         task = TrainTask.of(self.client, plan, self.privacy.client_privacy(rnd))
-        intake = self._intake(plan, params)
+        intake = self._intake(rnd, plan, params)
+        sent, down_each = self._broadcast(rnd, params)
+        bytes_down = down_each * len(plan.clients)
         if intake is None:
-            outcome = self.executor.train_round(rnd, plan.clients, task, params)
-            checked, rejected_updates = split_valid(outcome.updates, params.numel(), plan.kind)
-            failures = [*outcome.failures, *rejected_updates]
+            outcome = self.executor.train_round(rnd, plan.clients, task, sent)
+            bytes_up = sum(wire_nbytes(u, params.numel()) for u in outcome.updates)
+            decoded, undecodable = self._decoded(rnd, outcome.updates, params.numel())
+            checked, rejected_updates = split_valid(decoded, params.numel(), plan.kind)
+            failures = [*outcome.failures, *undecodable, *rejected_updates]
             release = self.privacy.release(rnd, plan.clients, checked)
         else:
-            outcome = self.executor.train_round(rnd, plan.clients, task, params, sink=intake)
+            outcome = self.executor.train_round(rnd, plan.clients, task, sent, sink=intake)
             for update in outcome.updates:
                 intake.take_returned(update)
+            bytes_up = intake.bytes_up
             failures = [*outcome.failures, *intake.invalid]
             release = intake.policy.release_fold(rnd, plan.clients, intake.fold, intake.validated)
             release = replace(release, rejected=(*intake.refused, *release.rejected))
@@ -232,6 +291,8 @@ class Engine:
             delta=report.delta,
             privacy=dict(report.extra),
             failures={f.client_id: f.reason for f in failures},
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
         )
         return params, record
 

@@ -266,7 +266,7 @@ def build_model(
         elif cfg.name == "lstm":
             model = lstm(input_shape, num_classes, cfg.lstm_embedding, cfg.lstm_hidden, cfg.layers, cfg.dropout)
         else:
-            factory = load_object(cfg.name, "model function", "model.name")
+            factory = load_object(cfg.name, "model function", "model.name", call_with=("input_shape", "num_classes"))
             model = factory(input_shape, num_classes)
         if isinstance(model, nn.Module) and (cfg.lora.r > 0 or grad_checkpointing):
             model = adapt_model(model, cfg, grad_checkpointing)

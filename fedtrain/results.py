@@ -2,22 +2,25 @@
 
 - ``config.toml``: the fully resolved config, written before training starts;
 - ``metrics.jsonl``: one JSON object per round, appended and flushed as it ends;
-- ``summary.json``, ``model.pt`` and ``curves.png`` when the run ends.
+- ``summary.json``, ``model.pt`` and ``curves.png`` when the run ends;
+- ``tensorboard/`` with ``run.tensorboard = true`` (:mod:`fedtrain.tensorboard_log`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from fedtrain.config import Config, dumps
-from fedtrain.curves import Rows, plot_curves
+from fedtrain.curves import PlotTitle, Rows, plot_curves
 from fedtrain.metrics import CLASSIFICATION_METRICS, MetricNames
+from fedtrain.strategy import BUILTIN_STRATEGIES
 from fedtrain.types import Params, RoundRecord
 
 CONFIG_FILE = "config.toml"
@@ -26,8 +29,11 @@ SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
 CURVES_FILE = "curves.png"
 
-Plot = Callable[[Rows, Path, MetricNames], None]
-"""Draws ``curves.png`` at the path from the rounds' rows and the task's metric names."""
+Plot = Callable[[Rows, Path, MetricNames, PlotTitle], None]
+"""Draws ``curves.png`` at the path from the rounds' rows and the task's metric names, under the title."""
+
+TIMESTAMP_SUFFIX = re.compile(r"-\d{8}-\d{6}$")
+"""The ``-YYYYmmdd-HHMMSS`` that ``fedtrain simulate`` puts after the config's name in a default run folder."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,17 @@ class Summary:
     score: str = "accuracy"
     best_score: float | None = None
     num_trainable_parameters: int | None = None
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+
+    def with_traffic(self, records: Sequence[RoundRecord]) -> Summary:
+        """This summary with ``bytes_up`` / ``bytes_down``, the rounds'
+        totals (:attr:`RoundRecord.bytes_up`), filled in where unset."""
+        return replace(
+            self,
+            bytes_up=sum(r.bytes_up for r in records) if self.bytes_up is None else self.bytes_up,
+            bytes_down=sum(r.bytes_down for r in records) if self.bytes_down is None else self.bytes_down,
+        )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -97,16 +114,29 @@ class RunWriter:
         self._plot = plot
         self._names = names
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.dir / CONFIG_FILE, dumps(config).encode())
+        text = dumps(config)
+        _write_atomic(self.dir / CONFIG_FILE, text.encode())
+        self._tensorboard = None
+        if config.run.tensorboard:
+            from fedtrain.tensorboard_log import TensorBoardLog
+
+            self._tensorboard = TensorBoardLog(self.dir, text, first_round=len(records) + 1)
         self._metrics = open(self.dir / METRICS_FILE, "w", encoding="utf-8")
         self.records: list[RoundRecord] = []
         for record in records:
-            self.on_round(record, torch.empty(0))
+            self._write(record)
+
+    def _write(self, record: RoundRecord) -> dict[str, object]:
+        self.records.append(record)
+        row = record.as_json()
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        return row
 
     def on_round(self, record: RoundRecord, params: torch.Tensor) -> None:
-        self.records.append(record)
-        self._metrics.write(json.dumps(record.as_json()) + "\n")
-        self._metrics.flush()
+        row = self._write(record)
+        if self._tensorboard is not None:
+            self._tensorboard.add_round_(row, self._names.names)
 
     def finish(self, summary: Summary, state: Params) -> None:
         """Write the summary, ``model.pt`` (``state``: the model's whole
@@ -117,7 +147,29 @@ class RunWriter:
         tmp = self.dir / (MODEL_FILE + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.dir / MODEL_FILE)
-        self._plot([r.as_json() for r in self.records], self.dir / CURVES_FILE, self._names)
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        title = PlotTitle(run_name(self.dir), headline(summary))
+        self._plot([r.as_json() for r in self.records], self.dir / CURVES_FILE, self._names, title)
+
+
+def run_name(run_dir: Path) -> str:
+    """A run's name for people: its folder's, less the time stamp of a default folder (so the config's)."""
+    return TIMESTAMP_SUFFIX.sub("", Path(run_dir).resolve().name)
+
+
+def strategy_label(name: str) -> str:
+    """``strategy.name`` as a person reads it: a built-in's class name (``FedAvg``), a plug-in's ``Class``."""
+    return BUILTIN_STRATEGIES.get(name.lower(), name).rpartition(":")[2] or name
+
+
+def headline(summary: Summary) -> str:
+    """The strategy and the final score (and ε with privacy): ``FedAvg, 0.958``."""
+    final = summary.final_metrics.get(summary.score, summary.final_accuracy)
+    parts = [strategy_label(summary.strategy), "-" if final is None else f"{final:.3f}"]
+    if summary.epsilon is not None:
+        parts.append(f"ε = {summary.epsilon:.2f}")
+    return ", ".join(parts)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float | int | None]]:

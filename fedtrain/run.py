@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,9 @@ from torch import nn
 
 from fedtrain import checkpoint
 from fedtrain.config import (
-    AttackKind, ClientEngine, Config, ConfigError, GradSampleMode, KeyColumn, PrivacyMode, to_dict,
+    AttackKind, ClientEngine, Compression, Config, ConfigError, GradSampleMode, KeyColumn, PrivacyMode, from_dict, to_dict,
 )
+from fedtrain.compression import CompressionPlan
 from fedtrain.curves import plot_curves
 from fedtrain.data import Dataset, load_dataset, partition
 from fedtrain.data.clients import ClientData, PartitionedData, partitions_by_id
@@ -45,6 +46,7 @@ from fedtrain.sampling import make_sampler, secret_sampling
 from fedtrain.strategy import Strategy, load_strategy
 from fedtrain.training.attack import AttackingExecutor, choose_attackers
 from fedtrain.training.batched import BatchedExecutor
+from fedtrain.training.compressing import CompressingExecutor
 from fedtrain.training.executor import Executor
 from fedtrain.training.sequential import SequentialExecutor
 from fedtrain.training.task import Task, load_task, prediction
@@ -212,16 +214,18 @@ def build_trainable(
     x, y = records
     task.check_data(x, y, num_classes, f"data.dataset = {config.data.dataset!r}")
     model, grad_sample_mode = prepare_model(config, input_shape, num_classes, x[:2])
-    check_model_output(task, model, x[:2], y[:2])
+    check_model_output(task, model, x[:2], y[:2], num_classes)
     layout = ParamLayout.of_model(model)
     torch.set_num_threads(cpu_threads(config.run.threads, layout.numel))
     return Trainable(LocalTrainer(model, layout, device, task), layout, grad_sample_mode)
 
 
-def check_model_output(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+def check_model_output(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
     """Refuse ``model`` when its output for ``x`` does not fit ``task``'s
-    targets ``y``. Run in eval mode without gradients, so that no random
-    stream or batch-norm statistic moves."""
+    targets ``y``, or (classes as integer labels) has fewer logits than the
+    data set's ``num_classes``: two records need not show every label. Run
+    in eval mode without gradients, so that no random stream or batch-norm
+    statistic moves."""
     training = model.training
     model.eval()
     try:
@@ -238,6 +242,11 @@ def check_model_output(task: Task, model: nn.Module, x: torch.Tensor, y: torch.T
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
         task.check_output(predicted, y.to(predicted.device))
+        if predicted.dim() == 2 and y.dim() == 1 and not y.is_floating_point() and predicted.shape[1] < num_classes:
+            raise ConfigError(
+                f"model.name: the model returns {predicted.shape[1]} logits per record, but the data set has "
+                f"num_classes = {num_classes} labels; allowed: a model with at least {num_classes} outputs"
+            )
     finally:
         model.train(training)
 
@@ -254,28 +263,56 @@ class SecurePlan:
 
 
 def build_strategy(config: Config, deployed: bool = False) -> tuple[Strategy, SecurePlan | None]:
-    """The configured strategy and, under secure aggregation, the plan; refuses
-    a strategy that needs each update on its own, a ring that could overflow,
-    and (``deployed``) ``secure.simulated_dropout``, a simulation-only knob."""
+    """The configured strategy and, under secure aggregation, the plan, after
+    the whole run was validated (:func:`validate_run`)."""
     strategy = load_strategy(config.strategy.name, config.strategy.options)
-    if not config.secure.aggregation:
-        return strategy, None
-    from fedtrain.secure.setting import SecureSettings, check_strategy
+    return strategy, validate_run(config, strategy, deployed)
+
+
+def validate_run(config: Config, strategy: Strategy, deployed: bool = False) -> SecurePlan | None:
+    """Check the whole run once, before round 1, in a simulation and a
+    deployment alike, and return its secure-aggregation plan (None without).
+
+    Refuses a strategy that needs each update where the run reveals only a
+    sum or a noisy mean (:func:`fedtrain.privacy.setting.check_strategy`),
+    a user-level or distributed ``privacy.target_epsilon`` that no noise
+    reaches, (``deployed``) ``secure.simulated_dropout``, a simulation-only
+    knob, and a ring that could overflow or, under distributed DP, rounds
+    too coarsely for the noise actually used, calibrated
+    (:func:`fedtrain.secure.setting.check_secure`). Sample-level noise is
+    calibrated per client from its record count, when the policy is built."""
+    from fedtrain.privacy.setting import check_strategy, user_level_noise
 
     check_strategy(config, strategy)
+    c = config.compression
+    if deployed and (c.up is not Compression.NONE or c.down is not Compression.NONE):
+        raise ConfigError(
+            f"compression.up = {c.up.value!r}, compression.down = {c.down.value!r}: compression runs in a "
+            "simulation only for now (a deployment sends every update and model as float32); allowed in a "
+            "deployment: 'none'"
+        )
+    if config.privacy.mode in (PrivacyMode.USER, PrivacyMode.DISTRIBUTED):
+        user_level_noise(config)
+    if not config.secure.aggregation:
+        return None
+    from fedtrain.secure.setting import SecureSettings
+
     if deployed and config.secure.simulated_dropout:
         raise ConfigError(
             f"secure.simulated_dropout = {config.secure.simulated_dropout}: only a simulation drops clients "
             "on purpose; allowed in a deployment: 0"
         )
-    return strategy, SecurePlan(SecureSettings.of(config), strategy.weighted)
+    return SecurePlan(SecureSettings.of(config), strategy.weighted)
 
 
 def in_process_executor(
-    config: Config, trainer: LocalTrainer, data: ClientData, secure: SecurePlan | None
+    config: Config, trainer: LocalTrainer, data: ClientData, secure: SecurePlan | None,
+    compression: CompressionPlan | None = None,
 ) -> Executor:
     """The simulation's executor: sequential or batched training, with the
-    configured Byzantine attack and secure aggregation wrapped around it."""
+    configured Byzantine attack, uplink compression (after the attack: an
+    attacker's update goes through the same client software) and secure
+    aggregation wrapped around it."""
     executor: Executor
     if config.client.engine is ClientEngine.SEQUENTIAL:
         executor = SequentialExecutor(trainer, data, config.run.seed, config.client.timeout)
@@ -291,6 +328,8 @@ def in_process_executor(
     if config.attack.kind is not AttackKind.NONE:
         attackers = choose_attackers(data.ids, config.attack.fraction, config.run.seed)
         executor = AttackingExecutor(executor, attackers, config.attack.kind, config.attack.scale, config.run.seed)
+    if compression is not None and compression.uplink is not None:
+        executor = CompressingExecutor(executor, compression.uplink, dense=secure is not None)
     if secure is not None:
         from fedtrain.transport.in_process import InProcessSecureAggregation
 
@@ -309,6 +348,7 @@ def build_engine(
     test_set: tuple[torch.Tensor, torch.Tensor],
     sizes: Mapping[str, int],
     clients_per_round: int | None = None,
+    compression: CompressionPlan | None = None,
 ) -> Engine:
     """The round loop over ``executor`` for the clients of ``sizes`` (id →
     record count, in sampling order), with the configured sampler (of
@@ -317,7 +357,14 @@ def build_engine(
     clients = list(sizes)
     per_round = config.strategy.clients_per_round if clients_per_round is None else clients_per_round
     sampler = make_sampler(config.strategy.sampling, per_round, len(clients))
-    privacy = build_policy(config, strategy, sizes, sampler.expected_size(len(clients)), trainable.grad_sample_mode)
+    fewest_contributors = None
+    if config.privacy.mode is PrivacyMode.DISTRIBUTED:
+        from fedtrain.secure.setting import SecureSettings
+
+        fewest_contributors = SecureSettings.of(config).fewest_contributors
+    privacy = build_policy(
+        config, strategy, sizes, sampler.expected_size(len(clients)), trainable.grad_sample_mode, fewest_contributors
+    )
     trainer = trainable.trainer
     x_test, y_test = test_set
     return Engine(
@@ -330,6 +377,7 @@ def build_engine(
         min_clients=config.strategy.min_clients,
         rngs=RngStreams.from_seed(config.run.seed, secret_cohort=secret_sampling(config.privacy)),
         privacy=privacy,
+        compression=compression,
     )
 
 
@@ -370,7 +418,7 @@ def run_engine(
         if out_dir is None:
             raise ConfigError("resume needs the run folder (out_dir) to resume from")
         saved = checkpoint.latest(out_dir, trust_checkpoint)
-        changed = [d for d in checkpoint.config_differences(saved.config, to_dict(config))
+        changed = [d for d in checkpoint.config_differences(_with_defaults(saved.config), to_dict(config))
                    if not d.startswith("run.rounds:")]
         if changed:
             raise ConfigError(
@@ -440,11 +488,21 @@ def run_engine(
         delta=report.delta,
         noise_multiplier=report.extra.get("noise_multiplier"),
         stopped_early=stopped,
-    )
+    ).with_traffic(records)
     if writer is not None:
         writer.finish(summary, trainable.final_state(params))
         save_adapter(trainable.trainer.model, writer.dir)
     return RunResult(params, trainable.layout, tuple(records), summary, writer.dir if writer else None)
+
+
+def _with_defaults(saved: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A checkpoint's config with every key it predates at its default, so
+    that a key added to fedtrain later (at its default) is no difference; a
+    config that no longer loads is compared as it was saved."""
+    try:
+        return to_dict(from_dict(saved))
+    except ConfigError:
+        return saved
 
 
 def _best(records: Sequence[RoundRecord], metric: str, otherwise: float | None) -> float | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fedtrain.compression import CompressionPlan
 from fedtrain.config import Config
 from fedtrain.curves import plot_curves
 from fedtrain.results import Plot
@@ -44,8 +45,11 @@ def simulate(
     strategy, secure = build_strategy(config)
     test_set = (clients.x_test, clients.y_test)
     trainable = build_trainable(config, clients.input_shape, clients.num_classes, test_set, device)
-    executor = in_process_executor(config, trainable.trainer, clients.data, secure)
+    compression = CompressionPlan.of(
+        config.compression, config.run.seed, None if out_dir is None else Path(out_dir) / "residuals"
+    )
+    executor = in_process_executor(config, trainable.trainer, clients.data, secure, compression)
     sizes = {cid: clients.data.size(cid) for cid in clients.data.ids}
-    engine = build_engine(config, strategy, executor, trainable, test_set, sizes)
+    engine = build_engine(config, strategy, executor, trainable, test_set, sizes, compression=compression)
     return run_engine(config, engine, trainable, trainable.initial_params(), out_dir, progress, resume,
                       started, trust_checkpoint, plot, trainable.trainer.objective.metric_names)

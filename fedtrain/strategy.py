@@ -165,7 +165,7 @@ def load_strategy(name: str, options: Mapping[str, Any] | None = None) -> Strate
             f"strategy.name = {name!r}: not a built-in; built-ins are "
             f"{sorted(BUILTIN_STRATEGIES)}, or give 'package.module:Class' / 'file.py:Class'"
         )
-    cls = load_object(spec, "strategy class", "strategy.name")
+    cls = load_object(spec, "strategy class", "strategy.name", kind=Strategy)
     if not callable(cls):
         raise PluginError(f"strategy.name = {name!r}: {spec} is not a class")
     check_options(cls, options, "strategy.options")

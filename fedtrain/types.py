@@ -168,7 +168,10 @@ class Evaluation(_Metrics):
 class RoundRecord(_Metrics):
     """What one round did, as written to ``metrics.jsonl``: ``metrics`` are
     the task's evaluation of the round's model (for classification
-    ``accuracy`` and ``loss``)."""
+    ``accuracy`` and ``loss``). ``bytes_up`` / ``bytes_down``: the bytes
+    that crossed, summed over the round's clients (each update's wire size,
+    and the broadcast's size times the clients it was sent to:
+    :mod:`fedtrain.compression`)."""
 
     round: int
     metrics: Mapping[str, float]
@@ -180,6 +183,8 @@ class RoundRecord(_Metrics):
     delta: float | None = None
     privacy: Mapping[str, float] = field(default_factory=dict)
     failures: Mapping[str, str] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
 
     def as_json(self) -> dict[str, Any]:
         """The ``metrics.jsonl`` row: the round, the task's metrics in its
@@ -197,6 +202,8 @@ class RoundRecord(_Metrics):
             "epsilon": self.epsilon,
             "delta": self.delta,
             "failures": dict(self.failures),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
             **self.privacy,
         }
 

@@ -446,3 +446,102 @@ def test_importing_the_accountant_does_not_import_opacus() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- PLD: Google's dp_accounting (privacy.accountant = "pld") -------------------------------
+
+PLD = AccountantKind.PLD
+
+
+# google/differential-privacy, python/dp_accounting/dp_accounting/pld/pld_privacy_accountant_test.py:
+# test_gaussian_basic (σ = √3, 3 compositions: ε = 1 at δ = 0.126936) and
+# test_poisson_subsampled_gaussian (q = 0.2, σ = 0.5, 3 compositions: ε = 1 at δ = 0.15594),
+# both asserted there to within 1e-3.
+DP_ACCOUNTING_PLD = [
+    (math.sqrt(3.0), 1.0, 3, 0.126936, 1.0),
+    (0.5, 0.2, 3, 0.15594, 1.0),
+]
+
+
+@pytest.mark.parametrize("sigma,q,steps,delta,expected", DP_ACCOUNTING_PLD)
+def test_pld_matches_dp_accounting_published_values(
+    sigma: float, q: float, steps: int, delta: float, expected: float
+) -> None:
+    pytest.importorskip("dp_accounting")
+
+    assert epsilon_for(sigma, q, steps, delta, PLD) == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("sigma,steps", [(1.0, 1), (2.0, 10), (5.0, 100)])
+def test_pld_is_an_upper_bound_on_the_exact_gaussian_composition(sigma: float, steps: int) -> None:
+    pytest.importorskip("dp_accounting")
+    exact = gaussian_epsilon(sigma, steps, 1e-5)
+
+    pld = epsilon_for(sigma, 1.0, steps, 1e-5, PLD)
+
+    assert exact <= pld <= exact + 1e-3
+
+
+def _prv_bracket(sigma: float, q: float, steps: int, delta: float) -> tuple[float, float]:
+    """Opacus' PRV (lower, upper) bounds on ε, at the eps_error fedtrain uses
+    (Gopi et al. 2021, Thm. 5.5: the true ε lies between them)."""
+    from opacus.accountants import PRVAccountant
+
+    prv = PRVAccountant()
+    prv.history = [(sigma, q, steps)]
+    dprv = prv._get_dprv(eps_error=PRV_EPS_ERROR, delta_error=delta / 1000)
+    lower, _, upper = dprv.compute_epsilon(delta, delta / 1000, PRV_EPS_ERROR)
+    return float(lower), float(upper)
+
+
+@pytest.mark.parametrize(
+    "sigma,q,steps,delta",
+    [(s, q, n, 1e-6) for s, q, n, _ in MSR_PRV]
+    + [(1.1, 0.01, 1000, 1e-5), (1.0, 1.0, 10, 1e-5), (2.0, 0.25, 100, 1e-5)],
+)
+def test_pld_is_never_below_prv_by_more_than_prv_error_and_never_above_rdp(
+    sigma: float, q: float, steps: int, delta: float
+) -> None:
+    pytest.importorskip("dp_accounting")
+    lower, upper = _prv_bracket(sigma, q, steps, delta)
+
+    pld = epsilon_for(sigma, q, steps, delta, PLD)
+
+    assert pld >= lower
+    assert upper - pld <= 2 * PRV_EPS_ERROR
+    assert pld <= epsilon_for(sigma, q, steps, delta, RDP)
+
+
+def test_pld_calibration_reaches_the_target_from_below() -> None:
+    pytest.importorskip("dp_accounting")
+
+    sigma = calibrate_noise(8.0, 1e-5, 0.25, 100, PLD)
+
+    eps = epsilon_for(sigma, 0.25, 100, 1e-5, PLD)
+    assert 8.0 * (1 - 0.001) <= eps <= 8.0
+    assert sigma < calibrate_noise(8.0, 1e-5, 0.25, 100, RDP)
+
+
+def test_pld_accountant_composes_a_mixed_history_and_round_trips() -> None:
+    pytest.importorskip("dp_accounting")
+    events = [GaussianEvent(1.5, 0.02, 10), GaussianEvent(2.0, 1.0, 5)]
+    pld, rdp = Accountant(PLD), Accountant(RDP)
+    for event in events:
+        pld.compose(event)
+        rdp.compose(event)
+
+    restored = Accountant.from_state_dict(json.loads(json.dumps(pld.state_dict())))
+
+    assert 0 < pld.epsilon(1e-5) <= rdp.epsilon(1e-5)
+    assert restored.kind is PLD and restored.epsilon(1e-5) == pld.epsilon(1e-5)
+    assert epsilon_for(1.5, 0.02, 10, 1e-5, PLD) < pld.epsilon(1e-5)
+
+
+def test_pld_without_dp_accounting_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)
+    accountant_module._dp_accounting.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="privacy.accountant = 'pld'.*dp-accounting"):
+            calibrate_noise(8.0, 1e-5, 0.25, 100, PLD)
+    finally:
+        accountant_module._dp_accounting.cache_clear()

@@ -21,6 +21,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "fedtrain.validation", "fedtrain.plugin", "fedtrain.deadline", "fedtrain.aggregation",
         "fedtrain.strategy", "fedtrain.checkpoint", "fedtrain.results", "fedtrain.curves",
         "fedtrain.progress", "fedtrain.certs", "fedtrain.models", "fedtrain.huggingface", "fedtrain.metrics",
+        "fedtrain.comparison", "fedtrain.sweep", "fedtrain.tensorboard_log",
+        "fedtrain.compression",
     )),
     ("data", ("fedtrain.data",)),
     ("privacy", ("fedtrain.privacy", "fedtrain.sampling")),  # secret sampling draws from the keystream

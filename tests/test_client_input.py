@@ -26,7 +26,7 @@ from fedtrain.engine import Engine, RngStreams
 from fedtrain.types import RoundOutcome
 from fedtrain.models import mlp
 from fedtrain.privacy.policy import ClientPrivacy
-from fedtrain.transport.relay import ClientInfo, Hello
+from fedtrain.transport.relay import RAW_STYPE, ClientInfo, Hello
 from fedtrain.sampling import UniformSampler
 from fedtrain.types import MAX_RECORDS, ClientUpdate, Evaluation, RoundPlan, UpdateKind
 from fedtrain.validation import metrics_reason, rejection_reason
@@ -97,10 +97,14 @@ def test_a_hello_with_records_of_the_wrong_kind_is_rejected() -> None:
         flower.parse_hello_reply(RecordDict({**_hello(), "more": ConfigRecord({"x": 1})}))
 
 
+def _float64() -> Array:
+    return Array(dtype="float64", shape=(NUMEL,), stype=RAW_STYPE, data=np.zeros(NUMEL, "<f8").tobytes())
+
+
 def _train(vector: Array | None = None, **fields: object) -> RecordDict:
     row: dict[str, object] = {"status": "ok", "num_examples": 120, "metrics": json.dumps({"train_loss": 0.5})}
     row.update(fields)
-    update = vector if vector is not None else Array(np.arange(NUMEL, dtype=np.float32))
+    update = vector if vector is not None else flower.float32_array(np.arange(NUMEL, dtype=np.float32))
     return RecordDict({
         "update": ArrayRecord({"update": update}),
         "result": ConfigRecord({k: v for k, v in row.items() if v is not MISSING}),
@@ -134,16 +138,20 @@ def test_a_well_formed_training_reply_parses() -> None:
     (_train(metrics='{"a": "' + "x" * 10**6 + '"}'), "metrics = 1000009 characters"),
     (_train(metrics="not json"), "not JSON"),
     (_train(metrics=3), "metrics = a int"),
-    (_train(Array(np.zeros(NUMEL, np.float64))), "float64"),
-    (_train(Array(np.zeros(NUMEL + 1, np.float32))), f"shape ({NUMEL + 1},)"),
-    (_train(Array(np.zeros((1, NUMEL), np.float32))), f"shape (1, {NUMEL})"),
-    (_train(Array(dtype="float32", shape=(NUMEL,), stype="numpy.ndarray", data=b"\x80\x04junk")), "update"),
-    (_train(Array(dtype="float32", shape=(NUMEL,), stype="numpy.ndarray", data=b"0" * 10**6)), "bytes"),
+    (_train(_float64()), "float64"),
+    (_train(flower.float32_array(np.zeros(NUMEL + 1, np.float32))), f"shape ({NUMEL + 1},)"),
+    (_train(Array(dtype="float32", shape=(1, NUMEL), stype=RAW_STYPE, data=bytes(4 * NUMEL))), f"shape (1, {NUMEL})"),
+    (_train(Array(dtype="float32", shape=(NUMEL,), stype=RAW_STYPE, data=b"\x80\x04junk")), "update"),
+    (_train(Array(dtype="float32", shape=(NUMEL,), stype=RAW_STYPE, data=b"0" * 10**6)), "bytes"),
     (_train(Array(dtype="float32", shape=(NUMEL,), stype="torch.Tensor", data=b"")), "torch.Tensor"),
-    (_train(Array(dtype="float32", shape=(NUMEL,), stype="numpy.ndarray",
+    (_train(Array(dtype="float32", shape=(NUMEL,), stype=RAW_STYPE,
                   data=Array(np.zeros(NUMEL, ">f4")).data)), "do not hold"),
-    (_train(Array(dtype="float32", shape=(NUMEL,), stype="numpy.ndarray",
-                  data=Array(np.zeros(2, np.float32)).data)), "do not hold"),
+    (_train(Array(dtype="float32", shape=(NUMEL,), stype=RAW_STYPE,
+                  data=np.zeros(2, np.float32).tobytes())), "do not hold"),
+    (_train(Array(np.arange(NUMEL, dtype=np.float32))), "stype = 'numpy.ndarray'"),
+    (_train(Array(dtype="float32", shape=(-NUMEL,), stype=RAW_STYPE, data=b"")), f"shape (-{NUMEL},)"),
+    (_train(Array(dtype=">f4", shape=(NUMEL,), stype=RAW_STYPE, data=np.zeros(NUMEL, ">f4").tobytes())),
+     "dtype = '>f4'"),
 ])
 def test_a_bad_training_reply_is_rejected_naming_the_field(content: RecordDict, named: str) -> None:
     with pytest.raises(flower.RejectedReply) as caught:
@@ -153,10 +161,10 @@ def test_a_bad_training_reply_is_rejected_naming_the_field(content: RecordDict, 
 
 
 def test_an_object_array_is_never_unpickled() -> None:
-    payload = Array(dtype="float32", shape=(NUMEL,), stype="numpy.ndarray",
-                    data=_npy_of_objects())
-    with pytest.raises(flower.RejectedReply, match="update"):
-        flower.parse_train_reply(_train(payload), NUMEL)
+    for stype in ("numpy.ndarray", RAW_STYPE):
+        payload = Array(dtype="float32", shape=(NUMEL,), stype=stype, data=_npy_of_objects())
+        with pytest.raises(flower.RejectedReply, match="update"):
+            flower.parse_train_reply(_train(payload), NUMEL)
 
 
 def _npy_of_objects() -> bytes:
@@ -271,7 +279,7 @@ def test_a_malformed_training_reply_fails_that_client_and_the_round_goes_on(run_
         2: _client("nan_loss", 120, lambda: _train(metrics='{"train_loss": NaN}')),
         3: _client("overflow", 120, lambda: _train(num_examples=10**18)),
         4: _client("liar", 120, lambda: _train(num_examples=7)),
-        5: _client("float64", 120, lambda: _train(Array(np.zeros(NUMEL, np.float64)))),
+        5: _client("float64", 120, lambda: _train(_float64())),
         6: _client("error", 120, lambda: RecordDict({"result": ConfigRecord({"status": "error", "reason": "no"})})),
     })
     names = backend.wait_for_clients(expected=6, minimum=1, wait=0.0)

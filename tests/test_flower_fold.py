@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtrain.aggregation import Reduction, UpdateFold, weighted_mean
@@ -75,7 +75,7 @@ def _client(name: str, examples: int, vector: np.ndarray | None = None, metrics:
             return RecordDict({"result": ConfigRecord(row)})
         update = vector if vector is not None else np.arange(NUMEL, dtype=np.float32) * examples
         return RecordDict({
-            "update": ArrayRecord({"update": Array(update)}),
+            "update": ArrayRecord({"update": flower.float32_array(update)}),
             "result": ConfigRecord({"status": "ok", "num_examples": examples, "metrics": metrics}),
         })
 

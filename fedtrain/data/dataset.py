@@ -416,7 +416,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         return _check(loader(cfg, seed), cfg.dataset)
     from fedtrain.strategy import load_object
 
-    function = load_object(cfg.dataset, "dataset function", "data.dataset")
+    function = load_object(cfg.dataset, "dataset function", "data.dataset", call_with=("seed",))
     if not callable(function):
         raise DataError(f"data.dataset = {cfg.dataset!r}: {function!r} is not callable")
     ds = function(seed)

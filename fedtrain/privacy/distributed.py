@@ -17,7 +17,8 @@ Steinke 2020) or Skellam (Agarwal, Kairouz & Liu 2021) mechanisms those
 papers analyse. Their analyses pay off in small rings (12–20 bits), where
 rounding is comparable to the noise; fedtrain's default ring has 2^31 / n
 levels per client, and the config is refused unless the worst-case rounding of
-the sum stays under 1% of the noise std (``fedtrain.secure.quantize.ROUNDING_TO_NOISE``),
+the sum stays under 1% of the noise std actually used, calibrated when
+``privacy.target_epsilon`` is set (``fedtrain.secure.setting.ROUNDING_TO_NOISE``),
 so the released sum is the Gaussian mechanism up to that negligible,
 data-independent perturbation. Clamping to ``secure.clip_range`` (≥ ``C``)
 happens only when a client's own noise share exceeds ``clip_range − C`` in a
@@ -29,10 +30,18 @@ noise share with it, so ``m`` survivors of ``n`` leave noise of std
 ``z·C·√(m/n)``. Nothing is topped up (the coordinator adding noise would mean
 trusting it with a less noisy sum); the round is accounted with the noise that
 actually reached the sum, multiplier ``z·√(m/n)``, composed before the
-released update leaves the policy. ``privacy.max_epsilon`` is checked before
-the round with the planned ``z``, so a round with dropouts can end slightly
-above it; ``metrics.jsonl`` carries the effective multiplier of each round.
-A round that aborts releases nothing and costs nothing.
+released update leaves the policy. ``privacy.max_epsilon`` is a promise, so
+it is checked before the round against the worst case the round can release:
+the fewest contributors secure aggregation accepts for a cohort of ``n``
+(no fewer than the Shamir threshold of the round's graph, below which it
+aborts without revealing anything; :meth:`SecureSettings.fewest_contributors
+<fedtrain.secure.setting.SecureSettings.fewest_contributors>`), so the
+round's actual cost, composed at release, never ends above the budget.
+``metrics.jsonl`` carries the effective multiplier of each round. A round
+that aborts releases nothing and costs nothing. Clients that fail before
+secure aggregation starts shrink the round's graph and with it the fewest
+contributors; such a round is still accounted with the noise that reached
+its sum, and a warning says so when that is below the checked worst case.
 
 Weights: as in user-level DP every client counts once (unit weights), so the
 sensitivity is ``C``.
@@ -40,8 +49,9 @@ sensitivity is ``C``.
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any, Mapping, Sequence, TypeGuard
+from typing import Any, Callable, Mapping, Sequence, TypeGuard
 
 from fedtrain.config import PrivacyMode
 from fedtrain.privacy.accountant import Accountant
@@ -49,6 +59,13 @@ from fedtrain.privacy.events import GaussianEvent
 from fedtrain.privacy.policy import COORDINATOR_LEDGER, ClientPrivacy, PrivacyReport, Release, coordinator_events
 from fedtrain.privacy.user_level import budget_refusal, check_round_setting, round_event
 from fedtrain.types import AggregateOrigin, AggregateUpdate, ClientUpdate
+
+log = logging.getLogger(__name__)
+
+
+def one_contributor(planned: int) -> int:
+    """The fewest contributors of a sum when nothing more is known: one."""
+    return min(1, planned)
 
 
 def is_unit_weight_secure_sum(update: ClientUpdate) -> TypeGuard[AggregateUpdate]:
@@ -88,6 +105,7 @@ class DistributedDP:
         expected_cohort: float,
         delta: float,
         max_epsilon: float,
+        fewest_contributors: Callable[[int], int] | None = None,
     ) -> None:
         check_round_setting(noise_multiplier, clip, expected_cohort)
         self.accountant = accountant
@@ -99,13 +117,32 @@ class DistributedDP:
         self.delta = delta
         self.max_epsilon = max_epsilon
         self.last_effective = noise_multiplier
+        self.fewest_contributors = fewest_contributors or one_contributor
+        self._checked: dict[int, int] = {}
+
+    def fewest(self, planned: int) -> int:
+        """The fewest contributors a released sum of a ``planned``-client round can have (at least 1)."""
+        return max(1, min(planned, self.fewest_contributors(planned)))
+
+    def worst_case_event(self, planned: int, fewest: int | None = None) -> GaussianEvent:
+        """The costliest event a round of ``planned`` clients can release: the
+        noise of its fewest possible contributors (:meth:`fewest`), ``z·√(m_min/n)``."""
+        m = self.fewest(planned) if fewest is None else fewest
+        z = effective_noise_multiplier(self.noise_multiplier, m, max(1, planned))
+        return round_event(z, self.sample_rate, self.amplified)
 
     def client_privacy(self, rnd: int) -> ClientPrivacy:
         return ClientPrivacy(clip=self.clip, distributed_noise=self.noise_multiplier * self.clip)
 
     def check(self, rnd: int, cohort: Sequence[str]) -> str | None:
-        planned = round_event(self.noise_multiplier, self.sample_rate, self.amplified)
-        return budget_refusal(self.accountant, planned, self.delta, self.max_epsilon, rnd)
+        """Refuse round ``rnd`` unless even its worst case (:meth:`worst_case_event`)
+        stays within ``privacy.max_epsilon``; without a budget nothing is refused."""
+        if self.max_epsilon <= 0:
+            return None
+        planned = len(cohort)
+        fewest = self._checked[rnd] = self.fewest(planned)
+        worst = self.worst_case_event(planned, fewest)
+        return budget_refusal(self.accountant, worst, self.delta, self.max_epsilon, rnd)
 
     def release(self, rnd: int, cohort: Sequence[str], updates: Sequence[ClientUpdate]) -> Release:
         """Account the round, then release the noisy sum over the expected cohort.
@@ -118,6 +155,7 @@ class DistributedDP:
         a client's own update with ``num_examples == contributors`` is
         refused like any other.
         """
+        checked = self._checked.pop(rnd, None)
         aggregates: list[AggregateUpdate] = []
         rejected: list[tuple[str, str]] = []
         for u in updates:
@@ -133,6 +171,12 @@ class DistributedDP:
         aggregate = aggregates[0]
         planned = max(len(cohort), aggregate.contributors)
         z = effective_noise_multiplier(self.noise_multiplier, aggregate.contributors, planned)
+        if checked is not None and aggregate.contributors < checked:
+            log.warning(
+                "round %d: %d contributors, fewer than the %d the budget check assumed (clients failed before "
+                "secure aggregation); the round is accounted with the noise that reached the sum",
+                rnd, aggregate.contributors, checked,
+            )
         event = round_event(z, self.sample_rate, self.amplified)
         self.accountant.compose(event)
         self.last_effective = z

@@ -206,6 +206,16 @@ def run_secure_round(
     """
     if not ids:
         return SecureRound(None, (), frozenset())
+    if distributed_noise > 0 and settings.fewest_contributors(len(ids)) < settings.fewest_contributors(planned):
+        # The budget was checked against the fewest noise shares a round of
+        # ``planned`` can release; fewer clients build a graph whose
+        # threshold lets a sum out with fewer shares than that.
+        log.warning("round %d: %d of %d planned clients reached secure aggregation, too few for distributed DP's "
+                    "budget check; round skipped", rnd, len(ids), planned)
+        return SecureRound(None, tuple(
+            ClientFailure(c, "secure aggregation skipped: too few clients reached it for distributed DP's worst case")
+            for c in ids
+        ), frozenset())
     graph = settings.graph(len(ids))
     setup = settings.setup(
         graph,

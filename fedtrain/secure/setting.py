@@ -1,6 +1,7 @@
 """A run's secure-aggregation setting, built from its config and checked
-before training: the ring must hold every possible sum, and the strategy must
-be one that works on a sum.
+before training: the ring must hold every possible sum, finely enough for
+distributed DP's noise. (That the strategy works on a sum is checked with the
+rest of the run, :func:`fedtrain.privacy.setting.check_strategy`.)
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import secrets
 from dataclasses import dataclass
 
 from fedtrain.config import Config, ConfigError, PrivacyMode, Sampling
+from fedtrain.privacy.setting import user_level_noise
 from fedtrain.secure.graph import NeighbourGraph, default_degree, threshold_for
 from fedtrain.secure.messages import SESSION_BYTES, SecureSetup
 from fedtrain.secure.quantize import MIN_LEVELS, Ring
-from fedtrain.strategy import Strategy
 
 ROUNDING_TO_NOISE = 0.01
 """Under distributed DP, the largest worst-case rounding error of a sum
@@ -37,10 +38,25 @@ class SecureSettings:
 
     @classmethod
     def of(cls, config: Config) -> "SecureSettings":
-        """The settings of ``config``, refused when its ring could overflow (:func:`check_secure`)."""
+        """The settings of ``config``, refused when its ring could overflow or,
+        under distributed DP, round too coarsely for the noise actually used
+        (:func:`check_secure`)."""
         check_secure(config)
         s = config.secure
         return cls(s.bits, s.clip_range, s.max_weight, s.neighbours, s.threshold, s.simulated_dropout)
+
+    def fewest_contributors(self, num_clients: int) -> int:
+        """The fewest survivors whose sum a round of ``num_clients`` can
+        release: the Shamir threshold ``t`` of the graph such a round builds
+        (:meth:`graph`, :meth:`setup`). The server prunes every client with
+        fewer than ``t`` live neighbours and aborts when a mask cannot be
+        removed with ``t`` shares (:mod:`fedtrain.secure.protocol`), so a
+        released sum has a survivor and ``t`` surviving neighbours of it,
+        more than ``t``; ``t`` is the bound, on the safe side. Distributed
+        DP checks its budget against the noise of that many shares."""
+        if num_clients <= 1:
+            return max(0, num_clients)
+        return threshold_for(self.graph(num_clients).min_degree, self.threshold)
 
     def degree(self, num_clients: int) -> int:
         """Graph degree for a round of ``num_clients``: configured, or ~3·log₂ n."""
@@ -99,7 +115,12 @@ def max_cohort(config: Config) -> int:
 def check_secure(config: Config) -> None:
     """Refuse a ``[secure]`` table whose ring could overflow or is too coarse
     (:meth:`SecureSettings.of` calls it, so a run is refused before it starts;
-    the checks that need no ring arithmetic are :func:`fedtrain.config.validate`'s)."""
+    the checks that need no ring arithmetic are :func:`fedtrain.config.validate`'s).
+
+    Under distributed DP the rounding is compared with the noise the run
+    will add: ``privacy.noise_multiplier``, or the one calibrated from
+    ``privacy.target_epsilon`` (:func:`fedtrain.privacy.setting.user_level_noise`,
+    the value the policy uses), never the configured 0."""
     s = config.secure
     ring = Ring(s.bits)
     n = max_cohort(config)
@@ -127,19 +148,15 @@ def check_secure(config: Config) -> None:
                 "or clipped updates would be clamped again"
             )
         rounding = n * (s.clip_range / levels) / 2.0
-        if p.noise_multiplier > 0 and rounding > ROUNDING_TO_NOISE * p.noise_multiplier * p.clip:
+        noise_multiplier = user_level_noise(config)
+        if rounding > ROUNDING_TO_NOISE * noise_multiplier * p.clip:
+            origin = (
+                "privacy.noise_multiplier" if p.noise_multiplier > 0
+                else f"calibrated from privacy.target_epsilon = {p.target_epsilon}"
+            )
             raise ConfigError(
                 f"secure.bits = {s.bits}: the rounding error of a sum, up to {rounding:.3g}, exceeds "
-                f"{ROUNDING_TO_NOISE:.0%} of the noise std {p.noise_multiplier * p.clip:.3g}; raise secure.bits"
+                f"{ROUNDING_TO_NOISE:.0%} of the noise std {noise_multiplier * p.clip:.3g} (noise multiplier "
+                f"{noise_multiplier:.4g}, {origin}); raise secure.bits"
             )
 
-
-def check_strategy(config: Config, strategy: Strategy) -> None:
-    """Refuse strategies that need each update on its own under secure aggregation."""
-    if config.secure.aggregation and strategy.needs_individual_updates:
-        raise ConfigError(
-            f"strategy.name = {config.strategy.name!r} with secure.aggregation = true: the strategy looks at "
-            "each client's update on its own (needs_individual_updates), but secure aggregation reveals only "
-            "their sum; use fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox or fedsgd (a strategy of "
-            "yours that uses only the updates' mean declares needs_individual_updates = False)"
-        )

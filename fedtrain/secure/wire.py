@@ -3,32 +3,37 @@
 What crosses the network between coordinator and clients must be decoded
 without trusting it: unpickling bytes from the network runs whatever code
 they name. Every message of :mod:`fedtrain.secure.messages` is therefore
-encoded as UTF-8 JSON, ``{"message": <class name>, "body": {...}}``, driven
-by the dataclass's own field types:
+encoded in a small binary format driven by the dataclass's own field types,
+in field order, with nothing of Python in it:
 
-* ``int`` and ``float`` as JSON numbers (a ``bool`` is not an ``int``; NaN and
-  infinities are refused);
-* ``bytes`` as standard base64 text;
-* a numpy array (a masked vector) as ``{"dtype": "<u4" | "<u8", "data":
-  base64}``: raw little-endian ring elements, decoded into a fresh array;
-* ``tuple[X, ...]`` as a JSON list, a nested dataclass as an object with
-  exactly its field names.
+* a frame: :data:`MAGIC`, then one byte, the message's index in
+  :data:`WIRE_MESSAGES`, then the message's fields, and nothing after them;
+* ``int``: one byte ``L`` (1 … :data:`MAX_INT_BYTES`), then ``L`` bytes of
+  two's complement, little-endian;
+* ``float``: 8 bytes of IEEE 754 binary64, little-endian; NaN and infinities
+  are refused;
+* ``bytes``: a 4-byte little-endian length, then the bytes as they are;
+* a numpy array (a masked vector): one byte, its element size (4: ``<u4``,
+  8: ``<u8``), an 8-byte little-endian element count, then the raw
+  little-endian ring elements, decoded into a fresh array;
+* ``tuple[X, ...]``: a 4-byte little-endian count, then the items; a nested
+  dataclass: its fields.
 
-:func:`decode` is told which message it expects and raises ``ValueError``
-naming the field for anything else: bad UTF-8 or JSON, another message,
-missing or extra fields, a wrong type, invalid base64, an unknown dtype, or
-values the dataclass itself refuses (a :class:`SecureSetup` that could
-overflow, a Shamir share outside the field). A deployment treats that client
-as malformed and leaves it out of the round.
+A masked vector therefore costs its raw bytes plus 16 (magic, message,
+sender, element size and count), where base64 in JSON cost 1.33×. :func:`decode` is told which message it expects and raises
+``ValueError`` naming the field for anything else: another magic or
+message, a length or count that runs past the end (checked before anything
+is allocated), bytes left over, an unknown element size, a non-finite
+float, or values the dataclass itself refuses (a :class:`SecureSetup` that
+could overflow, a Shamir share outside the field). A deployment treats that
+client as malformed and leaves it out of the round.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import json
 import math
+import struct
 import typing
 from typing import Any, TypeVar
 
@@ -61,8 +66,14 @@ WIRE_MESSAGES: tuple[type, ...] = (
 )
 """The messages a deployment sends, in the order of a round."""
 
-ARRAY_DTYPES: dict[str, np.dtype[Any]] = {"<u4": np.dtype("<u4"), "<u8": np.dtype("<u8")}
-"""Array encodings accepted on the wire: the ring's ``uint32`` and ``uint64``."""
+ARRAY_DTYPES: dict[int, np.dtype[Any]] = {4: np.dtype("<u4"), 8: np.dtype("<u8")}
+"""Array encodings accepted on the wire, by element size: the ring's ``uint32`` and ``uint64``."""
+
+MAGIC = b"FTW1"
+"""The first bytes of every encoded message (format version 1)."""
+
+MAX_INT_BYTES = 80
+"""Longest integer on the wire: a Shamir share of the 521-bit field needs 66 bytes."""
 
 _NESTED: tuple[type, ...] = (SecureSetup, EncryptedShare, OwnedShare, Share)
 
@@ -70,12 +81,13 @@ M = TypeVar("M")
 
 
 def encode(message: object) -> bytes:
-    """``message`` (one of :data:`WIRE_MESSAGES`) as UTF-8 JSON bytes."""
+    """``message`` (one of :data:`WIRE_MESSAGES`) as one binary frame."""
     if type(message) not in WIRE_MESSAGES:
         allowed = ", ".join(t.__name__ for t in WIRE_MESSAGES)
         raise TypeError(f"encode: a {type(message).__name__} is not a wire message; allowed: {allowed}")
-    envelope = {"message": type(message).__name__, "body": _to_json(message, type(message), "")}
-    return json.dumps(envelope, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    out: list[bytes] = [MAGIC, bytes([WIRE_MESSAGES.index(type(message))])]
+    _put(out, message, type(message), type(message).__name__)
+    return b"".join(out)
 
 
 def decode(data: bytes, expected: type[M]) -> M:
@@ -86,84 +98,93 @@ def decode(data: bytes, expected: type[M]) -> M:
         raise TypeError(f"decode: expected = {expected.__name__} is not a wire message; allowed: {allowed}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ValueError(f"{expected.__name__}: payload is a {type(data).__name__}, expected bytes")
-    try:
-        envelope = json.loads(bytes(data).decode("utf-8"), parse_constant=_refuse_constant)
-    except RecursionError:
-        raise ValueError(f"{expected.__name__}: payload is nested too deeply") from None
-    except ValueError as exc:
-        raise ValueError(f"{expected.__name__}: payload is not UTF-8 JSON: {exc}") from None
-    if not isinstance(envelope, dict) or set(envelope) != {"message", "body"}:
-        raise ValueError(f"{expected.__name__}: payload must be an object with keys 'message' and 'body'")
-    if envelope["message"] != expected.__name__:
-        raise ValueError(f"payload is a {envelope['message']!r} message, expected {expected.__name__!r}")
-    try:
-        return typing.cast(M, _from_json(envelope["body"], expected, expected.__name__))
-    except RecursionError:
-        raise ValueError(f"{expected.__name__}: payload is nested too deeply") from None
+    view = memoryview(data).cast("B")
+    if bytes(view[:len(MAGIC)]) != MAGIC or len(view) <= len(MAGIC):
+        raise ValueError(f"{expected.__name__}: payload is not a fedtrain wire message (no {MAGIC!r} header)")
+    index = view[len(MAGIC)]
+    if index >= len(WIRE_MESSAGES) or WIRE_MESSAGES[index] is not expected:
+        got = WIRE_MESSAGES[index].__name__ if index < len(WIRE_MESSAGES) else f"unknown message #{index}"
+        raise ValueError(f"payload is a {got!r} message, expected {expected.__name__!r}")
+    reader = _Reader(view, len(MAGIC) + 1)
+    message = _get(reader, expected, expected.__name__)
+    if reader.pos != len(view):
+        raise ValueError(f"{expected.__name__}: {len(view) - reader.pos} bytes left over after the message")
+    return typing.cast(M, message)
 
 
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _to_json(value: Any, hint: Any, where: str) -> Any:
+def _put(out: list[bytes], value: Any, hint: Any, where: str) -> None:
     if hint is bytes:
-        return base64.b64encode(value).decode("ascii")
-    if hint is int:
-        return int(value)
-    if hint is float:
-        return float(value)
-    if hint is np.ndarray:
+        out += [struct.pack("<I", len(value)), bytes(value)]
+    elif hint is int:
+        number = int(value)
+        size = max(1, (number.bit_length() + 8) // 8)
+        if size > MAX_INT_BYTES:
+            raise TypeError(f"{where}: {size}-byte integer; at most {MAX_INT_BYTES} bytes travel")
+        out += [bytes([size]), number.to_bytes(size, "little", signed=True)]
+    elif hint is float:
+        out.append(struct.pack("<d", float(value)))
+    elif hint is np.ndarray:
         array = np.asarray(value)
         dtype = array.dtype.newbyteorder("<")
-        if dtype.str not in ARRAY_DTYPES:
-            raise TypeError(f"{where}: arrays of {array.dtype} cannot be sent; allowed: uint32, uint64")
-        data = np.ascontiguousarray(array, dtype=dtype).tobytes()
-        return {"dtype": dtype.str, "data": base64.b64encode(data).decode("ascii")}
-    if typing.get_origin(hint) is tuple:
+        if array.ndim != 1 or dtype.kind != "u" or dtype.itemsize not in ARRAY_DTYPES:
+            raise TypeError(f"{where}: arrays of {array.dtype} cannot be sent; allowed: 1-D uint32, uint64")
+        out += [struct.pack("<BQ", dtype.itemsize, array.size), np.ascontiguousarray(array, dtype=dtype).tobytes()]
+    elif typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
-        return [_to_json(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
+        out.append(struct.pack("<I", len(value)))
+        for i, v in enumerate(value):
+            _put(out, v, item, f"{where}[{i}]")
+    elif dataclasses.is_dataclass(hint):
         hints = _hints(hint)
-        return {f.name: _to_json(getattr(value, f.name), hints[f.name], f"{where}.{f.name}")
-                for f in dataclasses.fields(hint)}
-    raise TypeError(f"{where}: cannot encode a field of type {hint}")
+        for f in dataclasses.fields(hint):
+            _put(out, getattr(value, f.name), hints[f.name], f"{where}.{f.name}")
+    else:
+        raise TypeError(f"{where}: cannot encode a field of type {hint}")
 
 
-def _from_json(value: Any, hint: Any, where: str) -> Any:
+class _Reader:
+    """A position in a frame being decoded; every read checks it stays inside."""
+
+    def __init__(self, view: memoryview, pos: int) -> None:
+        self.view = view
+        self.pos = pos
+
+    def take_(self, size: int, where: str) -> memoryview:
+        if size > len(self.view) - self.pos:
+            raise ValueError(f"{where}: needs {size} bytes, only {len(self.view) - self.pos} left")
+        chunk = self.view[self.pos:self.pos + size]
+        self.pos += size
+        return chunk
+
+    def unpack_(self, fmt: str, where: str) -> tuple[Any, ...]:
+        return struct.unpack(fmt, self.take_(struct.calcsize(fmt), where))
+
+
+def _get(reader: _Reader, hint: Any, where: str) -> Any:
     if hint is bytes:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected base64 text, got {type(value).__name__}")
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"{where}: invalid base64") from None
+        (size,) = reader.unpack_("<I", where)
+        return bytes(reader.take_(size, where))
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {type(value).__name__}")
-        return value
+        size = reader.take_(1, where)[0]
+        if not 1 <= size <= MAX_INT_BYTES:
+            raise ValueError(f"{where}: integer of {size} bytes; allowed: 1 … {MAX_INT_BYTES}")
+        return int.from_bytes(reader.take_(size, where), "little", signed=True)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
+        (number,) = reader.unpack_("<d", where)
+        if not math.isfinite(number):
+            raise ValueError(f"{where}: expected a finite number, got {number!r}")
+        return number
     if hint is np.ndarray:
-        return _array(value, where)
+        return _array(reader, where)
     if typing.get_origin(hint) is tuple:
-        if not isinstance(value, list):
-            raise ValueError(f"{where}: expected a list, got {type(value).__name__}")
+        (count,) = reader.unpack_("<I", where)
+        if count > len(reader.view) - reader.pos:
+            raise ValueError(f"{where}: {count} items cannot fit in the {len(reader.view) - reader.pos} bytes left")
         item = typing.get_args(hint)[0]
-        return tuple(_from_json(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_get(reader, item, f"{where}[{i}]") for i in range(count))
     if dataclasses.is_dataclass(hint) and (hint in WIRE_MESSAGES or hint in _NESTED):
-        names = [f.name for f in dataclasses.fields(hint)]
-        if not isinstance(value, dict) or set(value) != set(names):
-            got = sorted(value) if isinstance(value, dict) else type(value).__name__
-            raise ValueError(f"{where}: expected an object with fields {names}, got {got}")
         hints = _hints(hint)
-        fields = {n: _from_json(value[n], hints[n], f"{where}.{n}") for n in names}
+        fields = {f.name: _get(reader, hints[f.name], f"{where}.{f.name}") for f in dataclasses.fields(hint)}
         try:
             return hint(**fields)
         except (ValueError, TypeError) as exc:
@@ -171,13 +192,18 @@ def _from_json(value: Any, hint: Any, where: str) -> Any:
     raise ValueError(f"{where}: cannot decode a field of type {hint}")
 
 
-def _array(value: Any, where: str) -> np.ndarray:
-    if not isinstance(value, dict) or set(value) != {"dtype", "data"}:
-        raise ValueError(f"{where}: expected an object with fields ['dtype', 'data']")
-    dtype = ARRAY_DTYPES.get(value["dtype"]) if isinstance(value["dtype"], str) else None
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _array(reader: _Reader, where: str) -> np.ndarray:
+    itemsize, count = reader.unpack_("<BQ", where)
+    dtype = ARRAY_DTYPES.get(itemsize)
     if dtype is None:
-        raise ValueError(f"{where}.dtype = {value['dtype']!r}: allowed: {sorted(ARRAY_DTYPES)}")
-    raw = _from_json(value["data"], bytes, f"{where}.data")
-    if len(raw) % dtype.itemsize:
-        raise ValueError(f"{where}.data: {len(raw)} bytes is not a whole number of {dtype.itemsize}-byte elements")
+        raise ValueError(f"{where}: element size {itemsize}; allowed: {sorted(ARRAY_DTYPES)} (uint32, uint64)")
+    if count > (len(reader.view) - reader.pos) // itemsize:
+        raise ValueError(
+            f"{where}: {count} elements of {itemsize} bytes do not fit in the {len(reader.view) - reader.pos} bytes left"
+        )
+    raw = reader.take_(count * itemsize, where)
     return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))

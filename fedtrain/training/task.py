@@ -268,7 +268,7 @@ def load_task(name: str, options: Mapping[str, Any]) -> Task:
     class or option gets a :class:`~fedtrain.plugin.PluginError` naming it."""
     cls = BUILTIN_TASKS.get(name)
     if cls is None:
-        cls = load_object(name, "task class", "task.name")
+        cls = load_object(name, "task class", "task.name", kind=Task)
         if not (inspect.isclass(cls) and issubclass(cls, Task)):
             raise PluginError(f"task.name = {name!r}: {cls!r} is not a subclass of fedtrain.training.task.Task")
     try:

@@ -16,6 +16,13 @@ Messages (Flower's Message API, ``flwr.app``):
   :class:`~fedtrain.training.trainer.TrainTask` as JSON; reply: the flat update, the
   record count and the metrics, or ``status = "error"`` with a reason.
 
+Tensors (the model down, the update up, every secure-aggregation payload)
+travel as Flower ``Array`` objects of raw little-endian bytes
+(:data:`fedtrain.transport.relay.RAW_STYPE`): no ``.npy`` header, no base64,
+no JSON around them; Flower cuts each into 5 MiB chunks itself.
+:func:`record_bytes` counts what a message carries, and every round logs
+the payload bytes sent and received (:class:`WireTraffic`).
+
 Every reply is data from another party, checked field by field where it
 enters (:func:`parse_hello_reply`, :func:`parse_train_reply`): a reply that
 fails a check leaves its client out of the run (hello) or of the round
@@ -28,9 +35,10 @@ Under secure aggregation (:class:`SecureFlowerTransport`) ``train`` becomes:
   ``AdvertiseRequest``; the client trains, keeps its update, and replies
   with its encoded ``KeyAdvert``;
 - ``query.secure`` (``stage`` = share keys, masked input, unmask) → the
-  coordinator's stage message; reply: the client's. Payloads are bytes in
-  :mod:`fedtrain.secure.wire`'s JSON encoding, decoded without trust on both
-  sides; the clear update never leaves the client.
+  coordinator's stage message; reply: the client's. Payloads are
+  :mod:`fedtrain.secure.wire`'s binary encoding, carried as a ``uint8``
+  ``Array`` (record ``payload``) and decoded without trust on both sides;
+  the clear update never leaves the client.
 
 Flower's own ``Grid.send_and_receive`` polls every 3 s; the transport pushes
 with ``push_messages`` and polls ``pull_messages`` every ``--poll`` seconds
@@ -43,13 +51,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedtrain.transport.relay import ClientInfo, Hello, SecureStage
+from fedtrain.transport.relay import RAW_STYPE, ClientInfo, Hello, SecureStage, WireDtype, raw_bytes, raw_vector
 
 if TYPE_CHECKING:
     import torch
@@ -97,10 +106,6 @@ MAX_METRICS_CHARS = 1024
 """Longest metrics JSON a training reply may carry: two known keys with
 floats need under 80 characters; the bound is checked before parsing, so a
 huge or deeply nested value costs nothing."""
-
-ARRAY_HEADER_BYTES = 4096
-"""Slack over ``4 · numel`` bytes for the ``.npy`` header of an update (numpy
-writes 128 bytes for a 1-D float32 array)."""
 
 FINGERPRINT_CHARS = 64
 """A frozen-model fingerprint: SHA-256 as hex (:func:`fedtrain.layout.frozen_fingerprint`)."""
@@ -219,31 +224,97 @@ def _metrics(text: object) -> dict[str, float]:
     return metrics
 
 
-def _update_vector(content: RecordDict, numel: int) -> np.ndarray:
-    record = content.get("update")
-    if not isinstance(record, ArrayRecord) or list(record.keys()) != ["update"]:
-        raise RejectedReply("update: expected an array record holding exactly one array, 'update'")
-    array = record["update"]
+def float32_array(vector: np.ndarray) -> Array:
+    """``vector`` (1-D) as a Flower ``Array`` of raw little-endian float32 bytes."""
+    return Array(dtype=WireDtype.FLOAT32.value, shape=(int(vector.size),), stype=RAW_STYPE,
+                 data=raw_bytes(vector, WireDtype.FLOAT32))
+
+
+def bytes_array(data: bytes) -> Array:
+    """``data`` as a Flower ``Array`` of ``uint8`` (Flower chunks it when large)."""
+    return Array(dtype=WireDtype.UINT8.value, shape=(len(data),), stype=RAW_STYPE, data=bytes(data))
+
+
+def _single_array(content: RecordDict, name: str) -> Array:
+    """The one ``Array`` of ``content``'s array record ``name``, which holds nothing else."""
+    record = content.get(name)
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != [name]:
+        raise RejectedReply(f"{name}: expected an array record holding exactly one array, {name!r}")
+    array = record[name]
     if not isinstance(array, Array):
-        raise RejectedReply(f"update = a {type(array).__name__}: expected an array")
-    if array.stype != "numpy.ndarray" or array.dtype != "float32" or tuple(array.shape) != (numel,):
-        raise RejectedReply(
-            f"update = {_clean(array.stype, 40)} {_clean(array.dtype, 20)} of shape {_clean(str(array.shape), 60)}: "
-            f"expected a numpy.ndarray float32 of shape ({numel},)"
-        )
-    if not isinstance(array.data, bytes):
-        raise RejectedReply(f"update data = a {type(array.data).__name__}: expected bytes")
-    if len(array.data) > 4 * numel + ARRAY_HEADER_BYTES:
-        raise RejectedReply(f"update: {len(array.data)} bytes, more than a float32 vector of {numel} values")
+        raise RejectedReply(f"{name} = a {type(array).__name__}: expected an array")
+    return array
+
+
+def _update_vector(content: RecordDict, numel: int) -> np.ndarray:
+    """The update of a training reply: a read-only view of its raw float32 bytes."""
+    array = _single_array(content, "update")
     try:
-        vector = array.numpy()  # np.load(..., allow_pickle=False): never unpickled
-    except Exception as exc:  # not .npy bytes, or an object array
-        raise RejectedReply(
-            f"update: its bytes are not a .npy array ({type(exc).__name__}: {_clean(str(exc))})"
-        ) from None
-    if not isinstance(vector, np.ndarray) or vector.dtype != np.dtype(np.float32) or vector.shape != (numel,):
-        raise RejectedReply(f"update: its bytes do not hold the float32 vector of shape ({numel},) it declares")
-    return vector
+        return raw_vector("update", array.stype, array.dtype, tuple(array.shape), array.data,
+                          WireDtype.FLOAT32, numel)
+    except ValueError as exc:
+        raise RejectedReply(_clean(str(exc))) from None
+
+
+def payload_bytes(content: RecordDict) -> bytes:
+    """The secure-aggregation payload of a message or reply (array record
+    ``payload``: one ``uint8`` raw ``Array``), checked field by field;
+    :mod:`fedtrain.secure.wire` decodes it. Raises :class:`RejectedReply`."""
+    array = _single_array(content, "payload")
+    try:
+        raw_vector("payload", array.stype, array.dtype, tuple(array.shape), array.data, WireDtype.UINT8)
+    except ValueError as exc:
+        raise RejectedReply(_clean(str(exc))) from None
+    return array.data
+
+
+def record_bytes(content: RecordDict) -> int:
+    """The payload bytes a message's records carry, as Flower sends them:
+    every ``Array``'s ``data``, every ``bytes`` and UTF-8 ``str`` value, and
+    8 bytes per number, lists summed; names and Flower's own framing
+    (object headers, protobuf, HTTP/2, TLS) are not counted. The coordinator
+    reports it per round (:class:`WireTraffic`) to compare with what
+    ``metrics.jsonl`` says crossed (``bytes_up`` / ``bytes_down``)."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+            continue
+        for value in record.values():
+            for item in value if isinstance(value, list) else (value,):
+                if isinstance(item, bytes):
+                    total += len(item)
+                elif isinstance(item, str):
+                    total += len(item.encode("utf-8"))
+                else:
+                    total += 8
+    return total
+
+
+@dataclass
+class WireTraffic:
+    """What the coordinator pushed and pulled in one round, counted by
+    :func:`record_bytes` as each message goes out and each reply comes in
+    (hellos are not counted). Mutable: the transport adds to it."""
+
+    sent_bytes: int = 0
+    sent_messages: int = 0
+    received_bytes: int = 0
+    received_messages: int = 0
+
+    def sent_(self, message: Message) -> None:
+        self.sent_bytes += record_bytes(message.content)
+        self.sent_messages += 1
+
+    def received_(self, reply: Message) -> None:
+        if not reply.has_error():
+            self.received_bytes += record_bytes(reply.content)
+        self.received_messages += 1
+
+    def describe(self, rnd: int) -> str:
+        """The round's log line (read by the deployment tests)."""
+        return (f"round {rnd} wire: sent {self.sent_bytes} payload bytes in {self.sent_messages} messages, "
+                f"received {self.received_bytes} payload bytes in {self.received_messages} replies")
 
 
 def parse_train_reply(content: RecordDict, numel: int) -> tuple[np.ndarray, int, dict[str, float]]:
@@ -307,18 +378,24 @@ class FlowerTransport:
         self.clients: dict[str, ClientInfo] = {}
         self._node_of: dict[str, int] = {}
         self._greeted: set[int] = set()
+        self.traffic = WireTraffic()
+        """The current (or last) round's :class:`WireTraffic`."""
 
     def _exchange(
-        self, messages: Sequence[Message], timeout: float, on_reply: Callable[[int, Message], None] | None = None
+        self, messages: Sequence[Message], timeout: float, on_reply: Callable[[int, Message], None] | None = None,
+        counted: bool = True,
     ) -> dict[int, Message]:
         """Push ``messages``; the replies that arrive within ``timeout``, by
         node id. With ``on_reply``, each reply is handed to it (node id,
-        reply) as it is pulled and not kept (the result is then empty)."""
+        reply) as it is pulled and not kept (the result is then empty).
+        When ``counted``, what goes out and comes in is added to :attr:`traffic`."""
         if not messages:
             return {}
         node_of_message = {}
         for message_id, message in zip(self.grid.push_messages(messages), messages):
             node_of_message[message_id] = message.metadata.dst_node_id
+            if counted:
+                self.traffic.sent_(message)
         replies: dict[int, Message] = {}
         deadline = time.monotonic() + timeout
         pending = set(node_of_message)
@@ -326,6 +403,8 @@ class FlowerTransport:
             for reply in self.grid.pull_messages(pending):
                 pending.discard(reply.metadata.reply_to_message_id)
                 node = node_of_message[reply.metadata.reply_to_message_id]
+                if counted:
+                    self.traffic.received_(reply)
                 if on_reply is None:
                     replies[node] = reply
                 else:
@@ -346,7 +425,7 @@ class FlowerTransport:
         messages = [
             Message(content, dst_node_id=n, message_type=MessageType.QUERY, ttl=HELLO_SECONDS) for n in new
         ]
-        for node, reply in self._exchange(messages, HELLO_SECONDS).items():
+        for node, reply in self._exchange(messages, HELLO_SECONDS, counted=False).items():
             self._greeted.add(node)
             reason = self.admit(node, reply)
             if reason is not None:
@@ -397,9 +476,11 @@ class FlowerTransport:
         return sorted(self.clients, key=lambda c: (len(c), c))
 
     def _decode(
-        self, cid: str, reply: Message, kind: UpdateKind, params: torch.Tensor
+        self, cid: str, reply: Message, kind: UpdateKind, params: torch.Tensor, row: torch.Tensor | None = None
     ) -> ClientUpdate | ClientFailure:
-        """Client ``cid``'s update from its training ``reply``, or its failure."""
+        """Client ``cid``'s update from its training ``reply``, or its failure.
+        The checked bytes are copied once: into ``row`` (a sink's row) when
+        given, else into a fresh tensor."""
         import torch
 
         from fedtrain.types import ClientFailure
@@ -418,7 +499,12 @@ class FlowerTransport:
             return ClientFailure(
                 cid, f"declared {num_examples} examples, but joined with {registered} records"
             )
-        return ClientUpdate(cid, torch.from_numpy(vector).to(params.device), num_examples, kind, metrics)
+        if row is not None and row.device.type == "cpu":
+            np.copyto(row.numpy(), vector)
+            tensor = row
+        else:
+            tensor = torch.from_numpy(vector.copy()).to(params.device)
+        return ClientUpdate(cid, tensor, num_examples, kind, metrics)
 
     def _connected(
         self, clients: Sequence[str], task: TrainTask
@@ -453,7 +539,7 @@ class FlowerTransport:
 
     @staticmethod
     def _model_record(params: torch.Tensor) -> ArrayRecord:
-        return ArrayRecord({"params": Array(params.detach().cpu().numpy())})
+        return ArrayRecord({"params": float32_array(params.detach().cpu().numpy())})
 
     @staticmethod
     def _own_task(task: TrainTask, cid: str) -> TrainTask:
@@ -478,6 +564,7 @@ class FlowerTransport:
         from fedtrain.types import ClientUpdate
 
         nodes, failures = self._connected(clients, task)
+        self.traffic = WireTraffic()
         weights = self._model_record(params)
         messages = [
             Message(
@@ -495,7 +582,7 @@ class FlowerTransport:
             def fold(node: int, reply: Message) -> None:
                 replied.add(node)
                 cid = cid_of[node]
-                decoded = self._decode(cid, reply, task.kind, params)
+                decoded = self._decode(cid, reply, task.kind, params, sink.row())
                 if isinstance(decoded, ClientUpdate):
                     sink.push(decoded)
                 else:
@@ -509,6 +596,7 @@ class FlowerTransport:
                 if failure is not None:
                     failures.append(failure)
                     self._greeted.discard(node)
+            log.info("%s", self.traffic.describe(rnd))
             return RoundOutcome((), tuple(failures))
         replies = self._exchange(messages, self.timeout)
         for cid, node in nodes.items():
@@ -522,6 +610,7 @@ class FlowerTransport:
             else:
                 failures.append(outcome)
                 self._greeted.discard(node)
+        log.info("%s", self.traffic.describe(rnd))
         return RoundOutcome(tuple(updates), tuple(failures))
 
 
@@ -538,11 +627,13 @@ STAGE_SECONDS = 120.0
 ``client.timeout`` when shorter); a client that misses it is a dropout."""
 
 
-def _secure_record(rnd: int, stage: SecureStage | None, payload: bytes) -> ConfigRecord:
-    row: dict[str, int | str | bytes] = {"round": rnd, "payload": payload}
+def _secure_records(rnd: int, stage: SecureStage | None, payload: bytes) -> dict[str, ConfigRecord | ArrayRecord]:
+    """A secure message's records: ``secure`` (the round, the stage after
+    training) and ``payload`` (the encoded message as raw bytes)."""
+    row: dict[str, int | str] = {"round": rnd}
     if stage is not None:
         row["stage"] = stage.value
-    return ConfigRecord(row)
+    return {"secure": ConfigRecord(row), "payload": ArrayRecord({"payload": bytes_array(payload)})}
 
 
 def _reply_error(reply: Message) -> str | None:
@@ -605,16 +696,16 @@ class _FlowerChannel:
             error = f"no reply within {seconds:g} s" if reply is None else _reply_error(reply)
             if reply is not None and error is None:
                 try:
-                    payload = reply.content["result"]["payload"]
-                    if not isinstance(payload, bytes):
-                        raise ValueError(f"payload is a {type(payload).__name__}, expected bytes")
-                    decoded = wire.decode(payload, expected)
+                    if set(reply.content.keys()) != {"result", "payload"}:
+                        raise ValueError(f"records {_clean(str(sorted(reply.content.keys())[:8]), 120)}: "
+                                         "expected exactly ['payload', 'result']")
+                    decoded = wire.decode(payload_bytes(reply.content), expected)
                     sender = getattr(decoded, "sender")
                     if sender != index:
                         raise ValueError(f"sender {sender}, but the message went to client {index}")
                     out.append(decoded)
                 except Exception as exc:  # anything malformed leaves this client out, never the round
-                    error = f"malformed reply: {exc}"
+                    error = f"malformed reply: {_clean(str(exc))}"
             if error is not None:
                 why[index] = error
         return Replies(tuple(out), why)
@@ -627,7 +718,7 @@ class _FlowerChannel:
         seconds = min(self.transport.timeout, STAGE_SECONDS)
         messages = {
             index: Message(
-                RecordDict({"secure": _secure_record(self.rnd, stage, wire.encode(message))}),
+                RecordDict(_secure_records(self.rnd, stage, wire.encode(message))),
                 dst_node_id=self.nodes[index], message_type=QUERY_SECURE, ttl=seconds, group_id=str(self.rnd),
             )
             for index, message in outgoing.items()
@@ -645,7 +736,7 @@ class _FlowerChannel:
             i: Message(
                 RecordDict({
                     **transport._train_content(rnd, transport._own_task(self.task, self.ids[i]), weights),
-                    "secure": _secure_record(rnd, None, wire.encode(request)),
+                    **_secure_records(rnd, None, wire.encode(request)),
                 }),
                 dst_node_id=self.nodes[i], message_type=TRAIN_SECURE, ttl=transport.timeout, group_id=str(rnd),
             )
@@ -704,6 +795,7 @@ class SecureFlowerTransport(FlowerTransport):
         from fedtrain.secure.round import run_secure_round
 
         connected, failures = self._connected(clients, task)
+        self.traffic = WireTraffic()
         ids = sorted(connected, key=lambda c: (len(c), c))
         nodes = {i: connected[cid] for i, cid in enumerate(ids)}
         secure = run_secure_round(
@@ -713,5 +805,6 @@ class SecureFlowerTransport(FlowerTransport):
         )
         for index in secure.lost:
             self._greeted.discard(nodes[index])
+        log.info("%s", self.traffic.describe(rnd))
         return secure.outcome(failures)
 

@@ -18,9 +18,13 @@ Messages (Flower's Message API, ``flwr.app``; what the coordinator sends,
   trains and keeps its update);
 - ``query.secure`` → reply: the client's encoded message for the stage.
 
-A worker's error, or a malformed secure message, is answered with
-``status = "error"`` and the reason; the payloads of secure messages are
-passed on as bytes and decoded by the worker (:mod:`fedtrain.secure.wire`),
+Tensors arrive and leave as Flower ``Array`` objects of raw little-endian bytes
+(:data:`~fedtrain.transport.relay.RAW_STYPE`): the model is checked here
+(dtype, one length, exactly 4 bytes per value; the worker then checks the
+length against its model) and the update is sent the same way. A worker's
+error, or a malformed message, is answered with ``status = "error"`` and the
+reason; the payloads of secure messages (array record ``payload``, ``uint8``)
+are passed on as bytes and decoded by the worker (:mod:`fedtrain.secure.wire`),
 never here.
 """
 
@@ -36,17 +40,48 @@ from flwr.clientapp import ClientApp
 from fedtrain.transport.relay import (
     NODE_KEY_FILE,
     NODE_WORKER,
+    RAW_STYPE,
     ClientInfo,
     RequestKind,
     SecureRequest,
     SecureStage,
     TrainReply,
+    WireDtype,
+    raw_bytes,
+    raw_vector,
     relay,
 )
 
 
 def _status_error(reason: str) -> RecordDict:
     return RecordDict({"result": ConfigRecord({"status": "error", "reason": reason})})
+
+
+def _array(content: RecordDict, name: str, dtype: WireDtype) -> np.ndarray:
+    """The vector of ``content``'s array record ``name`` (exactly one raw
+    ``Array``, also named ``name``), checked; ``ValueError`` otherwise."""
+    record = content.get(name)
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != [name]:
+        raise ValueError(f"{name}: expected an array record holding exactly one array, {name!r}")
+    array = record[name]
+    return raw_vector(name, array.stype, array.dtype, tuple(array.shape), array.data, dtype)
+
+
+def _model(content: RecordDict) -> np.ndarray:
+    """The global model of a training message: a read-only view of its
+    checked float32 bytes (the relay's socket hands the worker a copy)."""
+    return _array(content, "params", WireDtype.FLOAT32)
+
+
+def _payload(content: RecordDict) -> bytes:
+    """The checked bytes of a secure message's ``payload`` record."""
+    _array(content, "payload", WireDtype.UINT8)
+    return content["payload"]["payload"].data
+
+
+def _raw_record(name: str, data: bytes, dtype: WireDtype) -> ArrayRecord:
+    shape = (len(data) // dtype.numpy.itemsize,)
+    return ArrayRecord({name: Array(dtype=dtype.value, shape=shape, stype=RAW_STYPE, data=data)})
 
 
 client_app = ClientApp()
@@ -72,13 +107,16 @@ def _hello(message: Message, context: Context) -> Message:
 
 @client_app.train()
 def _train(message: Message, context: Context) -> Message:
-    task = message.content["task"]
-    params = message.content["params"]["params"].numpy()
-    status, answer = _relay(context, (RequestKind.TRAIN, (int(task["round"]), str(task["task"]), params)))
+    try:
+        task = message.content["task"]
+        body = (int(task["round"]), str(task["task"]), _model(message.content))
+    except (KeyError, TypeError, ValueError) as exc:
+        return Message(_status_error(f"malformed training message: {exc}"), reply_to=message)
+    status, answer = _relay(context, (RequestKind.TRAIN, body))
     if status != "ok" or not isinstance(answer, TrainReply):
         return Message(_status_error(str(answer)), reply_to=message)
     return Message(RecordDict({
-        "update": ArrayRecord({"update": Array(np.ascontiguousarray(answer.update, dtype=np.float32))}),
+        "update": _raw_record("update", raw_bytes(answer.update.reshape(-1), WireDtype.FLOAT32), WireDtype.FLOAT32),
         "result": ConfigRecord({
             "status": "ok", "num_examples": answer.num_examples, "metrics": json.dumps(answer.metrics),
         }),
@@ -90,11 +128,7 @@ def _train_secure(message: Message, context: Context) -> Message:
     """Train and keep the update; the reply is the client's encoded key advert."""
     try:
         task = message.content["task"]
-        params = message.content["params"]["params"].numpy()
-        payload = message.content["secure"]["payload"]
-        if not isinstance(payload, bytes):
-            raise TypeError(f"payload is a {type(payload).__name__}, expected bytes")
-        body = (int(task["round"]), str(task["task"]), params, payload)
+        body = (int(task["round"]), str(task["task"]), _model(message.content), _payload(message.content))
     except (KeyError, TypeError, ValueError) as exc:
         return Message(_status_error(f"malformed secure training message: {exc}"), reply_to=message)
     status, answer = _relay(context, (RequestKind.TRAIN_SECURE, body))
@@ -108,10 +142,7 @@ def _secure_stage(message: Message, context: Context) -> Message:
     the worker's encoded message."""
     try:
         body = message.content["secure"]
-        payload = body["payload"]
-        if not isinstance(payload, bytes):
-            raise TypeError(f"payload is a {type(payload).__name__}, expected bytes")
-        request = SecureRequest(int(body["round"]), SecureStage(str(body["stage"])), payload)
+        request = SecureRequest(int(body["round"]), SecureStage(str(body["stage"])), _payload(message.content))
     except (KeyError, TypeError, ValueError) as exc:
         return Message(_status_error(f"malformed secure-aggregation message: {exc}"), reply_to=message)
     status, answer = _relay(context, (RequestKind.SECURE, request))
@@ -121,4 +152,7 @@ def _secure_stage(message: Message, context: Context) -> Message:
 def _secure_reply(message: Message, status: str, answer: object) -> Message:
     if status != "ok" or not isinstance(answer, bytes):
         return Message(_status_error(str(answer)), reply_to=message)
-    return Message(RecordDict({"result": ConfigRecord({"status": "ok", "payload": answer})}), reply_to=message)
+    return Message(RecordDict({
+        "result": ConfigRecord({"status": "ok"}),
+        "payload": _raw_record("payload", answer, WireDtype.UINT8),
+    }), reply_to=message)

@@ -4,6 +4,12 @@ which ``fedtrain client`` runs behind a Unix socket: the requests, the
 answers, the node-config keys that tell the relay where the worker is, and
 the relay's call itself (HMAC-authenticated with the worker's random key).
 
+It also holds the tensor format both ends of a deployment put in Flower's
+records (:data:`RAW_STYPE`, :func:`raw_bytes`, :func:`raw_vector`): an
+``Array`` whose ``data`` is the tensor's raw little-endian bytes, no
+``.npy`` header, no base64, no JSON; Flower cuts an ``Array`` into chunks
+of 5 MiB itself, so a large model needs nothing more.
+
 This module imports neither torch nor Flower: the relay runs in a fresh
 process for every message, so what it imports is paid every round.
 """
@@ -26,6 +32,67 @@ NODE_KEY_FILE = "fedtrain-key-file"
 
 AUTHKEY_BYTES = 32
 """256-bit key for the relay's HMAC challenge (``multiprocessing.connection``)."""
+
+
+RAW_STYPE = "fedtrain.raw-le"
+"""The ``stype`` of a Flower ``Array`` that fedtrain sends: ``data`` holds
+the elements' raw little-endian bytes, exactly ``itemsize × numel`` of them,
+in C order; ``dtype`` and ``shape`` say what they are."""
+
+
+class WireDtype(enum.Enum):
+    """The element types a tensor may have on fedtrain's wire (an ``Array``'s
+    ``dtype``): the model and updates as ``float32``, the secure-aggregation
+    messages (:mod:`fedtrain.secure.wire`) as ``uint8``."""
+
+    FLOAT32 = "float32"
+    UINT8 = "uint8"
+
+    @property
+    def numpy(self) -> np.dtype[Any]:
+        """The little-endian numpy dtype of the elements."""
+        return np.dtype("<f4") if self is WireDtype.FLOAT32 else np.dtype("u1")
+
+
+def raw_bytes(vector: np.ndarray, dtype: WireDtype) -> bytes:
+    """``vector``'s elements as ``dtype``'s raw little-endian bytes (one copy)."""
+    return np.ascontiguousarray(vector, dtype=dtype.numpy).tobytes()
+
+
+def raw_vector(
+    name: str, stype: object, dtype: object, shape: object, data: object, expected: WireDtype,
+    numel: int | None = None,
+) -> np.ndarray:
+    """The 1-D vector an ``Array``'s fields (``stype``, ``dtype``, ``shape``,
+    ``data``) carry, every field checked where it enters: ``stype`` is
+    :data:`RAW_STYPE`, ``dtype`` is ``expected``, ``shape`` one length (equal
+    to ``numel`` when given), ``data`` bytes of exactly ``itemsize × length``
+    (the declared length is never trusted to allocate). The result is a
+    read-only view of ``data``: no copy. Raises ``ValueError`` naming
+    ``name``, the value and what is allowed."""
+    if stype != RAW_STYPE:
+        raise ValueError(f"{name}: stype = {_shown(stype)}: expected {RAW_STYPE!r} (raw little-endian bytes)")
+    if dtype != expected.value:
+        raise ValueError(f"{name}: dtype = {_shown(dtype)}: expected {expected.value!r}")
+    if (not isinstance(shape, tuple) or len(shape) != 1 or isinstance(shape[0], bool)
+            or not isinstance(shape[0], int) or shape[0] < 0):
+        raise ValueError(f"{name}: shape {_shown(shape)}: expected one length, (n,)")
+    if numel is not None and shape[0] != numel:
+        raise ValueError(f"{name}: shape ({shape[0]},): expected ({numel},)")
+    if not isinstance(data, bytes):
+        raise ValueError(f"{name}: data is a {type(data).__name__}: expected bytes")
+    itemsize = expected.numpy.itemsize
+    if len(data) != itemsize * shape[0]:
+        raise ValueError(
+            f"{name}: {len(data)} bytes do not hold the {expected.value} vector of shape ({shape[0]},) "
+            f"it declares: expected exactly {itemsize} × {shape[0]} = {itemsize * shape[0]} bytes"
+        )
+    return np.frombuffer(data, dtype=expected.numpy)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"
 
 
 class RequestKind(enum.Enum):

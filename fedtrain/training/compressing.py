@@ -1,0 +1,65 @@
+"""The clients' side of ``compression.up`` in a simulation: an executor
+decorator that compresses each update as its client hands it over.
+
+It wraps the training executors and the Byzantine attack (an attacker sends
+its corrupted update through the same client software), and sits inside
+secure aggregation. Each update is compressed after training and clipping,
+with the client's error-feedback residual (:class:`fedtrain.compression.Uplink`),
+and reaches the engine as a :class:`~fedtrain.compression.CompressedUpdate`
+that the coordinator decodes at intake. Under secure aggregation (only
+``randk`` is allowed there) the decoded sparse vector goes on to be masked.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fedtrain.compression import Uplink
+from fedtrain.training.executor import Executor, UpdateSink, takes_sink
+from fedtrain.training.train_task import TrainTask
+from fedtrain.types import ClientUpdate, RoundOutcome
+
+
+class CompressingExecutor:
+    """Runs ``inner`` and compresses every update it produces.
+
+    ``dense``: hand on the decoded vector instead of the payload (secure
+    aggregation masks and sums whole vectors)."""
+
+    def __init__(self, inner: Executor, uplink: Uplink, dense: bool = False) -> None:
+        self.inner = inner
+        self.uplink = uplink
+        self.dense = dense
+
+    def train_round(
+        self,
+        rnd: int,
+        clients: Sequence[str],
+        task: TrainTask,
+        params: torch.Tensor,
+        sink: UpdateSink | None = None,
+    ) -> RoundOutcome:
+        clip = task.privacy.clip
+        if sink is not None and takes_sink(self.inner):
+            return self.inner.train_round(rnd, clients, task, params, sink=_CompressingSink(self, sink, rnd, clip))
+        outcome = self.inner.train_round(rnd, clients, task, params)
+        updates = tuple(self.uplink.compress_(rnd, u, clip, self.dense) for u in outcome.updates)
+        return RoundOutcome(updates, outcome.failures)
+
+
+class _CompressingSink:
+    """A sink that compresses each update before passing it on."""
+
+    def __init__(self, owner: CompressingExecutor, sink: UpdateSink, rnd: int, clip: float) -> None:
+        self.owner = owner
+        self.sink = sink
+        self.rnd = rnd
+        self.clip = clip
+
+    def row(self) -> torch.Tensor:
+        return self.sink.row()
+
+    def push(self, update: ClientUpdate) -> None:
+        self.sink.push(self.owner.uplink.compress_(self.rnd, update, self.clip, self.owner.dense))
