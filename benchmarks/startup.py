@@ -180,7 +180,7 @@ def pfl_app() -> None:
         algorithm_params=NNAlgorithmParams(central_num_iterations=cfg.run.rounds,
                                            evaluation_frequency=cfg.run.rounds + 1,  # no per-user evaluation
                                            train_cohort_size=cfg.strategy.clients_per_round, val_cohort_size=0),
-        executor=SimulatedBackend(training_data=train, val_data=None, postprocessors=[]),
+        backend=SimulatedBackend(training_data=train, val_data=None, postprocessors=[]),
         model=model,
         model_train_params=NNTrainHyperParams(local_learning_rate=cfg.client.lr, local_num_epochs=cfg.client.epochs,
                                               local_batch_size=cfg.client.batch_size),

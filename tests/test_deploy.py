@@ -12,6 +12,7 @@ and trains again before the run ends.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -182,3 +183,31 @@ def test_server_without_certificates_is_refused_before_starting(tmp_path: Path) 
 
     assert done.returncode == 2
     assert "missing" in done.stderr and "fedtrain certs" in done.stderr
+
+
+WIRE_LINE = re.compile(
+    r"round (\d+) wire: sent (\d+) payload bytes in (\d+) messages, received (\d+) payload bytes in (\d+) replies"
+)
+NUMEL = 64 * 128 + 128 + 128 * 10 + 10
+"""The default MLP's parameters on digits."""
+
+
+def test_payload_bytes_on_the_wire_match_the_updates(deployment: Deployment) -> None:
+    """What crosses the wire (issue 17): the coordinator's transport counts
+    the payload bytes of every message it pushes through Flower's grid and
+    every reply it pulls (:func:`fedtrain.transport.flower.record_bytes`,
+    logged per round); they match 4 × numel per model sent and per update
+    received within 5 %, and ``metrics.jsonl``'s ``bytes_up`` /
+    ``bytes_down`` (in the rounds where a message reached every planned
+    client), also within 5 %."""
+    wire = {int(m[0]): tuple(int(v) for v in m[1:]) for m in WIRE_LINE.findall(deployment.server_log)}
+    metrics = rows(deployment.run_dir)
+    assert sorted(wire) == [r["round"] for r in metrics], deployment.server_log[-3000:]
+    for row in metrics:
+        sent, messages, received, _ = wire[row["round"]]
+        assert abs(sent - 4 * NUMEL * messages) <= 0.05 * 4 * NUMEL * messages, (row["round"], sent, messages)
+        expected = 4 * NUMEL * row["num_clients"]
+        assert abs(received - expected) <= 0.05 * expected, (row["round"], received, expected)
+        assert abs(received - row["bytes_up"]) <= 0.05 * row["bytes_up"], (received, row["bytes_up"])
+        if messages == row["num_clients"] + row["num_failed"]:  # the engine counts every planned client
+            assert abs(sent - row["bytes_down"]) <= 0.05 * row["bytes_down"], (sent, row["bytes_down"])
