@@ -9,8 +9,7 @@ accuracy lost; ``topk`` 1% with error feedback ≥ 30× fewer at ≤ 2 points;
 ``topk`` without error feedback shown for the loss feedback prevents;
 compression + decompression ≤ 10% of local training.
 
-The run is assembled as ``fedtrain.simulation.simulate`` does, with the
-compression plan wired into the executor and the engine.
+Each run is ``fedtrain.simulation.simulate`` (no plot).
 
     python benchmarks/compression.py [--quick] [--rounds-digits N] [--rounds-noniid N]
 """

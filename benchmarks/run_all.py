@@ -28,6 +28,7 @@ SCRIPTS = (
     "batched_clients",
     "scaling",
     "coordinator_memory",
+    "compression",
     "dp_throughput",
     "secure_aggregation",
     "flower_comparison",
