@@ -277,7 +277,8 @@ def validate_run(config: Config, strategy: Strategy, deployed: bool = False) -> 
     sum or a noisy mean (:func:`fedtrain.privacy.setting.check_strategy`),
     a user-level or distributed ``privacy.target_epsilon`` that no noise
     reaches, (``deployed``) ``secure.simulated_dropout``, a simulation-only
-    knob, and a ring that could overflow or, under distributed DP, rounds
+    knob, ``compression.down`` and ``compression.up`` under secure
+    aggregation (neither is carried over Flower yet), and a ring that could overflow or, under distributed DP, rounds
     too coarsely for the noise actually used, calibrated
     (:func:`fedtrain.secure.setting.check_secure`). Sample-level noise is
     calibrated per client from its record count, when the policy is built."""
@@ -285,11 +286,16 @@ def validate_run(config: Config, strategy: Strategy, deployed: bool = False) -> 
 
     check_strategy(config, strategy)
     c = config.compression
-    if deployed and (c.up is not Compression.NONE or c.down is not Compression.NONE):
+    if deployed and c.down is not Compression.NONE:
         raise ConfigError(
-            f"compression.up = {c.up.value!r}, compression.down = {c.down.value!r}: compression runs in a "
-            "simulation only for now (a deployment sends every update and model as float32); allowed in a "
-            "deployment: 'none'"
+            f"compression.down = {c.down.value!r}: a deployment does not carry the clients' broadcast copy yet "
+            "(it sends every client the model as float32); allowed in a deployment: 'none' "
+            "(compression.up is carried)"
+        )
+    if deployed and c.up is not Compression.NONE and config.secure.aggregation:
+        raise ConfigError(
+            f"compression.up = {c.up.value!r} with secure.aggregation = true: a deployment's secure aggregation "
+            "masks and sends whole float32 vectors; allowed with it in a deployment: compression.up = 'none'"
         )
     if config.privacy.mode in (PrivacyMode.USER, PrivacyMode.DISTRIBUTED):
         user_level_noise(config)

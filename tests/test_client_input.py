@@ -175,6 +175,96 @@ def _npy_of_objects() -> bytes:
     return buffer.getvalue()
 
 
+# ------------------------------------------------- compressed training replies
+
+
+def _int8_fields(numel: int = NUMEL) -> dict[str, bytes | int]:
+    from fedtrain.compression import EncodeState, encode, to_wire
+    from fedtrain.config import Compression
+
+    vector = torch.linspace(-1.0, 1.0, numel)
+    return to_wire(encode(vector, Compression.INT8, EncodeState(torch.Generator().manual_seed(3), block=256)))
+
+
+def _compressed(fields: Mapping[str, object] | None = None, **result: object) -> RecordDict:
+    """A compressed training reply as fedtrain's relay builds it, with
+    ``fields`` over the wire fields and ``result`` over the result record."""
+    from fedtrain.transport.flower_client_app import _train_records
+    from fedtrain.transport.relay import TrainReply
+
+    wire = {**_int8_fields(), **(fields or {})}
+    content = _train_records(TrainReply(np.empty(0, np.float32), 120, {"train_loss": 0.5}, wire))  # type: ignore[arg-type]
+    row = {**dict(content["result"]), **result}
+    return RecordDict({
+        "compressed": content["compressed"],
+        "result": ConfigRecord({k: v for k, v in row.items() if v is not MISSING}),
+    })
+
+
+def test_a_compressed_training_reply_from_the_relay_parses_to_its_payload() -> None:
+    from fedtrain.compression import Compressed, decode
+    from fedtrain.config import Compression
+
+    payload, count, metrics = flower.parse_train_reply(_compressed(), NUMEL)
+
+    assert isinstance(payload, Compressed) and payload.method is Compression.INT8
+    assert (count, metrics) == (120, {"train_loss": 0.5})
+    assert flower.record_bytes(_compressed()) >= payload.nbytes - 45
+    back = decode(payload, NUMEL)
+    assert torch.allclose(back, torch.linspace(-1.0, 1.0, NUMEL), atol=1.0 / 127 + 1e-6)
+
+
+def _with_update(content: RecordDict) -> RecordDict:
+    return RecordDict({**content, "update": ArrayRecord({"update": flower.float32_array(np.zeros(NUMEL, np.float32))})})
+
+
+def _uint8(data: bytes) -> Array:
+    return Array(dtype="uint8", shape=(len(data),), stype=RAW_STYPE, data=data)
+
+
+def _compressed_record(**arrays: Array) -> RecordDict:
+    content = _compressed()
+    return RecordDict({"compressed": ArrayRecord(arrays), "result": content["result"]})
+
+
+@pytest.mark.parametrize(("content", "named"), [
+    (_compressed(method=99), "compressed field 'method' = 99"),
+    (_compressed(method=True), "compressed field 'method' = True"),
+    (_compressed(method=-1), "compressed field 'method' = -1"),
+    (_compressed(numel=NUMEL + 1), f"compressed vector of {NUMEL + 1} values, the model has {NUMEL}"),
+    (_compressed(seed=MISSING), "result: missing ['seed']"),
+    (_compressed(block=0), "block = 0"),
+    (_compressed({"values": bytes(NUMEL + 3)}), f"{NUMEL + 3} values for a int8 vector of {NUMEL}"),
+    (_compressed({"values": bytes(NUMEL - 1)}), f"{NUMEL - 1} values for a int8 vector of {NUMEL}"),
+    (_compressed({"scales": bytes(3)}), "3 scale bytes, expected 4"),
+    (_compressed({"indices": bytes(8)}), "8 index bytes, expected 0"),
+    (_compressed({"values": b"\x80" * NUMEL}), "a int8 code outside ±127"),
+    (_compressed({"method": 4, "values": bytes(NUMEL)}), "values for a int4 vector"),
+    (_compressed(extra=1), "result: unknown key 'extra'"),
+    (_with_update(_compressed()), "exactly one of them"),
+    (RecordDict({"result": _compressed()["result"]}), "exactly one of 'update' (float32) and 'compressed'"),
+    (RecordDict({"result": _train()["result"]}), "exactly one of 'update' (float32) and 'compressed'"),
+    (_train(method=2), "result: unknown key 'method'"),
+    (_compressed_record(values=_uint8(bytes(NUMEL)), scales=_uint8(bytes(4))), "expected an array record of exactly"),
+    (_compressed_record(values=flower.float32_array(np.zeros(NUMEL, np.float32)), scales=_uint8(bytes(4)),
+                        indices=_uint8(b"")), "compressed values: dtype = 'float32'"),
+    (_compressed_record(values=Array(dtype="uint8", shape=(NUMEL * 1000,), stype=RAW_STYPE, data=bytes(NUMEL)),
+                        scales=_uint8(bytes(4)), indices=_uint8(b"")), "do not hold"),
+])
+def test_a_bad_compressed_reply_is_rejected_naming_the_field(content: RecordDict, named: str) -> None:
+    with pytest.raises(flower.RejectedReply) as caught:
+        flower.parse_train_reply(content, NUMEL)
+    assert named in str(caught.value)
+    assert len(str(caught.value)) < 400
+
+
+def test_a_compressed_reply_reports_a_clients_own_error() -> None:
+    error = RecordDict({"result": ConfigRecord({"status": "error", "reason": "out of memory"}),
+                        "compressed": _compressed()["compressed"]})
+    with pytest.raises(flower.ClientReportedError, match="client error: out of memory"):
+        flower.parse_train_reply(error, NUMEL)
+
+
 # --------------------------------------------------------------- the backend
 
 
@@ -294,6 +384,27 @@ def test_a_malformed_training_reply_fails_that_client_and_the_round_goes_on(run_
     assert "declared 7 examples, but joined with 120 records" in reasons["liar"]
     assert "float64" in reasons["float64"]
     assert reasons["error"] == "client error: no"
+
+
+def test_a_compressed_reply_reaches_the_engine_as_its_payload_and_a_bad_one_fails(run_identity: None) -> None:
+    from fedtrain.compression import CompressedUpdate
+
+    backend = _backend({
+        1: _client("int8", 120, _compressed),
+        2: _client("short", 120, lambda: _compressed({"values": bytes(2)})),
+        3: _client("both", 120, lambda: _with_update(_compressed())),
+    })
+    names = backend.wait_for_clients(expected=3, minimum=1, wait=0.0)
+    task = TrainTask.of(ClientConfig(), RoundPlan(tuple(names)), ClientPrivacy())
+
+    outcome = backend.train_round(1, names, task, torch.zeros(NUMEL))
+
+    [update] = outcome.updates
+    assert isinstance(update, CompressedUpdate) and update.client_id == "int8" and update.vector.numel() == 0
+    assert update.num_examples == 120 and update.payload.numel == NUMEL
+    reasons = {f.client_id: f.reason for f in outcome.failures}
+    assert "2 values for a int8 vector" in reasons["short"]
+    assert "exactly one of them" in reasons["both"]
 
 
 # ------------------------------------------------------ the engine's checks

@@ -145,6 +145,10 @@ def test_a_deployment_refuses_compression_it_cannot_carry() -> None:
     from fedtrain.config import ConfigError
     from fedtrain.run import build_strategy
 
-    with pytest.raises(ConfigError, match="simulation only"):
-        build_strategy(_config("compression.up=int8"), deployed=True)
-    build_strategy(_config("compression.up=int8"))
+    with pytest.raises(ConfigError, match=r"compression.down = 'int8': a deployment does not carry"):
+        build_strategy(_config("compression.down=int8"), deployed=True)
+    with pytest.raises(ConfigError, match=r"compression.up = 'randk' with secure.aggregation = true"):
+        build_strategy(_config("compression.up=randk", "secure.aggregation=true"), deployed=True)
+    build_strategy(_config("compression.up=randk", "secure.aggregation=true"))
+    build_strategy(_config("compression.down=int8"))
+    build_strategy(_config("compression.up=int8"), deployed=True)

@@ -139,6 +139,7 @@ def coordinate(
 def _coordinate(
     request: DeployRequest, make_transport: Callable[[Hello, SecurePlan | None], CoordinatorTransport]
 ) -> None:
+    from fedtrain.compression import CompressionPlan
     from fedtrain.run import build_engine, build_strategy, build_trainable, client_data, run_engine
     from fedtrain.training.trainer import resolve_device
 
@@ -158,6 +159,7 @@ def _coordinate(
         config, strategy, transport, trainable, test_set,  # type: ignore[arg-type]
         {n: transport.clients[n].num_records for n in names},
         clients_per_round=min(config.strategy.clients_per_round, len(names)),
+        compression=CompressionPlan.of(config.compression, config.run.seed),
     )
     run_engine(config, engine, trainable, trainable.initial_params(), Path(request.run_dir), False,
                request.resume, started, request.trust_checkpoint, names=trainable.trainer.objective.metric_names)

@@ -47,6 +47,7 @@ from fedtrain.transport.relay import (
 )
 
 if TYPE_CHECKING:
+    from fedtrain.compression import Uplink
     from fedtrain.secure.protocol import SecureClient
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class ClientWorker:
         self._setup: tuple[Mapping[str, Any], Any, torch.Tensor, torch.Tensor, int] | None = None
         self._fingerprint = ""
         self._held: dict[int, HeldUpdate] = {}
+        self._uplink: Uplink | None = None
         self.lock = threading.Lock()
 
     def _records(self, config: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +148,7 @@ class ClientWorker:
     def hello(self, hello: Hello) -> ClientInfo:
         """Load the data and build the model for the run described by ``hello``
         (once per config: a repeated hello of the same run costs nothing)."""
+        from fedtrain.compression import CompressionPlan
         from fedtrain.run import build_trainable
         from fedtrain.training.trainer import resolve_device
 
@@ -165,12 +168,29 @@ class ClientWorker:
             trainer = trainable.trainer
             self._setup = (hello.config, trainer, x, y, int(config.run.seed))
             self._fingerprint = trainable.fingerprint()
+            plan = CompressionPlan.of(config.compression, int(config.run.seed))
+            self._uplink = None if plan is None else plan.uplink
             log.info("client %s: %d records on %s, model of %d parameters",
                      self.name, len(y), device, trainer.layout.numel)
         trainer, y = self._setup[1], self._setup[3]
         return ClientInfo(self.name, len(y), str(trainer.device), self._fingerprint)
 
     def train(self, rnd: int, task_json: str, params: np.ndarray) -> TrainReply:
+        """Train for round ``rnd``; under ``compression.up`` the trained (and
+        clipped) update is encoded with this client's error-feedback residual,
+        which stays in this warm process (:meth:`fedtrain.compression.Uplink.encode_`),
+        and the reply carries the wire fields instead of the float32 update."""
+        from fedtrain.compression import to_wire
+        from fedtrain.training.train_task import TrainTask
+
+        reply = self._train_plain(rnd, task_json, params)
+        if self._uplink is None:
+            return reply
+        task = TrainTask.from_json(json.loads(task_json))
+        c = self._uplink.encode_(self.name, rnd, torch.from_numpy(reply.update), task.privacy.clip)
+        return TrainReply(np.empty(0, dtype=np.float32), reply.num_examples, reply.metrics, to_wire(c))
+
+    def _train_plain(self, rnd: int, task_json: str, params: np.ndarray) -> TrainReply:
         from fedtrain.training.train_task import TrainTask
 
         if self._setup is None:
@@ -222,6 +242,11 @@ class ClientWorker:
                 f"{setup.noise_stddev}; refusing to send an update without its noise share"
             )
         client = SecureClient(request.recipient, setup, SecureGaussian() if setup.noise_stddev > 0 else None)
+        if self._uplink is not None:
+            raise ValueError(
+                f"client {self.name}: compression.up = {self._uplink.method.value!r} with secure aggregation: "
+                "the masked vectors are whole float32 vectors; a deployment allows compression.up = 'none' here"
+            )
         reply = self.train(rnd, task_json, params)
         vector = torch.from_numpy(np.ascontiguousarray(reply.update, dtype=np.float32))
         update = ClientUpdate(self.name, vector, reply.num_examples, task.kind)

@@ -13,8 +13,12 @@ Messages (Flower's Message API, ``flwr.app``):
 - ``query`` (hello) → the run's config and model shape; reply: the client's
   id, record count and device.
 - ``train`` → the flat float32 global model and the round's
-  :class:`~fedtrain.training.trainer.TrainTask` as JSON; reply: the flat update, the
-  record count and the metrics, or ``status = "error"`` with a reason.
+  :class:`~fedtrain.training.trainer.TrainTask` as JSON; reply: the flat update
+  (record ``update``) or, under ``compression.up``, its compressed fields
+  (record ``compressed``, :data:`~fedtrain.transport.relay.COMPRESSED_BYTES`),
+  the record count and the metrics, or ``status = "error"`` with a reason. A
+  compressed update reaches the engine as a
+  :class:`~fedtrain.compression.CompressedUpdate`, decoded at intake.
 
 Tensors (the model down, the update up, every secure-aggregation payload)
 travel as Flower ``Array`` objects of raw little-endian bytes
@@ -58,10 +62,22 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedtrain.transport.relay import RAW_STYPE, ClientInfo, Hello, SecureStage, WireDtype, raw_bytes, raw_vector
+from fedtrain.transport.relay import (
+    COMPRESSED_BYTES,
+    COMPRESSED_INTS,
+    RAW_STYPE,
+    ClientInfo,
+    Hello,
+    SecureStage,
+    WireDtype,
+    raw_bytes,
+    raw_vector,
+)
 
 if TYPE_CHECKING:
     import torch
+
+    from fedtrain.compression import Compressed
 
     from fedtrain.training.executor import UpdateSink
     from fedtrain.training.train_task import TrainTask
@@ -112,6 +128,7 @@ FINGERPRINT_CHARS = 64
 
 HELLO_KEYS = frozenset({"status", "name", "num_records", "device", "fingerprint"})
 TRAIN_KEYS = frozenset({"status", "num_examples", "metrics"})
+COMPRESSED_TRAIN_KEYS = TRAIN_KEYS | frozenset(COMPRESSED_INTS)
 ERROR_KEYS = frozenset({"status", "reason"})
 
 
@@ -317,28 +334,74 @@ class WireTraffic:
                 f"received {self.received_bytes} payload bytes in {self.received_messages} replies")
 
 
-def parse_train_reply(content: RecordDict, numel: int) -> tuple[np.ndarray, int, dict[str, float]]:
-    """The update vector, ``num_examples`` and metrics of a training reply,
-    each checked where it enters: a native float32 vector of ``numel``
-    values, an integer count in 1 … :data:`fedtrain.types.MAX_RECORDS`, and
-    metrics that :func:`fedtrain.validation.metrics_reason` accepts (finite
-    floats, known keys). Raises :class:`RejectedReply`."""
+def _compressed_payload(content: RecordDict, result: ConfigRecord, numel: int) -> Compressed:
+    """The compressed update of a training reply: record ``compressed``
+    holds exactly the ``uint8`` raw arrays of :data:`COMPRESSED_BYTES`, and
+    :func:`fedtrain.compression.from_wire` checks them with ``result``'s
+    integer fields against ``numel`` (a declared size is never trusted)."""
+    from fedtrain.compression import from_wire
+
+    record = content.get("compressed")
+    if not isinstance(record, ArrayRecord) or sorted(record.keys()) != sorted(COMPRESSED_BYTES):
+        keys = sorted(record.keys())[:8] if isinstance(record, ArrayRecord) else type(record).__name__
+        raise RejectedReply(
+            f"compressed: {_clean(str(keys), 120)}: expected an array record of exactly {sorted(COMPRESSED_BYTES)}"
+        )
+    fields: dict[str, object] = {key: result.get(key) for key in COMPRESSED_INTS}
+    for key in COMPRESSED_BYTES:
+        array = record[key]
+        if not isinstance(array, Array):
+            raise RejectedReply(f"compressed {key} = a {type(array).__name__}: expected an array")
+        try:
+            raw_vector(f"compressed {key}", array.stype, array.dtype, tuple(array.shape), array.data,
+                       WireDtype.UINT8)
+        except ValueError as exc:
+            raise RejectedReply(_clean(str(exc))) from None
+        fields[key] = array.data
+    try:
+        return from_wire(fields, numel)
+    except ValueError as exc:
+        raise RejectedReply(_clean(str(exc))) from None
+
+
+def parse_train_reply(content: RecordDict, numel: int) -> tuple[np.ndarray | Compressed, int, dict[str, float]]:
+    """The update, ``num_examples`` and metrics of a training reply, each
+    checked where it enters: the update is either a native float32 vector of
+    ``numel`` values (record ``update``) or a compressed one (record
+    ``compressed`` and the integer fields in ``result``, exactly one of the
+    two, :func:`_compressed_payload`), the count an integer in 1 …
+    :data:`fedtrain.types.MAX_RECORDS`, and metrics that
+    :func:`fedtrain.validation.metrics_reason` accepts (finite floats, known
+    keys). Raises :class:`RejectedReply`."""
     from fedtrain.types import MAX_RECORDS
     from fedtrain.validation import count_reason
 
     try:
-        result = _result_record(content, frozenset({"result", "update"}), TRAIN_KEYS)
+        names = set(content.keys())
+        if {"update", "compressed"} <= names:
+            raise RejectedReply("records 'update' and 'compressed': a training reply carries exactly one of them")
+        compressed = "compressed" in names
+        head = content.get("result") if "result" in names else None
+        if not compressed and "update" not in names and isinstance(head, ConfigRecord) and head.get("status") == "ok":
+            raise RejectedReply(
+                f"records {_clean(str(sorted(names)[:8]), 120)}: a training reply carries exactly one of "
+                "'update' (float32) and 'compressed' (compression.up)"
+            )
+        result = _result_record(
+            content, frozenset({"result", "compressed" if compressed else "update"}),
+            COMPRESSED_TRAIN_KEYS if compressed else TRAIN_KEYS,
+        )
         count = result.get("num_examples")
         reason = count_reason("num_examples", count, 1, MAX_RECORDS)
         if reason is not None:
             raise RejectedReply(reason)
         metrics = _metrics(result.get("metrics"))
-        vector = _update_vector(content, numel)
+        update = _compressed_payload(content, result, numel) if compressed else _update_vector(content, numel)
     except RejectedReply:
         raise
     except Exception as exc:  # whatever a hostile record does, it is this client's failure
         raise RejectedReply(f"malformed training reply: {type(exc).__name__}: {_clean(str(exc))}") from None
-    return vector, int(count), metrics  # type: ignore[arg-type]
+    return update, int(count), metrics  # type: ignore[arg-type]
 
 
 class FlowerTransport:
@@ -480,7 +543,9 @@ class FlowerTransport:
     ) -> ClientUpdate | ClientFailure:
         """Client ``cid``'s update from its training ``reply``, or its failure.
         The checked bytes are copied once: into ``row`` (a sink's row) when
-        given, else into a fresh tensor."""
+        given, else into a fresh tensor; a compressed update stays a
+        :class:`~fedtrain.compression.CompressedUpdate` (the engine's intake
+        decodes it into the row)."""
         import torch
 
         from fedtrain.types import ClientFailure
@@ -498,6 +563,13 @@ class FlowerTransport:
         if num_examples != registered:
             return ClientFailure(
                 cid, f"declared {num_examples} examples, but joined with {registered} records"
+            )
+        if not isinstance(vector, np.ndarray):
+            from fedtrain.compression import CompressedUpdate
+
+            return CompressedUpdate(
+                client_id=cid, vector=torch.empty(0), num_examples=num_examples, kind=kind, metrics=metrics,
+                payload=vector,
             )
         if row is not None and row.device.type == "cpu":
             np.copyto(row.numpy(), vector)

@@ -13,7 +13,11 @@ Messages (Flower's Message API, ``flwr.app``; what the coordinator sends,
 :mod:`fedtrain.transport.flower`):
 
 - ``query`` (hello) → reply: the client's id, record count and device;
-- ``train`` → reply: the flat float32 update, the record count and the metrics;
+- ``train`` → reply: the flat float32 update (record ``update``) or, under
+  ``compression.up``, the compressed one (record ``compressed``: its
+  ``values``, ``scales`` and ``indices`` bytes as ``uint8`` arrays, and its
+  ``method``, ``numel``, ``block`` and ``seed`` in ``result``), the record
+  count and the metrics;
 - ``train.secure`` → reply: the client's encoded key advert (the worker
   trains and keeps its update);
 - ``query.secure`` → reply: the client's encoded message for the stage.
@@ -38,6 +42,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from fedtrain.transport.relay import (
+    COMPRESSED_BYTES,
     NODE_KEY_FILE,
     NODE_WORKER,
     RAW_STYPE,
@@ -79,9 +84,25 @@ def _payload(content: RecordDict) -> bytes:
     return content["payload"]["payload"].data
 
 
+def _raw_array(data: bytes, dtype: WireDtype) -> Array:
+    return Array(dtype=dtype.value, shape=(len(data) // dtype.numpy.itemsize,), stype=RAW_STYPE, data=data)
+
+
 def _raw_record(name: str, data: bytes, dtype: WireDtype) -> ArrayRecord:
-    shape = (len(data) // dtype.numpy.itemsize,)
-    return ArrayRecord({name: Array(dtype=dtype.value, shape=shape, stype=RAW_STYPE, data=data)})
+    return ArrayRecord({name: _raw_array(data, dtype)})
+
+
+def _train_records(answer: TrainReply) -> RecordDict:
+    result: dict[str, int | str] = {
+        "status": "ok", "num_examples": answer.num_examples, "metrics": json.dumps(answer.metrics),
+    }
+    if answer.compressed is None:
+        update = _raw_record("update", raw_bytes(answer.update.reshape(-1), WireDtype.FLOAT32), WireDtype.FLOAT32)
+        return RecordDict({"update": update, "result": ConfigRecord(result)})
+    fields = answer.compressed
+    arrays = {k: _raw_array(bytes(fields[k]), WireDtype.UINT8) for k in COMPRESSED_BYTES}
+    result.update({k: int(v) for k, v in fields.items() if k not in COMPRESSED_BYTES})
+    return RecordDict({"compressed": ArrayRecord(arrays), "result": ConfigRecord(result)})
 
 
 client_app = ClientApp()
@@ -115,12 +136,7 @@ def _train(message: Message, context: Context) -> Message:
     status, answer = _relay(context, (RequestKind.TRAIN, body))
     if status != "ok" or not isinstance(answer, TrainReply):
         return Message(_status_error(str(answer)), reply_to=message)
-    return Message(RecordDict({
-        "update": _raw_record("update", raw_bytes(answer.update.reshape(-1), WireDtype.FLOAT32), WireDtype.FLOAT32),
-        "result": ConfigRecord({
-            "status": "ok", "num_examples": answer.num_examples, "metrics": json.dumps(answer.metrics),
-        }),
-    }), reply_to=message)
+    return Message(_train_records(answer), reply_to=message)
 
 
 @client_app.train("secure")

@@ -171,13 +171,28 @@ class ClientInfo:
     fingerprint: str
 
 
+COMPRESSED_BYTES = ("values", "scales", "indices")
+"""The fields of :func:`fedtrain.compression.to_wire` that are bytes: in a
+training reply each is a ``uint8`` array of record ``compressed``; the
+integer fields (``method``, ``numel``, ``block``, ``seed``) are values of its
+``result`` record."""
+
+COMPRESSED_INTS = ("method", "numel", "block", "seed")
+"""The integer fields of :func:`fedtrain.compression.to_wire`."""
+
+
 @dataclass(frozen=True)
 class TrainReply:
-    """One round's result of a deployed client."""
+    """One round's result of a deployed client: the float32 ``update``, or
+    under ``compression.up`` an empty ``update`` and ``compressed``, the
+    fields of :func:`fedtrain.compression.to_wire` (raw little-endian bytes
+    and integers), which the relay sends as ``uint8`` arrays and config
+    values."""
 
     update: np.ndarray
     num_examples: int
     metrics: dict[str, float]
+    compressed: Mapping[str, bytes | int] | None = None
 
 
 def relay(address: str, authkey_hex: str, request: tuple[RequestKind, Any]) -> tuple[str, Any]:
