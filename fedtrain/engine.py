@@ -96,6 +96,17 @@ class RngStreams:
         )
 
 
+def _decode(
+    update: CompressedUpdate, numel: int, rnd: int, plan: CompressionPlan | None, out: torch.Tensor | None = None
+) -> ClientUpdate | ClientFailure:
+    """The plain update a compressed one stands for (decoded into ``out``
+    when given), or its client's failure when the payload is refused."""
+    try:
+        return decoded_update(update, numel, rnd, plan, out=out)
+    except ValueError as exc:
+        return ClientFailure(update.client_id, f"compressed update refused: {exc}")
+
+
 class RoundIntake:
     """The engine's :class:`~fedtrain.training.executor.UpdateSink` for one
     round: each update is checked as it enters (shape, dtype, kind, counts,
@@ -132,12 +143,11 @@ class RoundIntake:
     def _take(self, update: ClientUpdate, borrow: bool) -> None:
         self.bytes_up += wire_nbytes(update, self.fold.numel)
         if isinstance(update, CompressedUpdate):
-            try:
-                update = decoded_update(update, self.fold.numel, self.rnd, self.compression, out=self.fold.row())
-            except ValueError as exc:
-                self.invalid.append(ClientFailure(update.client_id, f"compressed update refused: {exc}"))
+            decoded = _decode(update, self.fold.numel, self.rnd, self.compression, out=self.fold.row())
+            if isinstance(decoded, ClientFailure):
+                self.invalid.append(decoded)
                 return
-            borrow = False
+            update, borrow = decoded, False
         inspection = inspect_update(update, self.fold.numel, self.kind)
         if inspection.reason is not None:
             self.invalid.append(ClientFailure(update.client_id, inspection.reason))
@@ -215,10 +225,11 @@ class Engine:
             if not isinstance(update, CompressedUpdate):
                 decoded.append(update)
                 continue
-            try:
-                decoded.append(decoded_update(update, numel, rnd, self.compression))
-            except ValueError as exc:
-                refused.append(ClientFailure(update.client_id, f"compressed update refused: {exc}"))
+            plain = _decode(update, numel, rnd, self.compression)
+            if isinstance(plain, ClientFailure):
+                refused.append(plain)
+            else:
+                decoded.append(plain)
         return decoded, refused
 
     def _broadcast(self, rnd: int, params: torch.Tensor) -> tuple[torch.Tensor, int]:

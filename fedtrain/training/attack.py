@@ -15,7 +15,7 @@ import torch
 
 from fedtrain.training.train_task import TrainTask
 from fedtrain.config import AttackKind
-from fedtrain.training.executor import Executor, UpdateSink, takes_sink
+from fedtrain.training.executor import Executor, MappedSink, UpdateSink, takes_sink
 from fedtrain.types import ClientUpdate, RoundOutcome
 
 
@@ -30,7 +30,7 @@ class AttackingExecutor:
     """Runs ``inner`` and rewrites the attackers' update vectors in place.
 
     With a sink, sign flips and scalings are applied to each attacker's
-    update on its way into the sink (:class:`_AttackingSink`), so the inner
+    update on its way into the sink (:class:`~fedtrain.training.executor.MappedSink`), so the inner
     executor streams as it would without an attack. The ``noise`` attack
     draws its noise from one generator in cohort order, which a stream in
     another order (the batched engine's chunks) would hand to other clients:
@@ -43,6 +43,10 @@ class AttackingExecutor:
         self.kind = kind
         self.scale = scale
         self.seed = seed
+
+    def _corrupted(self, update: ClientUpdate, generator: torch.Generator) -> ClientUpdate:
+        self.corrupt_(update, generator)
+        return update
 
     def corrupt_(self, update: ClientUpdate, generator: torch.Generator) -> None:
         """Rewrite ``update``'s vector in place when its client is an attacker."""
@@ -66,24 +70,8 @@ class AttackingExecutor:
     ) -> RoundOutcome:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rnd)
         if sink is not None and self.kind is not AttackKind.NOISE and takes_sink(self.inner):
-            return self.inner.train_round(rnd, clients, task, params, sink=_AttackingSink(self, sink, generator))
+            return self.inner.train_round(rnd, clients, task, params, sink=MappedSink(sink, lambda u: self._corrupted(u, generator)))
         outcome = self.inner.train_round(rnd, clients, task, params)
         for update in outcome.updates:
             self.corrupt_(update, generator)
         return outcome
-
-
-class _AttackingSink:
-    """A sink that corrupts each attacker's update before passing it on."""
-
-    def __init__(self, attack: AttackingExecutor, sink: UpdateSink, generator: torch.Generator) -> None:
-        self.attack = attack
-        self.sink = sink
-        self.generator = generator
-
-    def row(self) -> torch.Tensor:
-        return self.sink.row()
-
-    def push(self, update: ClientUpdate) -> None:
-        self.attack.corrupt_(update, self.generator)
-        self.sink.push(update)

@@ -17,9 +17,9 @@ from typing import Sequence
 import torch
 
 from fedtrain.compression import Uplink
-from fedtrain.training.executor import Executor, UpdateSink, takes_sink
+from fedtrain.training.executor import Executor, MappedSink, UpdateSink, takes_sink
 from fedtrain.training.train_task import TrainTask
-from fedtrain.types import ClientUpdate, RoundOutcome
+from fedtrain.types import RoundOutcome
 
 
 class CompressingExecutor:
@@ -43,23 +43,9 @@ class CompressingExecutor:
     ) -> RoundOutcome:
         clip = task.privacy.clip
         if sink is not None and takes_sink(self.inner):
-            return self.inner.train_round(rnd, clients, task, params, sink=_CompressingSink(self, sink, rnd, clip))
+            return self.inner.train_round(rnd, clients, task, params, sink=MappedSink(
+                sink, lambda u: self.uplink.compress_(rnd, u, clip, self.dense)
+            ))
         outcome = self.inner.train_round(rnd, clients, task, params)
         updates = tuple(self.uplink.compress_(rnd, u, clip, self.dense) for u in outcome.updates)
         return RoundOutcome(updates, outcome.failures)
-
-
-class _CompressingSink:
-    """A sink that compresses each update before passing it on."""
-
-    def __init__(self, owner: CompressingExecutor, sink: UpdateSink, rnd: int, clip: float) -> None:
-        self.owner = owner
-        self.sink = sink
-        self.rnd = rnd
-        self.clip = clip
-
-    def row(self) -> torch.Tensor:
-        return self.sink.row()
-
-    def push(self, update: ClientUpdate) -> None:
-        self.sink.push(self.owner.uplink.compress_(self.rnd, update, self.clip, self.owner.dense))

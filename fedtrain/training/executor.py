@@ -4,7 +4,7 @@ their updates back, in process (sequential, batched) or over a transport."""
 from __future__ import annotations
 
 import inspect
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -33,6 +33,22 @@ class UpdateSink(Protocol):
         the call). A refused update becomes the client's failure in the
         round's record; the executor does not report it again."""
         ...
+
+
+class MappedSink:
+    """A sink that passes each update through ``transform`` on its way into
+    ``sink``: how an executor decorator (an attack, compression) acts on the
+    updates of the executor it wraps without holding them."""
+
+    def __init__(self, sink: UpdateSink, transform: Callable[[ClientUpdate], ClientUpdate]) -> None:
+        self.sink = sink
+        self.transform = transform
+
+    def row(self) -> torch.Tensor:
+        return self.sink.row()
+
+    def push(self, update: ClientUpdate) -> None:
+        self.sink.push(self.transform(update))
 
 
 class Executor(Protocol):
