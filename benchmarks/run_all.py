@@ -29,6 +29,7 @@ SCRIPTS = (
     "scaling",
     "coordinator_memory",
     "compression",
+    "async_vs_sync",
     "dp_throughput",
     "secure_aggregation",
     "flower_comparison",

@@ -237,6 +237,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         connect_seconds=args.connect_timeout,
         poll_seconds=args.poll,
         allow_plugins=tuple(args.allow_plugin),
+        delay_seconds=args.delay,
     ))
 
 
@@ -272,6 +273,18 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
             )
     except ValueError as exc:  # the accountant's check of a flag's value
         raise UsageError(str(exc)) from None
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """One run of CONFIG with canaries; the claimed ε and the audited lower bound, side by side."""
+    from fedtrain import config as config_mod
+    from fedtrain.audit import AUDIT_FILE, audit
+
+    cfg = config_mod.load(args.config, args.set)
+    out = Path(args.out) if args.out else _default_out(f"{Path(args.config).stem if args.config else 'default'}-audit")
+    result = audit(cfg, out, canaries=args.canaries, confidence=args.confidence, progress=not args.quiet)
+    print(f"{result.line()}; {AUDIT_FILE} in {result.run_dir}/", flush=True)
     return 0
 
 
@@ -353,6 +366,26 @@ def build_parser() -> argparse.ArgumentParser:
         "distributions, the tightest; needs pip install 'fedtrain[pld]')",
     )
     priv.set_defaults(func=_cmd_privacy)
+    from fedtrain.audit import AUDIT_FILE, DEFAULT_CANARIES, DEFAULT_CONFIDENCE
+
+    aud = sub.add_parser(
+        "audit", help="check a run's privacy claim: an empirical lower bound on ε from one run with canaries",
+        description="Run CONFIG once with canaries inserted (canary clients under user-level DP and without DP, "
+        "canary records under sample-level DP), each included with probability 1/2 by a secret coin, and "
+        f"write {AUDIT_FILE} into the run folder: the run's claimed ε and a lower bound on ε that holds at "
+        "--confidence (Steinke, Nasr & Jagielski 2023). A bound far below the claim is normal (one-run audits "
+        "are loose); a bound above it means a bug.",
+    )
+    aud.add_argument("config", nargs="?", help="TOML config file (default: the embedded default)")
+    aud.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one config key; repeatable")
+    aud.add_argument("--out", help="run folder (default: runs/<config>-audit-<time>)")
+    aud.add_argument("--canaries", type=int, default=DEFAULT_CANARIES,
+                     help=f"number of canaries M, each in the run with probability 1/2 (default {DEFAULT_CANARIES})")
+    aud.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
+                     help=f"confidence of the lower bound (default {DEFAULT_CONFIDENCE})")
+    aud.add_argument("--quiet", action="store_true", help="no progress bar")
+    aud.set_defaults(func=_cmd_audit)
 
     certs = sub.add_parser(
         "certs", help="create a CA, the coordinator's TLS certificate and client keys",
@@ -405,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to keep retrying an unreachable coordinator (default 60)")
     client.add_argument("--poll", type=float, default=DEFAULT_POLL,
                         help=f"seconds between polls for work (default {DEFAULT_POLL}; 3 = Flower's default)")
+    client.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
+                        help="answer every training job SECONDS later: a slow device or link, to try stragglers "
+                        "and asynchronous runs (default 0)")
     client.add_argument(
         "--allow-plugin", action="append", default=[], metavar="NAME",
         help="import this plug-in when the run's model.name or data.dataset names it, exactly as written there "

@@ -34,6 +34,17 @@ budget, the rest spilled to disk). Under a clip (user-level or distributed
 DP) the value sent is scaled so that its *decoded* norm stays within the clip
 (:func:`bound_norm`), the residual included: the coordinator's norm check
 runs on the decoded update and a compressed update cannot exceed the clip.
+
+The downlink: a simulation models one broadcast copy that every client
+shares (:class:`Downlink`); a deployment keeps each client's own copy on the
+coordinator (:class:`ClientCopies`), sends each client a delta against it,
+and names copies by :func:`copy_digest` so that both ends provably hold the
+same bits. Either way the coordinator aggregates into its own model.
+
+The quantisers run in numpy around torch's rounding coins (numpy's
+overhead per operation is the smaller one on model-sized vectors): the same
+IEEE float32 operations, so the codes and scales are bit for bit what the
+torch formulation gives.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, cast
+from typing import Any, Callable, Mapping, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -208,17 +219,20 @@ def _quantiser(method: Compression) -> Codec:
             raise ValueError(f"compression {method.value!r} rounds stochastically: pass a generator")
         n, block = v.numel(), state.block
         nb = _blocks(n, block)
-        x = torch.nn.functional.pad(v.detach().cpu().float(), (0, nb * block - n)).view(nb, block)
-        scales = x.abs().amax(dim=1) / levels
-        y = x / torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
-        y.add_(torch.rand(y.shape, generator=state.generator)).floor_().clamp_(-levels, levels)
-        codes = y.flatten()[:n].to(torch.int8)
+        flat = v.detach().cpu().float().numpy()
+        x = (flat if nb * block == n else np.pad(flat, (0, nb * block - n))).reshape(nb, block)
+        scales = np.abs(x).max(axis=1) / np.float32(levels)
+        y = x / np.where(scales > 0, scales, np.float32(1))[:, None]
+        y += torch.rand((nb, block), generator=state.generator).numpy()
+        codes = np.clip(np.floor(y, out=y), -levels, levels, out=y).reshape(-1)[:n].astype(np.int8)
         if method is Compression.INT4:
-            nibbles = torch.nn.functional.pad((codes + 8).to(torch.uint8), (0, n % 2), value=8)
-            values = nibbles[0::2] | (nibbles[1::2] << 4)
+            nibbles = (codes + np.int8(8)).view(np.uint8)
+            if n % 2:
+                nibbles = np.append(nibbles, np.uint8(8))
+            values = nibbles[0::2] | (nibbles[1::2] << np.uint8(4))
         else:
             values = codes
-        return Compressed(method, n, values, scales, block=block)
+        return Compressed(method, n, torch.from_numpy(values), torch.from_numpy(scales), block=block)
 
     def decode(c: Compressed, numel: int) -> torch.Tensor:
         _check(c, numel, method)
@@ -228,15 +242,23 @@ def _quantiser(method: Compression) -> Codec:
         _expect(c.scales, "scales", torch.float32, nb)
         if method is Compression.INT4:
             _expect(c.values, "values", torch.uint8, -(-numel // 2))
-            pairs = torch.stack([c.values & 15, c.values >> 4], dim=1).flatten()[:numel]
-            codes = pairs.to(torch.float32) - 8
+            packed = c.values.numpy()
+            stored = np.stack([packed & np.uint8(15), packed >> np.uint8(4)], axis=1).reshape(-1)[:numel]
+            if stored.size and stored.min() == 0:
+                raise ValueError(f"a {method.value} code outside ±{levels}")
+            codes = stored.astype(np.float32) - np.float32(8)
         else:
             _expect(c.values, "values", torch.int8, numel)
-            codes = c.values.to(torch.float32)
-        if bool((codes.abs() > levels).any()):
-            raise ValueError(f"a {method.value} code outside ±{levels}")
-        scale = torch.repeat_interleave(c.scales, c.block)[:numel]
-        return codes * scale
+            stored = c.values.numpy()
+            if stored.size and stored.min() < -levels:
+                raise ValueError(f"a {method.value} code outside ±{levels}")
+            codes = stored.astype(np.float32)
+        padded = nb * c.block
+        if padded != numel:
+            codes = np.pad(codes, (0, padded - numel))
+        out = codes.reshape(nb, c.block)
+        out *= c.scales.numpy()[:, None]
+        return torch.from_numpy(out.reshape(-1)[:numel])
 
     return Codec(encode, decode)
 
@@ -389,6 +411,15 @@ class ResidualStore:
             torch.save(tensor, path)
             self._spilled[cid] = path
 
+    def discard_(self, client_id: str) -> None:
+        """Forget the client's tensor, in memory or on disk."""
+        held = self._memory.pop(client_id, None)
+        if held is not None:
+            self._held -= held.numel() * held.element_size()
+        path = self._spilled.pop(client_id, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every residual by client id (spilled ones read back), for a checkpoint."""
         state = {cid: torch.load(path, weights_only=True) for cid, path in self._spilled.items()}
@@ -414,6 +445,16 @@ class CompressedUpdate(ClientUpdate):
     payload: Compressed
 
 
+def _state(method: Compression, seed: int, rnd: int, stream: str, fraction: float, block: int) -> EncodeState:
+    """What ``method`` needs to encode client ``stream``'s vector in round
+    ``rnd``: rounding coins for the quantisers, the round's coordinate seed
+    for ``randk``, nothing else (each is drawn only where it is used)."""
+    return EncodeState(
+        rounding_generator(seed, rnd, stream) if method in _LEVELS else None, fraction, block,
+        randk_seed(seed, rnd) if method is Compression.RANDK else 0,
+    )
+
+
 class Uplink:
     """The client side of ``compression.up``: error feedback and encoding.
 
@@ -437,10 +478,7 @@ class Uplink:
         residual = self.store.get(client_id) if self.store is not None else None
         if residual is not None:
             v = v + residual
-        state = EncodeState(
-            rounding_generator(self.seed, rnd, client_id), self.fraction, self.block, randk_seed(self.seed, rnd)
-        )
-        c = encode(v, self.method, state)
+        c = encode(v, self.method, _state(self.method, self.seed, rnd, client_id, self.fraction, self.block))
         if clip > 0:
             c, sent = bound_norm(c, clip)
             if self.store is not None:
@@ -486,7 +524,8 @@ class Downlink:
     so the broadcast state is its own error feedback (``error_feedback``
     concerns the uplink only). Modelled: one copy that every client shares,
     as when every client took part in every earlier round; not modelled: a
-    client that missed rounds (in a deployment it needs the full model)."""
+    client that missed rounds (a deployment keeps each client's copy,
+    :class:`ClientCopies`)."""
 
     def __init__(self, config: CompressionConfig, seed: int) -> None:
         self.method = config.down
@@ -500,13 +539,126 @@ class Downlink:
         if self.copy is None or self.copy.shape != params.shape:
             self.copy = params.detach().clone()
             return self.copy, uncompressed_nbytes(params.numel())
-        state = EncodeState(
-            rounding_generator(self.seed, rnd, DOWNLINK_CLIENT), self.fraction, self.block,
-            randk_seed(self.seed, rnd),
-        )
-        c = encode(params - self.copy, self.method, state)
+        c = encode(params - self.copy, self.method,
+                   _state(self.method, self.seed, rnd, DOWNLINK_CLIENT, self.fraction, self.block))
         self.copy = self.copy + decode(c, c.numel).to(self.copy.device)
         return self.copy, c.nbytes
+
+
+DIGEST_CHARS = 32
+"""Hex digits of a copy's :func:`copy_digest` (128 bits of SHA-256)."""
+
+
+def copy_digest(vector: torch.Tensor) -> str:
+    """The name of a client's copy of the global model: SHA-256 of its
+    float32 little-endian bytes, as :data:`DIGEST_CHARS` hex digits. Both ends
+    of a deployed downlink compute it, so a delta is applied only to the copy
+    it was made against, and the result is checked to be the same bits on
+    the client as on the coordinator."""
+    raw = np.ascontiguousarray(vector.detach().cpu().numpy(), dtype="<f4").tobytes()
+    return hashlib.sha256(raw).hexdigest()[:DIGEST_CHARS]
+
+
+@dataclass(frozen=True)
+class ModelMessage:
+    """The global model as one client of a deployment is sent it under
+    ``compression.down``: ``full`` (float32, when the coordinator holds no
+    copy it can vouch for) or ``delta`` against the client's copy named
+    ``base``; ``digest`` names the copy the client holds afterwards (the
+    model it trains from)."""
+
+    digest: str
+    full: torch.Tensor | None = None
+    delta: Compressed | None = None
+    base: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        """What the model costs on the wire, counted as the simulation counts
+        it (:attr:`Compressed.nbytes`, or an uncompressed vector)."""
+        if self.delta is not None:
+            return self.delta.nbytes
+        return uncompressed_nbytes(0 if self.full is None else self.full.numel())
+
+
+def applied(copy: torch.Tensor, delta: Compressed) -> torch.Tensor:
+    """The copy after ``delta``: ``copy + decode(delta)`` in float32 on the
+    CPU, the same bits on the coordinator and on the client."""
+    return copy.detach().cpu().to(torch.float32) + decode(delta, copy.numel())
+
+
+class ClientCopies:
+    """The coordinator's side of ``compression.down`` in a deployment: the
+    copy of the global model each client holds, exactly as that client
+    decoded it, and the message that brings it up to date.
+
+    A client whose copy is known gets ``params − copy`` compressed (with its
+    own rounding stream); the coordinator decodes what it sent and keeps the
+    sum as the client's new copy, as the client does. A client without a
+    known copy (its first round, a client that failed a round or greeted the
+    coordinator again, which may have restarted, or any client after the
+    coordinator resumed: copies are not checkpointed) gets the whole model
+    as float32. Copies live in a :class:`ResidualStore` (memory up to a
+    budget, the rest spilled to disk). What a delta leaves out stays in the
+    difference and is sent in a later round, as with the simulation's
+    :class:`Downlink`."""
+
+    def __init__(self, config: CompressionConfig, seed: int, store: ResidualStore) -> None:
+        self.method = config.down
+        self.fraction = config.fraction
+        self.block = config.block
+        self.seed = seed
+        self.store = store
+        self._digests: dict[str, str] = {}
+
+    @classmethod
+    def of(cls, config: CompressionConfig, seed: int, folder: Path | None = None) -> ClientCopies | None:
+        """The copies of a deployment with ``compression.down``, or None
+        without; up to ``compression.residual_memory_mb`` in memory, the rest
+        in ``folder`` (a temporary folder when None)."""
+        if config.down is Compression.NONE:
+            return None
+        return cls(config, seed, ResidualStore(config.residual_memory_mb << 20, folder))
+
+    def message_(self, client_id: str, rnd: int, params: torch.Tensor) -> ModelMessage:
+        """What client ``client_id`` is sent in round ``rnd``; its copy
+        becomes what it will decode."""
+        target = params.detach().cpu().to(torch.float32)
+        base = self._digests.get(client_id)
+        copy = self.store.get(client_id) if base is not None else None
+        if copy is None or copy.shape != target.shape:
+            full = target.clone()
+            self._keep_(client_id, full)
+            return ModelMessage(self._digests[client_id], full=full)
+        c = encode(target - copy, self.method,
+                   _state(self.method, self.seed, rnd, DOWNLINK_CLIENT + client_id, self.fraction, self.block))
+        self._keep_(client_id, applied(copy, c))
+        return ModelMessage(self._digests[client_id], delta=c, base=base or "")
+
+    def _keep_(self, client_id: str, copy: torch.Tensor) -> None:
+        self.store.put_(client_id, copy)
+        self._digests[client_id] = copy_digest(copy)
+
+    def forget_(self, client_id: str) -> None:
+        """The coordinator can no longer vouch for the client's copy: its next model is sent whole."""
+        self._digests.pop(client_id, None)
+        self.store.discard_(client_id)
+
+    def __contains__(self, client_id: object) -> bool:
+        return client_id in self._digests
+
+
+@runtime_checkable
+class ModelSender(Protocol):
+    """An executor that sends each client the model itself and counts what
+    that cost: a deployment's transport, which under ``compression.down``
+    sends each client a delta against its own copy (:class:`ClientCopies`).
+    The engine hands it the global model unchanged and takes
+    ``model_bytes`` as the round's ``bytes_down``."""
+
+    model_bytes: int
+    """What the current (or last) round's models cost on the wire, summed
+    over the clients they were sent to (:attr:`ModelMessage.nbytes`)."""
 
 
 class CompressionPlan:

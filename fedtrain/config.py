@@ -145,6 +145,39 @@ SPARSIFIERS = (Compression.TOPK, Compression.RANDK)
 QUANTISERS = (Compression.INT8, Compression.INT4)
 
 
+class RunMode(str, enum.Enum):
+    """How the coordinator aggregates: ``sync`` waits for each round's whole
+    cohort; ``async`` keeps ``async.concurrency`` clients training and
+    aggregates every ``async.buffer_size`` updates as they finish (FedBuff,
+    Nguyen et al. 2022, "Federated Learning with Buffered Asynchronous
+    Aggregation"; :mod:`fedtrain.buffered`)."""
+
+    SYNC = "sync"
+    ASYNC = "async"
+
+
+class Staleness(str, enum.Enum):
+    """How an update ``s`` model versions old is weighted (Xie et al. 2019,
+    "Asynchronous Federated Optimization", §5.2): ``polynomial``
+    ``(1 + s)^-a``; ``constant`` 1; ``hinge`` 1 up to ``s = b``, then
+    ``1 / (a (s − b) + 1)``."""
+
+    POLYNOMIAL = "polynomial"
+    CONSTANT = "constant"
+    HINGE = "hinge"
+
+
+class ClientSpeed(str, enum.Enum):
+    """A simulated population's speeds (:mod:`fedtrain.clock`): every client
+    alike (``constant``), a log-normal slowdown of σ ``clients.spread``
+    (``lognormal``), or a seeded share ``clients.stragglers_fraction`` of the
+    clients ``clients.stragglers_slowdown`` times slower (``stragglers``)."""
+
+    CONSTANT = "constant"
+    LOGNORMAL = "lognormal"
+    STRAGGLERS = "stragglers"
+
+
 class ErrorFeedback(str, enum.Enum):
     """Whether a client adds what it did not send to its next update (Stich et
     al. 2018; Karimireddy et al. 2019). ``auto``: on for ``topk`` / ``randk``,
@@ -181,7 +214,7 @@ splits runs have always used), which takes seeds below 2**32 only."""
 
 @dataclass(frozen=True)
 class RunConfig:
-    rounds: int = field(default=100, metadata=_rule(1, doc="federated rounds"))
+    rounds: int = field(default=100, metadata=_rule(1, doc="federated rounds (under run.mode = 'async': aggregations)"))
     seed: int = field(
         default=0, metadata=_rule(0, MAX_SEED, doc="seed of every random stream (a 64-bit signed integer)")
     )
@@ -199,6 +232,7 @@ class RunConfig:
         default=False,
         metadata=_rule(doc="write TensorBoard event files into RUN_DIR/tensorboard (needs fedtrain[tensorboard])"),
     )
+    mode: RunMode = RunMode.SYNC
 
 
 @dataclass(frozen=True)
@@ -402,6 +436,56 @@ class CompressionConfig:
 
 
 @dataclass(frozen=True)
+class AsyncConfig:
+    """``[async]``: buffered asynchronous aggregation (FedBuff, Nguyen et al.
+    2022), under ``run.mode = "async"`` only."""
+
+    concurrency: int = field(default=10, metadata=_rule(1, doc="clients training at once"))
+    buffer_size: int = field(default=5, metadata=_rule(1, doc="updates per aggregation (FedBuff's K)"))
+    max_staleness: int = field(
+        default=0, metadata=_rule(0, doc="drop an update more model versions old than this; 0 = no limit")
+    )
+    staleness: Staleness = Staleness.POLYNOMIAL
+    staleness_exponent: float = field(
+        default=0.5, metadata=_rule(0.0, exclusive_min=True, doc="a of polynomial (1+s)^-a and of hinge")
+    )
+    hinge_after: int = field(default=4, metadata=_rule(0, doc="hinge: b, the staleness weighted 1"))
+
+
+@dataclass(frozen=True)
+class PopulationConfig:
+    """``[clients]``: the simulated population's speeds (:mod:`fedtrain.clock`).
+    A client's virtual time for a job is its local steps × ``step_seconds``
+    × its slowdown."""
+
+    speed: ClientSpeed = ClientSpeed.CONSTANT
+    spread: float = field(default=0.5, metadata=_rule(0.0, exclusive_min=True, doc="lognormal: σ of log slowdown"))
+    stragglers_fraction: float = field(
+        default=0.2, metadata=_rule(0.0, 1.0, doc="stragglers: share of the clients that are slow")
+    )
+    stragglers_slowdown: float = field(
+        default=10.0, metadata=_rule(1.0, doc="stragglers: how many times slower they are")
+    )
+    step_seconds: float = field(
+        default=1.0, metadata=_rule(0.0, exclusive_min=True, doc="virtual seconds per local step at speed 1")
+    )
+
+    @property
+    def is_set(self) -> bool:
+        """Whether any key differs from its default: a speed model is set."""
+        return self != PopulationConfig()
+
+
+TOML_NAME = "toml"
+"""Field metadata key: the TOML table name of a :class:`Config` field whose
+own name is a Python keyword (``async``)."""
+
+
+def _toml_name(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get(TOML_NAME, f.name))
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -413,6 +497,14 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)
     secure: SecureConfig = field(default_factory=SecureConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    asynchrony: AsyncConfig = field(default_factory=AsyncConfig, metadata={TOML_NAME: "async"})
+    clients: PopulationConfig = field(default_factory=PopulationConfig)
+
+    @property
+    def clock_set(self) -> bool:
+        """Whether a simulation keeps a virtual clock: under ``run.mode =
+        "async"``, or when a speed model is set (any ``[clients]`` key)."""
+        return self.run.mode is RunMode.ASYNC or self.clients.is_set
 
 
 BUILTIN_TASKS = ("classification", "language_model", "regression")
@@ -473,7 +565,7 @@ def _coerce(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
 
 def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_toml_name(f): f for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - set(fields))
     if unknown:
         where = f"[{prefix}]" if prefix else "the top level"
@@ -486,14 +578,14 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         if name not in table:
             continue
-        tp = hints[name]
+        tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             sub = table[name]
             if not isinstance(sub, Mapping):
                 raise ConfigError(f"{key} = {sub!r}: expected a table [{key}]")
-            kwargs[name] = _build(tp, sub, key)
+            kwargs[f.name] = _build(tp, sub, key)
         else:
-            kwargs[name] = _coerce(key, table[name], tp, f.metadata)
+            kwargs[f.name] = _coerce(key, table[name], tp, f.metadata)
     return cls(**kwargs)
 
 
@@ -560,6 +652,8 @@ def validate(config: Config) -> Config:
         )
     _check_privacy(config)
     _check_compression(config)
+    _check_async(config)
+    _check_population(config.clients)
     c = config.client
     if config.privacy.mode is PrivacyMode.SAMPLE and c.precision is not Precision.FP32:
         raise ConfigError(
@@ -592,6 +686,83 @@ def validate(config: Config) -> Config:
             "set both (a kind and a fraction > 0) or neither"
         )
     return config
+
+
+def _changed(table: Any) -> list[tuple[str, Any]]:
+    """The keys of a table dataclass that differ from its defaults, with their values."""
+    default = type(table)()
+    return [(f.name, getattr(table, f.name)) for f in dataclasses.fields(table)
+            if getattr(table, f.name) != getattr(default, f.name)]
+
+
+def _shown(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _check_async(config: Config) -> None:
+    """``[async]`` only under ``run.mode = "async"``, and what FedBuff cannot combine with."""
+    a = config.asynchrony
+    if config.run.mode is RunMode.SYNC:
+        for key, value in _changed(a):
+            raise ConfigError(
+                f"async.{key} = {_shown(value)!r}: has no effect with run.mode = 'sync'; set run.mode = 'async'"
+            )
+        return
+    n = config.data.num_clients
+    for key, value in (("concurrency", a.concurrency), ("buffer_size", a.buffer_size)):
+        if value > n:
+            raise ConfigError(
+                f"async.{key} = {value} with run.mode = 'async': must be <= data.num_clients = {n} "
+                "(a client contributes at most once per buffer and never trains two jobs at once)"
+            )
+    if config.strategy.min_clients > a.buffer_size:
+        raise ConfigError(
+            f"strategy.min_clients = {config.strategy.min_clients} with run.mode = 'async': must be <= "
+            f"async.buffer_size = {a.buffer_size}"
+        )
+    if a.staleness is not Staleness.HINGE and a.hinge_after != AsyncConfig().hinge_after:
+        raise ConfigError(
+            f"async.hinge_after = {a.hinge_after}: has no effect unless async.staleness = 'hinge'"
+        )
+    if a.staleness is Staleness.CONSTANT and a.staleness_exponent != AsyncConfig().staleness_exponent:
+        raise ConfigError(
+            f"async.staleness_exponent = {a.staleness_exponent}: has no effect with async.staleness = 'constant'; "
+            "allowed with 'polynomial' or 'hinge'"
+        )
+    refusals = (
+        (config.strategy.sampling is Sampling.POISSON, "strategy.sampling = 'poisson'",
+         "clients are dispatched as slots free up, not sampled per round; allowed: 'uniform' (the dispatch "
+         "draws idle clients uniformly)"),
+        (config.secure.aggregation, "secure.aggregation = true",
+         "SecAgg+ masks cancel only over one round's fixed cohort, and a buffer fills from clients that "
+         "started from different models at different times; allowed: false"),
+        (config.privacy.adaptive_clip, "privacy.adaptive_clip = true",
+         "a job dispatched before the clip moved would be clipped to the old value; allowed: false"),
+        (config.compression.up is not Compression.NONE, f"compression.up = {config.compression.up.value!r}",
+         "compressed uplinks are not carried by the buffered engine yet; allowed: 'none'"),
+        (config.compression.down is not Compression.NONE, f"compression.down = {config.compression.down.value!r}",
+         "the clients' broadcast copy follows one model per round, not one per dispatch; allowed: 'none'"),
+    )
+    for refused, setting, why in refusals:
+        if refused:
+            raise ConfigError(f"{setting} with run.mode = 'async': {why}")
+
+
+def _check_population(clients: PopulationConfig) -> None:
+    """A speed model's own keys only with that model."""
+    default = PopulationConfig()
+    owners = {
+        "spread": ClientSpeed.LOGNORMAL,
+        "stragglers_fraction": ClientSpeed.STRAGGLERS,
+        "stragglers_slowdown": ClientSpeed.STRAGGLERS,
+    }
+    for key, owner in owners.items():
+        value = getattr(clients, key)
+        if value != getattr(default, key) and clients.speed is not owner:
+            raise ConfigError(
+                f"clients.{key} = {value}: has no effect with clients.speed = {clients.speed.value!r}; "
+                f"allowed with clients.speed = {owner.value!r}"
+            )
 
 
 def _check_compression(config: Config) -> None:
@@ -691,7 +862,7 @@ def to_dict(config: Config) -> dict[str, Any]:
         return v
 
     return {
-        f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(config, f.name)).items()}
+        _toml_name(f): {k: plain(v) for k, v in dataclasses.asdict(getattr(config, f.name)).items()}
         for f in dataclasses.fields(config)
     }
 

@@ -33,13 +33,14 @@ import numpy as np
 import torch
 
 from fedtrain.aggregation import FoldedClient, UpdateFold
+from fedtrain.clock import VirtualClock
 from fedtrain.compression import (
-    CompressedUpdate, CompressionPlan, decoded_update, uncompressed_nbytes, wire_nbytes,
+    CompressedUpdate, CompressionPlan, ModelSender, decoded_update, uncompressed_nbytes, wire_nbytes,
 )
 from fedtrain.training.executor import Executor, takes_sink
 from fedtrain.training.train_task import TrainTask
 from fedtrain.config import ClientConfig
-from fedtrain.privacy.policy import BudgetExhausted, FoldingPolicy, NoPrivacy, PrivacyPolicy, Release
+from fedtrain.privacy.policy import BudgetExhausted, FoldingPolicy, NoPrivacy, PrivacyPolicy, PrivacyReport, Release
 from fedtrain.sampling import Randomness, Sampler, SecretRandomness, SeededRandomness
 from fedtrain.strategy import Strategy
 from fedtrain.types import ClientFailure, ClientMetric, ClientUpdate, Evaluation, RoundPlan, RoundRecord, UpdateKind
@@ -160,6 +161,95 @@ class RoundIntake:
         self.fold.add_(update, borrow=borrow)
 
 
+@dataclass(frozen=True)
+class ConcludedRound:
+    """A round's second half, done: the model after aggregation, its
+    evaluation, who counted and who failed, and the privacy report."""
+
+    params: torch.Tensor
+    metrics: dict[str, float]
+    contributors: int
+    failures: list[ClientFailure]
+    train_loss: float | None
+    report: PrivacyReport
+
+    def record(
+        self, rnd: int, seconds: float, bytes_up: int, bytes_down: int, virtual_time: float | None,
+        staleness: Mapping[str, int] = {}, staleness_weights: Mapping[str, float] = {},
+    ) -> RoundRecord:
+        """The round's :class:`~fedtrain.types.RoundRecord`."""
+        return RoundRecord(
+            round=rnd,
+            metrics=dict(self.metrics),
+            num_clients=self.contributors,
+            num_failed=len(self.failures),
+            train_loss=self.train_loss,
+            seconds=seconds,
+            epsilon=self.report.epsilon,
+            delta=self.report.delta,
+            privacy=dict(self.report.extra),
+            failures={f.client_id: f.reason for f in self.failures},
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            virtual_time=virtual_time,
+            staleness=dict(staleness),
+            staleness_weights=dict(staleness_weights),
+        )
+
+
+def conclude_round(
+    rnd: int,
+    params: torch.Tensor,
+    cohort: Sequence[str],
+    failures: list[ClientFailure],
+    checked: Sequence[ClientUpdate] | None,
+    intake: RoundIntake | None,
+    strategy: Strategy,
+    privacy: PrivacyPolicy,
+    journal: Callable[[int, Release], None] | None,
+    evaluate: Callable[[torch.Tensor], Evaluation],
+    min_clients: int,
+) -> ConcludedRound:
+    """Release, journal, aggregate and evaluate one round (or one
+    asynchronous aggregation) of the updates that passed the checks:
+    ``checked`` when they were returned, or those ``intake`` folded. The
+    release's cost reaches ``journal`` before the model changes; a round
+    with fewer than ``min_clients`` contributors leaves the model as it is.
+    ``failures`` (the round's so far) is extended with the intake's invalid
+    updates and the release's rejections."""
+    if intake is None:
+        release = privacy.release(rnd, cohort, checked or [])
+    else:
+        failures.extend(intake.invalid)
+        release = intake.policy.release_fold(rnd, cohort, intake.fold, intake.validated)
+        release = replace(release, rejected=(*intake.refused, *release.rejected))
+    if journal is not None:
+        journal(rnd, release)
+    rejected = {cid for cid, _ in release.rejected}
+    failures.extend(ClientFailure(cid, why) for cid, why in release.rejected)
+    valid: Sequence[ClientUpdate | FoldedClient] = (
+        [u for u in (checked or []) if u.client_id not in rejected] if intake is None
+        else [c for c in intake.fold.clients if c.client_id not in rejected]
+    )
+    for failure in failures:
+        log.warning("round %d: client %s rejected: %s", rnd, failure.client_id, failure.reason)
+    contributors = sum(u.contributors for u in valid)
+    if contributors >= min_clients and release.updates:
+        params = strategy.aggregate(rnd, params, release.updates)
+    else:
+        log.warning(
+            "round %d skipped: %d valid updates, strategy.min_clients = %d; model unchanged",
+            rnd, contributors, min_clients,
+        )
+    evaluation = evaluate(params)
+    losses = [u.metrics.get(ClientMetric.TRAIN_LOSS.value) for u in valid]
+    train_loss = (
+        float(np.average(losses, weights=[u.num_examples for u in valid]))
+        if valid and all(isinstance(x, float) for x in losses) else None
+    )
+    return ConcludedRound(params, dict(evaluation.metrics), contributors, failures, train_loss, privacy.report())
+
+
 @dataclass
 class Engine:
     """Runs federated rounds: the same loop for every executor and transport."""
@@ -180,6 +270,11 @@ class Engine:
     compression: CompressionPlan | None = None
     """``[compression]``: decodes compressed updates and keeps the
     downlink's broadcast copy; the executor holds the same plan's uplink."""
+    clock: VirtualClock | None = None
+    """A simulation's virtual clock (:mod:`fedtrain.clock`): a round lasts
+    as long as its slowest sampled client, failed ones included (the round
+    waits for every client it sent work to), and its record carries the
+    time it ended. None (a deployment): no ``virtual_time``."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the model that a resumed run needs to continue
@@ -194,6 +289,8 @@ class Engine:
         }
         if self.compression is not None:
             state["compression"] = self.compression.state_dict()
+        if self.clock is not None:
+            state["clock"] = self.clock.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -203,6 +300,8 @@ class Engine:
         self.rngs.strategy.bit_generator.state = state["rng"]["strategy"]
         if self.compression is not None:
             self.compression.load_state_dict(state.get("compression", {}))
+        if self.clock is not None:
+            self.clock.load_state_dict(state.get("clock", {"now": 0.0}))
 
     def _intake(self, rnd: int, plan: RoundPlan, params: torch.Tensor) -> RoundIntake | None:
         """The round's sink, when the executor streams and the strategy and
@@ -233,7 +332,13 @@ class Engine:
         return decoded, refused
 
     def _broadcast(self, rnd: int, params: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The model the clients train from, and the bytes each one received."""
+        """The model the clients train from, and the bytes each one received.
+        An executor that sends each client its model itself (a deployment's
+        transport, :class:`~fedtrain.compression.ModelSender`) gets the
+        global model unchanged: under ``compression.down`` it compresses per
+        client, against each client's own copy."""
+        if isinstance(self.executor, ModelSender):
+            return params, uncompressed_nbytes(params.numel())
         if self.compression is None or self.compression.downlink is None or params.numel() == 0:
             return params, uncompressed_nbytes(params.numel())
         return self.compression.downlink.broadcast_(rnd, params)
@@ -251,61 +356,30 @@ class Engine:
         intake = self._intake(rnd, plan, params)
         sent, down_each = self._broadcast(rnd, params)
         bytes_down = down_each * len(plan.clients)
+        checked: list[ClientUpdate] | None = None
         if intake is None:
             outcome = self.executor.train_round(rnd, plan.clients, task, sent)
             bytes_up = sum(wire_nbytes(u, params.numel()) for u in outcome.updates)
             decoded, undecodable = self._decoded(rnd, outcome.updates, params.numel())
             checked, rejected_updates = split_valid(decoded, params.numel(), plan.kind)
             failures = [*outcome.failures, *undecodable, *rejected_updates]
-            release = self.privacy.release(rnd, plan.clients, checked)
         else:
             outcome = self.executor.train_round(rnd, plan.clients, task, sent, sink=intake)
             for update in outcome.updates:
                 intake.take_returned(update)
             bytes_up = intake.bytes_up
-            failures = [*outcome.failures, *intake.invalid]
-            release = intake.policy.release_fold(rnd, plan.clients, intake.fold, intake.validated)
-            release = replace(release, rejected=(*intake.refused, *release.rejected))
-        if self.journal is not None:
-            self.journal(rnd, release)
-        rejected = {cid for cid, _ in release.rejected}
-        failures.extend(ClientFailure(cid, why) for cid, why in release.rejected)
-        valid: Sequence[ClientUpdate | FoldedClient] = (
-            [u for u in checked if u.client_id not in rejected] if intake is None
-            else [c for c in intake.fold.clients if c.client_id not in rejected]
+            failures = list(outcome.failures)
+        if isinstance(self.executor, ModelSender):
+            bytes_down = self.executor.model_bytes
+        done = conclude_round(
+            rnd, params, plan.clients, failures, checked, intake,
+            self.strategy, self.privacy, self.journal, self.evaluate, self.min_clients,
         )
-        for failure in failures:
-            log.warning("round %d: client %s rejected: %s", rnd, failure.client_id, failure.reason)
-        contributors = sum(u.contributors for u in valid)
-        if contributors >= self.min_clients and release.updates:
-            params = self.strategy.aggregate(rnd, params, release.updates)
-        else:
-            log.warning(
-                "round %d skipped: %d valid updates, strategy.min_clients = %d; model unchanged",
-                rnd, contributors, self.min_clients,
-            )
-        evaluation = self.evaluate(params)
-        losses = [u.metrics.get(ClientMetric.TRAIN_LOSS.value) for u in valid]
-        train_loss = (
-            float(np.average(losses, weights=[u.num_examples for u in valid]))
-            if valid and all(isinstance(x, float) for x in losses) else None
+        virtual_time = (
+            None if self.clock is None else self.clock.advance_by_(self.clock.durations.slowest(plan.clients))
         )
-        report = self.privacy.report()
-        record = RoundRecord(
-            round=rnd,
-            metrics=dict(evaluation.metrics),
-            num_clients=contributors,
-            num_failed=len(failures),
-            train_loss=train_loss,
-            seconds=time.perf_counter() - started,
-            epsilon=report.epsilon,
-            delta=report.delta,
-            privacy=dict(report.extra),
-            failures={f.client_id: f.reason for f in failures},
-            bytes_up=bytes_up,
-            bytes_down=bytes_down,
-        )
-        return params, record
+        record = done.record(rnd, time.perf_counter() - started, bytes_up, bytes_down, virtual_time)
+        return done.params, record
 
     def run(
         self,

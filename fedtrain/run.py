@@ -25,7 +25,8 @@ from torch import nn
 
 from fedtrain import checkpoint
 from fedtrain.config import (
-    AttackKind, ClientEngine, Compression, Config, ConfigError, GradSampleMode, KeyColumn, PrivacyMode, from_dict, to_dict,
+    AttackKind, ClientEngine, Compression, Config, ConfigError, GradSampleMode, KeyColumn, PrivacyMode, RunMode, from_dict,
+    to_dict,
 )
 from fedtrain.compression import CompressionPlan
 from fedtrain.curves import plot_curves
@@ -33,6 +34,8 @@ from fedtrain.data import Dataset, load_dataset, partition
 from fedtrain.data.clients import ClientData, PartitionedData, partitions_by_id
 from fedtrain.data.partition import partition_labels
 from fedtrain.data.synthetic import CLASSES, DIMENSION, SyntheticData
+from fedtrain.buffered import BufferedEngine
+from fedtrain.clock import ClientDurations, VirtualClock
 from fedtrain.engine import Engine, RngStreams, RoundObserver
 from fedtrain.huggingface import save_adapter
 from fedtrain.layout import ParamLayout, frozen_fingerprint, parameter_counts
@@ -47,6 +50,7 @@ from fedtrain.strategy import Strategy, load_strategy
 from fedtrain.training.attack import AttackingExecutor, choose_attackers
 from fedtrain.training.batched import BatchedExecutor
 from fedtrain.training.compressing import CompressingExecutor
+from fedtrain.training.dispatcher import Dispatcher, VirtualClockDispatcher
 from fedtrain.training.executor import Executor
 from fedtrain.training.sequential import SequentialExecutor
 from fedtrain.training.task import Task, load_task, prediction
@@ -277,25 +281,18 @@ def validate_run(config: Config, strategy: Strategy, deployed: bool = False) -> 
     sum or a noisy mean (:func:`fedtrain.privacy.setting.check_strategy`),
     a user-level or distributed ``privacy.target_epsilon`` that no noise
     reaches, (``deployed``) ``secure.simulated_dropout``, a simulation-only
-    knob, ``compression.down`` and ``compression.up`` under secure
-    aggregation (neither is carried over Flower yet), and a ring that could overflow or, under distributed DP, rounds
+    knob, and a ring that could overflow or, under distributed DP, rounds
     too coarsely for the noise actually used, calibrated
     (:func:`fedtrain.secure.setting.check_secure`). Sample-level noise is
     calibrated per client from its record count, when the policy is built."""
     from fedtrain.privacy.setting import check_strategy, user_level_noise
 
     check_strategy(config, strategy)
-    c = config.compression
-    if deployed and c.down is not Compression.NONE:
+    if deployed and config.clients.is_set:
         raise ConfigError(
-            f"compression.down = {c.down.value!r}: a deployment does not carry the clients' broadcast copy yet "
-            "(it sends every client the model as float32); allowed in a deployment: 'none' "
-            "(compression.up is carried)"
-        )
-    if deployed and c.up is not Compression.NONE and config.secure.aggregation:
-        raise ConfigError(
-            f"compression.up = {c.up.value!r} with secure.aggregation = true: a deployment's secure aggregation "
-            "masks and sends whole float32 vectors; allowed with it in a deployment: compression.up = 'none'"
+            f"clients.speed = {config.clients.speed.value!r}: the [clients] speed model is a simulation's "
+            "virtual clock, a deployment's clients take the time they take; allowed in a deployment: the "
+            "[clients] defaults"
         )
     if config.privacy.mode in (PrivacyMode.USER, PrivacyMode.DISTRIBUTED):
         user_level_noise(config)
@@ -355,24 +352,63 @@ def build_engine(
     sizes: Mapping[str, int],
     clients_per_round: int | None = None,
     compression: CompressionPlan | None = None,
-) -> Engine:
+    population: int | None = None,
+    dispatcher: Dispatcher | None = None,
+) -> Engine | BufferedEngine:
     """The round loop over ``executor`` for the clients of ``sizes`` (id →
     record count, in sampling order), with the configured sampler (of
     ``clients_per_round``, by default ``strategy.clients_per_round``) and
-    privacy policy; the model is evaluated on ``test_set``."""
+    privacy policy; the model is evaluated on ``test_set``. ``population``
+    (default: every client of ``sizes``) is the client count of the config
+    that the Poisson rate ``clients_per_round / population`` and the expected
+    cohort come from: an audit's canary clients (:mod:`fedtrain.audit`) join
+    the draw at the rate the accountant composes, and the public denominator
+    of user-level DP stays that of the run without them.
+
+    Under ``run.mode = "async"`` the loop is FedBuff's
+    (:class:`~fedtrain.buffered.BufferedEngine`) over the executor on a
+    virtual clock, the privacy policy sized for ``async.buffer_size``
+    updates per release; with a speed model (``[clients]``) the synchronous
+    loop keeps the same clock (:mod:`fedtrain.clock`). A deployment hands
+    in its ``dispatcher`` (:class:`~fedtrain.transport.flower_dispatcher.FlowerDispatcher`),
+    which carries the jobs over Flower on the real clock."""
     clients = list(sizes)
     per_round = config.strategy.clients_per_round if clients_per_round is None else clients_per_round
-    sampler = make_sampler(config.strategy.sampling, per_round, len(clients))
+    counted = len(clients) if population is None else population
+    sampler = make_sampler(config.strategy.sampling, per_round, counted)
     fewest_contributors = None
     if config.privacy.mode is PrivacyMode.DISTRIBUTED:
         from fedtrain.secure.setting import SecureSettings
 
         fewest_contributors = SecureSettings.of(config).fewest_contributors
-    privacy = build_policy(
-        config, strategy, sizes, sampler.expected_size(len(clients)), trainable.grad_sample_mode, fewest_contributors
-    )
+    asynchronous = config.run.mode is RunMode.ASYNC
+    expected = float(config.asynchrony.buffer_size) if asynchronous else sampler.expected_size(counted)
+    privacy = build_policy(config, strategy, sizes, expected, trainable.grad_sample_mode, fewest_contributors)
     trainer = trainable.trainer
     x_test, y_test = test_set
+    clock = None
+    if config.clock_set and dispatcher is None:
+        clock = VirtualClock(ClientDurations.of(
+            config.clients, sizes, config.client.epochs, config.client.batch_size, config.run.seed
+        ))
+    rngs = RngStreams.from_seed(config.run.seed, secret_cohort=secret_sampling(config.privacy))
+    if asynchronous:
+        if dispatcher is None:
+            if clock is None:
+                raise ValueError("run.mode = 'async' in a simulation needs the virtual clock (config.clock_set)")
+            dispatcher = VirtualClockDispatcher(executor, clock)
+        return BufferedEngine(
+            strategy=strategy,
+            dispatcher=dispatcher,
+            evaluate=lambda p: trainer.evaluate(p, x_test, y_test),
+            clients=clients,
+            client=config.client,
+            min_clients=config.strategy.min_clients,
+            rngs=rngs,
+            settings=config.asynchrony,
+            clock=clock,
+            privacy=privacy,
+        )
     return Engine(
         strategy=strategy,
         executor=executor,
@@ -381,9 +417,10 @@ def build_engine(
         clients=clients,
         client=config.client,
         min_clients=config.strategy.min_clients,
-        rngs=RngStreams.from_seed(config.run.seed, secret_cohort=secret_sampling(config.privacy)),
+        rngs=rngs,
         privacy=privacy,
         compression=compression,
+        clock=clock,
     )
 
 
@@ -399,7 +436,7 @@ def _journal_release(journal: checkpoint.LedgerJournal) -> Callable[[int, Releas
 
 def run_engine(
     config: Config,
-    engine: Engine,
+    engine: Engine | BufferedEngine,
     trainable: Trainable,
     params: torch.Tensor,
     out_dir: str | Path | None,

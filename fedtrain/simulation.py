@@ -16,6 +16,7 @@ from fedtrain.results import Plot
 from fedtrain.run import (
     RunResult, build_engine, build_strategy, build_trainable, client_data, in_process_executor, run_engine,
 )
+from fedtrain.training.canary import CanaryPlan
 from fedtrain.training.trainer import resolve_device
 
 
@@ -26,6 +27,7 @@ def simulate(
     resume: bool = False,
     trust_checkpoint: bool = False,
     plot: Plot = plot_curves,
+    canaries: CanaryPlan | None = None,
 ) -> RunResult:
     """Run ``config`` in process; write the run folder when ``out_dir`` is given.
 
@@ -38,6 +40,9 @@ def simulate(
     :mod:`fedtrain.checkpoint`); they are still read as data only. ``plot``
     draws the folder's ``curves.png`` (the CLI passes a
     :class:`~fedtrain.curves.CurvesProcess`'s, which draws in a child process).
+    ``canaries`` (:func:`fedtrain.audit.audit`) inserts an audit's canary
+    records and clients into this same run; the clients join the population
+    at the configured sampling rate.
     """
     started = time.perf_counter()
     device = resolve_device(config.client.device)
@@ -48,8 +53,15 @@ def simulate(
     compression = CompressionPlan.of(
         config.compression, config.run.seed, None if out_dir is None else Path(out_dir) / "residuals"
     )
-    executor = in_process_executor(config, trainable.trainer, clients.data, secure, compression)
-    sizes = {cid: clients.data.size(cid) for cid in clients.data.ids}
-    engine = build_engine(config, strategy, executor, trainable, test_set, sizes, compression=compression)
+    data = clients.data if canaries is None else canaries.add_records_(clients.data)
+    executor = in_process_executor(config, trainable.trainer, data, secure, compression)
+    sizes = {cid: data.size(cid) for cid in data.ids}
+    population = None
+    if canaries is not None:
+        executor = canaries.wrap_executor_(executor, trainable.trainer)
+        population = len(sizes)
+        sizes.update(canaries.extra_clients())
+    engine = build_engine(config, strategy, executor, trainable, test_set, sizes, compression=compression,
+                          population=population)
     return run_engine(config, engine, trainable, trainable.initial_params(), out_dir, progress, resume,
                       started, trust_checkpoint, plot, trainable.trainer.objective.metric_names)

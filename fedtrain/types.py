@@ -171,7 +171,12 @@ class RoundRecord(_Metrics):
     ``accuracy`` and ``loss``). ``bytes_up`` / ``bytes_down``: the bytes
     that crossed, summed over the round's clients (each update's wire size,
     and the broadcast's size times the clients it was sent to:
-    :mod:`fedtrain.compression`)."""
+    :mod:`fedtrain.compression`). ``virtual_time``: simulated seconds since
+    the start when the simulation keeps a virtual clock
+    (:mod:`fedtrain.clock`), else None and not written. Under ``run.mode =
+    "async"`` a record is one aggregation, and ``staleness`` /
+    ``staleness_weights`` map each aggregated client to its update's
+    staleness and the weight it got (:mod:`fedtrain.buffered`)."""
 
     round: int
     metrics: Mapping[str, float]
@@ -185,13 +190,22 @@ class RoundRecord(_Metrics):
     failures: Mapping[str, str] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
+    virtual_time: float | None = None
+    staleness: Mapping[str, int] = field(default_factory=dict)
+    staleness_weights: Mapping[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The ``metrics.jsonl`` row: the round, the task's metrics in its
         order, then the same keys every round (``epsilon`` and ``delta`` are
         null without privacy; ``failures`` maps each failed or rejected client
         to the reason), plus the privacy setting's own figures (e.g. the
-        adaptive ``clip``) when there is one."""
+        adaptive ``clip``) when there is one. ``virtual_time`` and the
+        staleness maps appear only when set, so a run without them writes
+        the rows it always wrote."""
+        clocked: dict[str, Any] = {} if self.virtual_time is None else {"virtual_time": self.virtual_time}
+        if self.staleness:
+            clocked["staleness"] = dict(self.staleness)
+            clocked["staleness_weights"] = dict(self.staleness_weights)
         return {
             "round": self.round,
             **self.metrics,
@@ -204,6 +218,7 @@ class RoundRecord(_Metrics):
             "failures": dict(self.failures),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
+            **clocked,
             **self.privacy,
         }
 
@@ -211,12 +226,15 @@ class RoundRecord(_Metrics):
     def from_json(cls, row: Mapping[str, Any], metric_names: Sequence[str]) -> "RoundRecord":
         """The record of a ``metrics.jsonl`` row (the inverse of :meth:`as_json`)
         of a task whose metrics are ``metric_names``."""
-        known = {f for f in cls.__dataclass_fields__ if f not in ("privacy", "failures", "metrics")}
-        taken = known | set(metric_names) | {"failures"}
+        maps = ("privacy", "failures", "metrics", "staleness", "staleness_weights")
+        known = {f for f in cls.__dataclass_fields__ if f not in maps}
+        taken = known | set(metric_names) | set(maps)
         return cls(
             **{k: row[k] for k in known if k in row},
             metrics={m: row[m] for m in metric_names if m in row},
             failures={str(k): str(v) for k, v in row.get("failures", {}).items()},
+            staleness={str(k): int(v) for k, v in row.get("staleness", {}).items()},
+            staleness_weights={str(k): float(v) for k, v in row.get("staleness_weights", {}).items()},
             privacy={k: float(v) for k, v in row.items() if k not in taken},
         )
 

@@ -1,4 +1,6 @@
-"""Shared fixtures: small configs that finish in a second or two."""
+"""Shared fixtures: small configs that finish in a second or two, and the
+real deployments that start in the background as the session begins
+(:mod:`deployed`)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,38 @@ from typing import Iterator
 import pytest
 import torch
 
+import deployed
 from fedtrain import config
 from fedtrain.config import Config
+
+
+def _background_names(item: pytest.Item) -> list[str]:
+    module = getattr(item, "module", None)
+    return [] if module is None else [module.__name__, f"{module.__name__}::{getattr(item, 'name', '')}"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of a background deployment (:func:`deployed.in_background`)
+    run last, in their order: the other tests run while the deployments do,
+    rather than after a test that waits for one."""
+    waiting = [item for item in items if any(map(deployed.is_background, _background_names(item)))]
+    if waiting:
+        ids = {id(item) for item in waiting}
+        items[:] = [item for item in items if id(item) not in ids] + waiting
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deployments_in_background(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Start, before the first test, every background deployment
+    (:func:`deployed.in_background`) of the collected test modules, so that
+    they overlap with each other and with the CPU-bound tests; wait for them
+    all at the end of the session."""
+    names = [name for item in request.session.items for name in _background_names(item)]
+    deployed.start_background_(names, tmp_path_factory.mktemp)
+    yield
+    deployed.finish_background_()
 
 
 @pytest.fixture

@@ -1,5 +1,11 @@
 """Helpers for tests that run real ``fedtrain server`` / ``fedtrain client``
-processes: start them, read their run folder, and make sure none survives."""
+processes: start them, read their run folder, and make sure none survives.
+
+A deployment mostly waits (on sockets, timeouts and Python start-ups), so
+each test module's deployment is registered with :func:`in_background` and
+started in a thread as the session begins (``conftest.py``); the tests that
+look at it wait for its result (:func:`background_result`) while the
+CPU-bound tests run."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -53,6 +60,15 @@ def descendants(pid: int) -> list[int]:
         found.append(current)
         stack.extend(children.get(current, []))
     return found
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _hex_address(text: str) -> tuple[str, int]:
@@ -136,3 +152,66 @@ class Started:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+# ------------------------------------------------- deployments in background
+
+BACKGROUND_AT_ONCE = 2
+"""Deployments that run at the same time in the background: each spends most
+of its time waiting on sockets and on Python start-ups, but two cores run
+only so many start-ups before a deployment's own timeouts feel it."""
+
+_launchers: dict[str, tuple[float, Callable[[Path], Any]]] = {}
+_futures: dict[str, "Future[Any]"] = {}
+_pool: "ThreadPoolExecutor | None" = None
+
+
+def in_background(name: str, seconds: float) -> Callable[[Callable[[Path], Any]], Callable[[Path], Any]]:
+    """Register ``deploy(root) -> result`` as the background deployment
+    ``name`` (its test module's name, or the module's name and a test's),
+    which takes about ``seconds`` on its own: when the session has
+    collected a test of that module, :func:`start_background_` starts it
+    before the first test runs, and :func:`background_result` hands the
+    tests its result."""
+
+    def register(deploy: Callable[[Path], Any]) -> Callable[[Path], Any]:
+        _launchers[name] = (seconds, deploy)
+        return deploy
+
+    return register
+
+
+def is_background(name: str) -> bool:
+    """Whether ``name`` is a registered background deployment."""
+    return name in _launchers
+
+
+def start_background_(names: list[str], mktemp: Callable[[str], Path]) -> None:
+    """Start the registered deployments among ``names`` (the longest
+    first), :data:`BACKGROUND_AT_ONCE` at a time, each in a fresh folder
+    from ``mktemp``; the CPU-bound tests run meanwhile."""
+    global _pool
+    wanted = sorted((n for n in set(names) if n in _launchers and n not in _futures),
+                    key=lambda n: -_launchers[n][0])
+    if not wanted:
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(BACKGROUND_AT_ONCE, thread_name_prefix="deployment")
+    for name in wanted:
+        _futures[name] = _pool.submit(_launchers[name][1], mktemp(name.replace(".", "-").replace(":", "-")))
+
+
+def background_result(name: str, mktemp: Callable[[str], Path]) -> Any:
+    """The result of the background deployment ``name``; started here and
+    waited for when the session did not start it."""
+    start_background_([name], mktemp)
+    return _futures[name].result()
+
+
+def finish_background_() -> None:
+    """Wait for every background deployment (each kills its own processes)."""
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=True)
+        _pool = None
+    _futures.clear()

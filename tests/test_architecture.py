@@ -22,16 +22,16 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "fedtrain.strategy", "fedtrain.checkpoint", "fedtrain.results", "fedtrain.curves",
         "fedtrain.progress", "fedtrain.certs", "fedtrain.models", "fedtrain.huggingface", "fedtrain.metrics",
         "fedtrain.comparison", "fedtrain.sweep", "fedtrain.tensorboard_log",
-        "fedtrain.compression",
+        "fedtrain.compression", "fedtrain.clock",
     )),
     ("data", ("fedtrain.data",)),
     ("privacy", ("fedtrain.privacy", "fedtrain.sampling")),  # secret sampling draws from the keystream
     ("training", ("fedtrain.training",)),
     ("secure", ("fedtrain.secure",)),
     ("transport", ("fedtrain.transport",)),
-    ("engine", ("fedtrain.engine",)),
+    ("engine", ("fedtrain.engine", "fedtrain.buffered")),
     ("run builder", ("fedtrain.run",)),
-    ("entry", ("fedtrain.simulation", "fedtrain.deploy", "fedtrain.cli")),
+    ("entry", ("fedtrain.simulation", "fedtrain.deploy", "fedtrain.cli", "fedtrain.audit")),
 )
 """Lowest first; a module may import its own layer and those listed before it."""
 

@@ -206,3 +206,71 @@ def test_secure_aggregation_refuses_codecs_that_do_not_fit(up: str, message: str
     with pytest.raises(ConfigError, match=message):
         cfg.from_dict({"compression": {"up": up}, "secure": {"aggregation": True}})
     cfg.from_dict({"compression": {"up": "randk"}, "secure": {"aggregation": True}})
+
+
+def _torch_quantised(v: torch.Tensor, levels: int, block: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The quantiser as first written, in torch: the reference the numpy
+    codec must match bit for bit (the golden digests rest on it)."""
+    n = v.numel()
+    nb = -(-n // block)
+    x = torch.nn.functional.pad(v.float(), (0, nb * block - n)).view(nb, block)
+    scales = x.abs().amax(dim=1) / levels
+    y = x / torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
+    y.add_(torch.rand(y.shape, generator=generator)).floor_().clamp_(-levels, levels)
+    codes = y.flatten()[:n].to(torch.int8)
+    decoded = codes.to(torch.float32) * torch.repeat_interleave(scales, block)[:n]
+    return codes, scales, decoded
+
+
+@pytest.mark.parametrize("method", [Compression.INT8, Compression.INT4])
+@pytest.mark.parametrize("n, block", [(1000, 64), (1024, 256), (9610, 256), (7, 4), (1, 256), (513, 512)])
+def test_quantisers_compute_what_the_torch_formulation_computes(method: Compression, n: int, block: int) -> None:
+    levels = 127 if method is Compression.INT8 else 7
+    v = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.05
+    v[: min(n, block)] = 0.0  # a block of zeros keeps scale 0
+    c = encode(v, method, EncodeState(torch.Generator().manual_seed(3), 0.01, block))
+    codes, scales, decoded = _torch_quantised(v, levels, block, torch.Generator().manual_seed(3))
+    assert torch.equal(c.scales, scales)
+    if method is Compression.INT4:
+        pairs = torch.stack([c.values & 15, c.values >> 4], dim=1).flatten()[:n]
+        assert torch.equal(pairs.to(torch.int8) - 8, codes)
+    else:
+        assert torch.equal(c.values, codes)
+    assert torch.equal(decode(c, n), decoded)
+    assert torch.equal(decode(from_wire(to_wire(c), n), n), decoded)
+
+
+def test_client_copies_send_whole_then_deltas_and_forget() -> None:
+    from fedtrain.compression import ClientCopies, ModelMessage, applied, copy_digest
+
+    config = cfg.load(None, ["compression.down=int8", "compression.residual_memory_mb=0"]).compression
+    copies = ClientCopies.of(config, 0)
+    assert copies is not None and ClientCopies.of(cfg.load(None, []).compression, 0) is None
+    params = torch.randn(N, generator=torch.Generator().manual_seed(1))
+    first = copies.message_("a", 1, params)
+    assert isinstance(first, ModelMessage) and first.delta is None and torch.equal(first.full, params)
+    assert first.nbytes == uncompressed_nbytes(N) and first.digest == copy_digest(params)
+    moved = params + 0.01
+    second = copies.message_("a", 2, moved)
+    assert second.delta is not None and second.base == first.digest
+    assert second.nbytes == HEADER_BYTES + N + 4 * -(-N // 256)
+    held = applied(params, second.delta)
+    assert second.digest == copy_digest(held) and torch.equal(copies.store.get("a"), held)
+    assert copies.store.spilled == 1, "copies beyond compression.residual_memory_mb live on disk"
+    other = copies.message_("b", 2, moved)
+    assert other.delta is None, "a client without a copy gets the whole model"
+    copies.forget_("a")
+    assert "a" not in copies and copies.message_("a", 3, moved).delta is None
+
+
+def test_residual_store_discards_in_memory_and_on_disk(tmp_path) -> None:
+    store = ResidualStore(0, tmp_path)
+    store.put_("a", torch.ones(4))
+    store.put_("b", torch.ones(4))
+    assert store.spilled == 2 and len(list(tmp_path.glob("*.pt"))) == 2
+    store.discard_("a")
+    assert store.get("a") is None and len(list(tmp_path.glob("*.pt"))) == 1
+    big = ResidualStore(1 << 20)
+    big.put_("c", torch.ones(4))
+    big.discard_("c")
+    assert len(big) == 0 and big.get("c") is None

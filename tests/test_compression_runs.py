@@ -139,16 +139,20 @@ def test_batched_and_sequential_compress_alike() -> None:
     assert torch.allclose(a.params, b.params, atol=1e-4)
 
 
-def test_a_deployment_refuses_compression_it_cannot_carry() -> None:
+def test_a_deployment_takes_what_a_simulation_takes_under_secure_aggregation() -> None:
+    """A deployment carries compression.down and randk under secure
+    aggregation; what the simulation refuses there (topk, a second rounding)
+    it refuses too, with the same message."""
     import pytest
 
     from fedtrain.config import ConfigError
     from fedtrain.run import build_strategy
 
-    with pytest.raises(ConfigError, match=r"compression.down = 'int8': a deployment does not carry"):
-        build_strategy(_config("compression.down=int8"), deployed=True)
-    with pytest.raises(ConfigError, match=r"compression.up = 'randk' with secure.aggregation = true"):
-        build_strategy(_config("compression.up=randk", "secure.aggregation=true"), deployed=True)
-    build_strategy(_config("compression.up=randk", "secure.aggregation=true"))
-    build_strategy(_config("compression.down=int8"))
-    build_strategy(_config("compression.up=int8"), deployed=True)
+    for deployed in (False, True):
+        build_strategy(_config("compression.up=randk", "secure.aggregation=true"), deployed=deployed)
+        build_strategy(_config("compression.down=int8", "secure.aggregation=true"), deployed=deployed)
+        build_strategy(_config("compression.down=int8", "compression.up=int8"), deployed=deployed)
+    with pytest.raises(ConfigError, match=r"compression.up = 'topk' with secure.aggregation = true.*randk"):
+        _config("compression.up=topk", "secure.aggregation=true")
+    with pytest.raises(ConfigError, match=r"compression.up = 'int8' with secure.aggregation = true.*round twice"):
+        _config("compression.up=int8", "secure.aggregation=true")

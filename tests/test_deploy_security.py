@@ -2,6 +2,9 @@
 ``fedtrain client`` processes on 127.0.0.1 with Flower's SuperLink and
 SuperNodes and real TLS.
 
+Both deployments start in the background as the session begins
+(:func:`deployed.in_background`).
+
 One deployment (module fixture) is started by the absolute path of the
 ``fedtrain`` script with ``PATH=/usr/bin:/bin``; its model is a plug-in.
 Client 0 (allowed the plug-in) joins, client 1 without ``--allow-plugin``
@@ -45,7 +48,16 @@ from fedtrain.deploy.flower import FLEET_PREFIX, flower_env
 from fedtrain.deploy.server import refusal_reason
 from fedtrain.deploy.worker import plugin_refusal
 
-from deployed import Started, descendants, fedtrain_script, listening, rows, wait_for
+from deployed import (
+    Started,
+    background_result,
+    descendants,
+    fedtrain_script,
+    in_background,
+    listening,
+    rows,
+    wait_for,
+)
 
 ROUNDS = 3
 BARE_PATH = "/usr/bin:/bin"
@@ -177,9 +189,10 @@ def _probe_grpc(address: str, ca: Path) -> dict[str, str]:
     return errors
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
-    root = tmp_path_factory.mktemp("deploy-security")
+@in_background("test_deploy_security", 75)
+def deploy(root: Path) -> Deployment:
+    """The module's deployment (see the module's docstring), started in the
+    background as the session begins."""
     certs = create_certificates(root / "certs", ["127.0.0.1", "localhost"], 2)
     (root / "stranger").mkdir()
     stranger = add_client_key(CertificateSet(root / "stranger"), "client-9")
@@ -266,6 +279,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     )
 
 
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    return background_result("test_deploy_security", tmp_path_factory.mktemp)
+
+
 def test_run_started_by_absolute_path_without_path_completes(deployment: Deployment) -> None:
     assert deployment.server_rc == 0, deployment.server_log
     metrics = rows(deployment.run_dir)
@@ -319,35 +337,64 @@ def test_sigterm_stops_a_client_cleanly(deployment: Deployment) -> None:
     assert deployment.refuser_tmp_left == []
 
 
-def test_coordinator_starts_with_a_certificate_for_other_names_and_logs_each_refusal(tmp_path: Path) -> None:
-    certs = create_certificates(tmp_path / "certs", ["coordinator.example.org", "10.0.0.5"], 1)
-    other = create_certificates(tmp_path / "other", ["127.0.0.1"], 0)
+@dataclass(frozen=True)
+class Refusals:
+    alive_while_waiting: bool
+    alive_after_refusals: bool
+    client_rcs: list[int | None]
+    log: str
+    wrong_name_log: str
+
+
+CERTIFICATE_TEST = "test_deploy_security::test_coordinator_starts_with_a_certificate_for_other_names_and_logs_each_refusal"
+
+
+@in_background(CERTIFICATE_TEST, 25)
+def deploy_other_names(root: Path) -> Refusals:
+    """A coordinator whose certificate names only other hosts, dialled by
+    three clients it must refuse (see the module's docstring)."""
+    certs = create_certificates(root / "certs", ["coordinator.example.org", "10.0.0.5"], 1)
+    other = create_certificates(root / "other", ["127.0.0.1"], 0)
     address = f"127.0.0.1:{free_port()}"
-    with Started(tmp_path) as started:
+    with Started(root) as started:
         server = started.start("server", [
             sys.executable, "-m", "fedtrain.cli", "server", "--certs", str(certs.root), "--address", address,
-            "--out", str(tmp_path / "run"), "--quiet", "--wait", "120",
+            "--out", str(root / "run"), "--quiet", "--wait", "120",
         ])
         wait_for(lambda: "waiting for" in started.log("server") or server.poll() is not None, 120,
                  "the coordinator to wait for clients")
-        assert server.poll() is None, started.log("server")
+        alive_while_waiting = server.poll() is None
         base = [sys.executable, "-m", "fedtrain.cli", "client", "--server", address, "--partition", "0",
                 "--connect-timeout", "3"]
-        clients = [
-            started.start("wrong-name", [*base, "--certs", str(certs.root), "--key", str(certs.root / "client-1")]),
-            started.start("other-ca", [*base, "--certs", str(other.root), "--key", str(certs.root / "client-1")]),
-            started.start("plain", [*base, "--insecure"]),
-        ]
-        for proc in clients:
-            proc.wait(120)
-        wait_for(lambda: started.log("server").count("refused") >= 3, 30, "the coordinator to log the refusals")
+        clients = []
+        if alive_while_waiting:
+            clients = [
+                started.start("wrong-name", [*base, "--certs", str(certs.root), "--key", str(certs.root / "client-1")]),
+                started.start("other-ca", [*base, "--certs", str(other.root), "--key", str(certs.root / "client-1")]),
+                started.start("plain", [*base, "--insecure"]),
+            ]
+            for proc in clients:
+                proc.wait(120)
+            wait_for(lambda: started.log("server").count("refused") >= 3, 30, "the coordinator to log the refusals")
         log = started.log("server")
-        assert server.poll() is None, log
-    assert all(proc.returncode not in (0, None) for proc in clients)
+        alive_after = server.poll() is None
+    return Refusals(alive_while_waiting, alive_after, [proc.returncode for proc in clients], log,
+                    started.log("wrong-name") if clients else "")
+
+
+def test_coordinator_starts_with_a_certificate_for_other_names_and_logs_each_refusal(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    refusals = background_result(CERTIFICATE_TEST, tmp_path_factory.mktemp)
+    log = refusals.log
+
+    assert refusals.alive_while_waiting, log
+    assert refusals.alive_after_refusals, log
+    assert len(refusals.client_rcs) == 3 and all(rc not in (0, None) for rc in refusals.client_rcs)
     assert "host name the certificate does not carry" in log, log
     assert "its ca.pem is not the CA that signed" in log, log
     assert "spoke plain text to this TLS address" in log, log
-    assert "does not carry the name 127.0.0.1" in started.log("wrong-name")
+    assert "does not carry the name 127.0.0.1" in refusals.wrong_name_log
 
 
 # ----------------------------------------------------- without processes
@@ -444,3 +491,16 @@ def test_superlink_log_lines_become_refusal_reasons(tmp_path: Path) -> None:
     assert "key is not registered" in str(refusal_reason(unknown, names))
     assert refusal_reason("INFO : [Fleet.ActivateNode] Activated node_id=42", names) is None
     assert FLEET_PREFIX == "/v1/fleet/"
+
+
+def test_the_run_end_line_matches_what_the_tested_flower_logs() -> None:
+    import inspect
+
+    from flwr.superlink.servicer.runtime import runtime_handlers
+
+    from fedtrain.deploy.flower import TASK_FINISHED
+
+    assert '"Finished task %d of run %d"' in inspect.getsource(runtime_handlers)
+    found = TASK_FINISHED.search("INFO :      Finished task %d of run %d" % (3, 1668192528871366730))
+    assert found is not None and found["run"] == "1668192528871366730"
+    assert TASK_FINISHED.search("Finished task 3 of run ") is None

@@ -80,7 +80,7 @@ def test_a_large_update_is_chunked_by_flower_and_arrives_whole() -> None:
 
 def test_the_coordinators_model_is_what_the_client_app_reads() -> None:
     params = torch.arange(NUMEL, dtype=torch.float32) / 3
-    content = RecordDict({"params": flower.FlowerTransport._model_record(params)})
+    content = RecordDict({"params": flower.FlowerTransport.model_record(params)})
 
     model = flower_client_app._model(_deflate_inflate(content))
 
@@ -171,7 +171,7 @@ def test_the_transport_counts_each_rounds_payload_bytes(run_identity: None, capl
 
     assert len(outcome.updates) == 3
     traffic = transport.traffic
-    task_bytes = sum(len(json.dumps(transport._own_task(task, c).as_json()).encode()) for c in names)
+    task_bytes = sum(len(json.dumps(transport.own_task(task, c).as_json()).encode()) for c in names)
     assert traffic.sent_messages == 3 and traffic.sent_bytes == 3 * (4 * NUMEL + 8) + task_bytes
     assert traffic.received_messages == 3
     assert traffic.received_bytes == 3 * (4 * NUMEL + len("ok") + 8 + len('{"train_loss": 0.5}'))

@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+MAX_DELAY_SECONDS = 3600.0
+"""The longest ``--delay`` (an hour: longer is a client that never answers)."""
+
+
 @dataclass(frozen=True)
 class ClientOptions:
     """``fedtrain client``'s command line."""
@@ -64,10 +68,15 @@ class ClientOptions:
     poll_seconds: float = DEFAULT_POLL
     allow_plugins: tuple[str, ...] = ()
     """Plug-in names (``model.name`` / ``data.dataset``) this client may import."""
+    delay_seconds: float = 0.0
+    """Added to every training job before it is answered (``--delay``): a
+    slow device or link, to try stragglers and asynchronous runs."""
 
     def __post_init__(self) -> None:
         check_positive("--connect-timeout", self.connect_seconds)
         check_positive("--poll", self.poll_seconds)
+        if not 0.0 <= self.delay_seconds <= MAX_DELAY_SECONDS:
+            raise UsageError(f"--delay {self.delay_seconds}: must be between 0 and {MAX_DELAY_SECONDS:g} seconds")
         for name in self.allow_plugins:
             module, sep, attr = name.rpartition(":")
             if not sep or not module or not attr:
@@ -129,7 +138,9 @@ def join(options: ClientOptions, stop: threading.Event | None = None) -> int:
     from fedtrain.deploy.worker import ClientWorker, WorkerServer
 
     name = options.partition if options.partition is not None else Path(str(options.data)).stem
-    worker = ClientWorker(name, options.partition, options.data, options.device, options.allow_plugins)
+    worker = ClientWorker(
+        name, options.partition, options.data, options.device, options.allow_plugins, options.delay_seconds
+    )
     with tempfile.TemporaryDirectory(prefix="fedtrain-client-") as tmp:
         folder = Path(tmp)
         server = WorkerServer(worker, folder)

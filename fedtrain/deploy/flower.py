@@ -91,6 +91,15 @@ ACTIVATION_LOG = re.compile(
 public key (escaped), ``why`` contains :data:`UNKNOWN_KEY` or matches
 :data:`KEY_IN_USE`."""
 
+TASK_FINISHED = re.compile(r"Finished task \d+ of run (?P<run>\d+)")
+"""The SuperLink's log line once a run's ServerApp process ended, completed
+or failed (``flwr.superlink.servicer.runtime.runtime_handlers``): the
+coordinator then asks for the run's status at once instead of polling it."""
+
+STATUS_POLL_SECONDS = 30.0
+"""Longest interval between the coordinator's status checks (``flwr ls``,
+a Python start-up each) while the SuperLink has not logged the run's end."""
+
 UNKNOWN_KEY = "No SuperNode found with the given public key"
 KEY_IN_USE = re.compile(r"SuperNode with node ID (?P<node>\d+) could not be activated")
 

@@ -23,12 +23,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from fedtrain.deploy.errors import DeployError
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 
@@ -68,13 +71,37 @@ def relog(line: str) -> None:
         logging.getLogger(found["name"]).log(getattr(logging, found["level"]), "%s", found["message"])
 
 
-def _die_with_parent() -> None:
-    """In a child, before exec: ask Linux to SIGTERM it when this process dies,
-    even by SIGKILL, so no SuperLink or SuperNode outlives its fedtrain."""
+def die_with_parent(parent: int | None = None) -> None:
+    """In a child (before exec, or just forked): ask Linux to SIGTERM it when
+    its parent dies, even by SIGKILL, so no SuperLink, SuperNode or ClientApp
+    outlives the process that started it. With ``parent`` (the pid that
+    forked this process), a parent that died before the request was made
+    ends this process at once, as Linux would have."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def exit_when_orphaned(parent: int, poll_seconds: float = 1.0) -> threading.Thread:
+    """End this process (exit code 1) once ``parent`` is no longer its
+    parent: for a process that fedtrain does not start itself, such as the
+    ServerApp that Flower's SuperLink starts for a run, so that a coordinator
+    killed with SIGKILL leaves no ServerApp behind. A watch thread, not
+    ``PR_SET_PDEATHSIG``: that follows the parent *thread*, which in a
+    program fedtrain does not own may end long before its process."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        log.error("the process that started this one (pid %d) is gone; exiting", parent)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-when-orphaned", daemon=True)
+    thread.start()
+    return thread
 
 
 def _children() -> dict[int, list[int]]:
@@ -122,7 +149,7 @@ class Processes:
         out = open(log_path, "ab")
         proc = subprocess.Popen(
             list(args), env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         out.close()
         self._procs.append(proc)

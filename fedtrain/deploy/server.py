@@ -32,6 +32,7 @@ import codecs
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import threading
 import time
@@ -44,7 +45,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtrain.certs import CertificateSet
-from fedtrain.config import Config, from_dict, to_dict
+from fedtrain.config import Config, RunMode, from_dict, to_dict
 from fedtrain.deploy.addresses import LOOPBACK, free_port, is_loopback, local_dial, split_address
 from fedtrain.deploy.app import APP_PYPROJECT
 from fedtrain.deploy.errors import DeployError, check_positive
@@ -53,13 +54,15 @@ from fedtrain.deploy.flower import (
     CONNECTION,
     KEY_HOLD_SECONDS,
     KEY_IN_USE,
+    STATUS_POLL_SECONDS,
+    TASK_FINISHED,
     UNKNOWN_KEY,
     check_flower_version,
     connection_toml,
     flower_env,
     run_flwr,
 )
-from fedtrain.deploy.processes import LogTail, Processes, entry_point, tail, wait_listening
+from fedtrain.deploy.processes import LogTail, Processes, entry_point, exit_when_orphaned, tail, wait_listening
 from fedtrain.deploy.superlink import REFUSAL_MARK, superlink_args
 from fedtrain.errors import UsageError
 from fedtrain.transport.flower import DEFAULT_POLL, FlowerTransport, SecureFlowerTransport
@@ -155,11 +158,17 @@ def _coordinate(
     )
     transport.ids_follow_keys = request.authenticated
     names = transport.wait_for_clients(request.expected_clients, config.strategy.min_clients, request.wait_seconds)
+    dispatcher = None
+    if config.run.mode is RunMode.ASYNC:
+        from fedtrain.transport.flower_dispatcher import FlowerDispatcher
+
+        dispatcher = FlowerDispatcher(transport)  # type: ignore[arg-type]
     engine = build_engine(
         config, strategy, transport, trainable, test_set,  # type: ignore[arg-type]
         {n: transport.clients[n].num_records for n in names},
         clients_per_round=min(config.strategy.clients_per_round, len(names)),
         compression=CompressionPlan.of(config.compression, config.run.seed),
+        dispatcher=dispatcher,
     )
     run_engine(config, engine, trainable, trainable.initial_params(), Path(request.run_dir), False,
                request.resume, started, request.trust_checkpoint, names=trainable.trainer.objective.metric_names)
@@ -171,16 +180,20 @@ server_app = ServerApp()
 
 @server_app.main()
 def _serve(grid: Grid, context: Context) -> None:
+    exit_when_orphaned(os.getppid())
     request = DeployRequest.read(Path(str(context.run_config["run-dir"])))
 
     def make_transport(hello: Hello, secure: SecurePlan | None) -> FlowerTransport:
+        from fedtrain.compression import ClientCopies
         from fedtrain.privacy.sample_level import min_records
 
-        floor = min_records(from_dict(hello.config))
+        config = from_dict(hello.config)
+        floor = min_records(config)
+        copies = ClientCopies.of(config.compression, config.run.seed)
         if secure is None:
-            return FlowerTransport(grid, hello, request.timeout, request.poll_seconds, floor)
+            return FlowerTransport(grid, hello, request.timeout, request.poll_seconds, floor, copies)
         return SecureFlowerTransport(
-            grid, hello, request.timeout, request.poll_seconds, secure.settings, secure.weighted, floor
+            grid, hello, request.timeout, request.poll_seconds, secure.settings, secure.weighted, floor, copies
         )
 
     coordinate(request, make_transport)
@@ -384,7 +397,8 @@ def _follow(
     done = len(metrics.read_text().splitlines()) if options.resume and metrics.exists() else 0
     bar = RoundProgress(options.config.run.rounds, done, names=names) if options.progress else None
     offset = metrics.stat().st_size if metrics.exists() else 0
-    last_check = 0.0
+    last_check = time.monotonic()
+    link_lines, ended = LogTail(link_log), False
     with bar if bar is not None else contextlib.nullcontext():
         while True:
             if link.poll() is not None:
@@ -398,7 +412,10 @@ def _follow(
                         offset += len(line.encode())
                         if bar is not None:
                             bar.on_round(RoundRecord.from_json(json.loads(line), names.names))
-            if time.monotonic() - last_check > 2.0:
+            ended = ended or any(
+                (m := TASK_FINISHED.search(line)) is not None and m["run"] == run_id for line in link_lines.lines()
+            )
+            if time.monotonic() - last_check > (0.5 if ended else STATUS_POLL_SECONDS):
                 last_check = time.monotonic()
                 runs = run_flwr(home, ["ls", CONNECTION, "--run-id", run_id]).get("runs", [])
                 if runs and str(runs[0].get("status", "")).startswith("finished"):

@@ -6,12 +6,15 @@ own ``flower-supernode`` held to fedtrain's app.
 is the light relay of :mod:`fedtrain.transport.flower_client_app`. Whoever
 submitted a run, this SuperNode runs no other app
 (:func:`fedtrain.deploy.app.fab_refusal`), so what a run may ask of a client
-is decided by the client's own fedtrain.
+is decided by the client's own fedtrain. Its ClientApps are forked from a
+warm process rather than started cold (:mod:`fedtrain.deploy.warm_clientapp`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Sequence
 
 from fedtrain.deploy.app import fab_refusal
@@ -21,8 +24,10 @@ from fedtrain.deploy.flower import (
     announce_heartbeat,
     check_flower_version,
     guard_apps,
+    program,
     run_supernode,
 )
+from fedtrain.deploy.warm_clientapp import CLIENTAPP_PROGRAM, start_warm_clientapps
 
 
 def supernode_main(argv: Sequence[str]) -> None:
@@ -30,9 +35,12 @@ def supernode_main(argv: Sequence[str]) -> None:
     ARGS`` that runs fedtrain's own app only
     (:func:`~fedtrain.deploy.flower.guard_apps` with
     :func:`~fedtrain.deploy.app.fab_refusal`), announces a heartbeat every
-    :data:`~fedtrain.deploy.flower.NODE_HEARTBEAT_SECONDS`, and polls for
+    :data:`~fedtrain.deploy.flower.NODE_HEARTBEAT_SECONDS`, polls for
     messages every ``S`` seconds when idle
-    (:func:`~fedtrain.deploy.flower.run_supernode`)."""
+    (:func:`~fedtrain.deploy.flower.run_supernode`), and forks each message's
+    ClientApp from a warm process
+    (:func:`~fedtrain.deploy.warm_clientapp.start_warm_clientapps`, in its
+    ``FLWR_HOME``), which spares each message Flower's start-up."""
     parser = argparse.ArgumentParser(prog="python -m fedtrain.deploy supernode", add_help=False, allow_abbrev=False)
     parser.add_argument("--poll", type=float, required=True)
     known, rest = parser.parse_known_args(argv)
@@ -40,4 +48,7 @@ def supernode_main(argv: Sequence[str]) -> None:
     check_flower_version()
     guard_apps(fab_refusal)
     announce_heartbeat(NODE_HEARTBEAT_SECONDS)
+    home = os.environ.get("FLWR_HOME")
+    if home:
+        start_warm_clientapps(Path(home), program(CLIENTAPP_PROGRAM))
     run_supernode(known.poll, rest)

@@ -10,6 +10,10 @@ a random key (``multiprocessing.connection``'s HMAC challenge). The worker
 keeps the data, the model and its optimisers warm across rounds, and runs the
 same :class:`~fedtrain.training.trainer.LocalTrainer` as the simulation.
 
+Under ``compression.down`` the worker keeps its copy of the global model
+(:meth:`ClientWorker.global_model_`): the coordinator sends a delta against
+it, which both ends decode to the same bits.
+
 Under secure aggregation the worker trains but keeps its update, and plays
 its :class:`~fedtrain.secure.protocol.SecureClient` for the round: only the
 masked vector ever leaves it. The stage messages arrive as bytes from the
@@ -39,6 +43,7 @@ from fedtrain.plugin import PluginError
 from fedtrain.transport.relay import (
     AUTHKEY_BYTES,
     ClientInfo,
+    DownlinkModel,
     Hello,
     RequestKind,
     SecureRequest,
@@ -116,7 +121,7 @@ class ClientWorker:
 
     def __init__(
         self, name: str, partition: str | None, data_path: Path | None, device: str,
-        allowed_plugins: Collection[str] = (),
+        allowed_plugins: Collection[str] = (), delay_seconds: float = 0.0,
     ) -> None:
         if (partition is None) == (data_path is None):
             raise UsageError("give exactly one of --partition and --data")
@@ -125,10 +130,13 @@ class ClientWorker:
         self.data_path = data_path
         self.device_name = device
         self.allowed_plugins = frozenset(allowed_plugins)
+        self.delay_seconds = delay_seconds
         self._setup: tuple[Mapping[str, Any], Any, torch.Tensor, torch.Tensor, int] | None = None
         self._fingerprint = ""
         self._held: dict[int, HeldUpdate] = {}
         self._uplink: Uplink | None = None
+        self._copy: torch.Tensor | None = None
+        self._copy_digest = ""
         self.lock = threading.Lock()
 
     def _records(self, config: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,20 +178,56 @@ class ClientWorker:
             self._fingerprint = trainable.fingerprint()
             plan = CompressionPlan.of(config.compression, int(config.run.seed))
             self._uplink = None if plan is None else plan.uplink
+            self._copy, self._copy_digest = None, ""
             log.info("client %s: %d records on %s, model of %d parameters",
                      self.name, len(y), device, trainer.layout.numel)
         trainer, y = self._setup[1], self._setup[3]
         return ClientInfo(self.name, len(y), str(trainer.device), self._fingerprint)
 
-    def train(self, rnd: int, task_json: str, params: np.ndarray) -> TrainReply:
-        """Train for round ``rnd``; under ``compression.up`` the trained (and
-        clipped) update is encoded with this client's error-feedback residual,
-        which stays in this warm process (:meth:`fedtrain.compression.Uplink.encode_`),
-        and the reply carries the wire fields instead of the float32 update."""
+    def global_model_(self, params: np.ndarray | DownlinkModel) -> np.ndarray:
+        """The model to train from: ``params`` itself, or under
+        ``compression.down`` this client's copy brought up to date by the
+        coordinator's message (the whole model, or a delta applied to the
+        copy it names), checked to be bit for bit the copy the coordinator
+        holds (:func:`fedtrain.compression.copy_digest`). A delta against
+        another copy (this worker restarted, or lost a round's model) is
+        refused, and the coordinator, seeing the round fail, sends the whole
+        model next time."""
+        from fedtrain.compression import applied, copy_digest, from_wire
+
+        if not isinstance(params, DownlinkModel):
+            return params
+        held, self._copy, digest = self._copy, None, self._copy_digest
+        if params.delta is None:
+            if params.full is None:
+                raise ValueError(f"client {self.name}: a downlink message with neither a model nor a delta")
+            copy = torch.from_numpy(np.array(params.full, dtype=np.float32))
+        elif held is None or params.base != digest:
+            raise ValueError(
+                f"client {self.name}: a model delta against copy {params.base[:12]}…, but this client holds "
+                f"{digest[:12] + '…' if held is not None else 'no copy'} (restarted, or missed a model); "
+                "the coordinator sends the whole model next round"
+            )
+        else:
+            copy = applied(held, from_wire(params.delta, held.numel()))
+        if copy_digest(copy) != params.digest:
+            raise ValueError(
+                f"client {self.name}: the decoded model's digest differs from the coordinator's copy "
+                f"({params.digest[:12]}…); the coordinator sends the whole model next round"
+            )
+        self._copy, self._copy_digest = copy, params.digest
+        return copy.numpy().copy()
+
+    def train(self, rnd: int, task_json: str, params: np.ndarray | DownlinkModel) -> TrainReply:
+        """Train for round ``rnd`` from :meth:`global_model_`; under
+        ``compression.up`` the trained (and clipped) update is encoded with
+        this client's error-feedback residual, which stays in this warm
+        process (:meth:`fedtrain.compression.Uplink.encode_`), and the reply
+        carries the wire fields instead of the float32 update."""
         from fedtrain.compression import to_wire
         from fedtrain.training.train_task import TrainTask
 
-        reply = self._train_plain(rnd, task_json, params)
+        reply = self._train_plain(rnd, task_json, self.global_model_(params))
         if self._uplink is None:
             return reply
         task = TrainTask.from_json(json.loads(task_json))
@@ -210,7 +254,7 @@ class ClientWorker:
                  rnd, self.name, result.num_examples, time.perf_counter() - started)
         return TrainReply(out.cpu().numpy(), result.num_examples, dict(result.metrics))
 
-    def train_secure(self, rnd: int, task_json: str, params: np.ndarray, opening: bytes) -> bytes:
+    def train_secure(self, rnd: int, task_json: str, params: np.ndarray | DownlinkModel, opening: bytes) -> bytes:
         """Train for a secure round, keep the update, and open the round's
         protocol run with ``opening`` (an encoded ``AdvertiseRequest``, from
         the network); the answer is the encoded ``KeyAdvert``. Every earlier
@@ -218,8 +262,15 @@ class ClientWorker:
         on it).
 
         The update is checked here (:func:`fedtrain.validation.rejection_reason`),
-        since the coordinator will only ever see it masked.
+        since the coordinator will only ever see it masked. Under
+        ``compression.up = 'randk'`` (the one codec secure aggregation takes:
+        every client keeps the round's coordinates, so the masked sums add up)
+        the update is encoded with this client's error feedback and its
+        decoded vector masked, as in a simulation
+        (:class:`~fedtrain.training.compressing.CompressingExecutor` with ``dense``).
         """
+        from fedtrain.compression import decode, from_wire
+        from fedtrain.config import Compression
         from fedtrain.training.train_task import TrainTask
         from fedtrain.privacy.noise import SecureGaussian
         from fedtrain.secure import wire
@@ -232,6 +283,7 @@ class ClientWorker:
         request = wire.decode(opening, AdvertiseRequest)
         setup = request.setup
         task = TrainTask.from_json(json.loads(task_json))
+        params = self.global_model_(params)
         if setup.vector_length != params.size:
             raise ValueError(
                 f"client {self.name}: setup.vector_length = {setup.vector_length}, the model has {params.size} values"
@@ -242,12 +294,15 @@ class ClientWorker:
                 f"{setup.noise_stddev}; refusing to send an update without its noise share"
             )
         client = SecureClient(request.recipient, setup, SecureGaussian() if setup.noise_stddev > 0 else None)
-        if self._uplink is not None:
+        if self._uplink is not None and self._uplink.method is not Compression.RANDK:
             raise ValueError(
                 f"client {self.name}: compression.up = {self._uplink.method.value!r} with secure aggregation: "
-                "the masked vectors are whole float32 vectors; a deployment allows compression.up = 'none' here"
+                "allowed with it: 'none' or 'randk'"
             )
         reply = self.train(rnd, task_json, params)
+        if reply.compressed is not None:
+            vector = decode(from_wire(reply.compressed, params.size), params.size)
+            reply = TrainReply(vector.numpy(), reply.num_examples, reply.metrics)
         vector = torch.from_numpy(np.ascontiguousarray(reply.update, dtype=np.float32))
         update = ClientUpdate(self.name, vector, reply.num_examples, task.kind)
         reason = rejection_reason(update, vector.numel(), task.kind)
@@ -290,6 +345,8 @@ class ClientWorker:
     def handle(self, request: tuple[RequestKind, Any]) -> tuple[str, Any]:
         """One relayed request → ``("ok", result)`` or ``("error", reason)``."""
         kind, body = request
+        if kind in (RequestKind.TRAIN, RequestKind.TRAIN_SECURE):
+            time.sleep(self.delay_seconds)
         try:
             with self.lock:
                 if kind is RequestKind.HELLO:

@@ -12,8 +12,10 @@ Messages (Flower's Message API, ``flwr.app``):
 
 - ``query`` (hello) → the run's config and model shape; reply: the client's
   id, record count and device.
-- ``train`` → the flat float32 global model and the round's
-  :class:`~fedtrain.training.trainer.TrainTask` as JSON; reply: the flat update
+- ``train`` → the flat float32 global model (record ``params``) or, under
+  ``compression.down``, a delta against the client's own copy (records
+  ``delta`` and ``downlink``, :meth:`FlowerTransport.model_for`), and the
+  round's :class:`~fedtrain.training.trainer.TrainTask` as JSON; reply: the flat update
   (record ``update``) or, under ``compression.up``, its compressed fields
   (record ``compressed``, :data:`~fedtrain.transport.relay.COMPRESSED_BYTES`),
   the record count and the metrics, or ``status = "error"`` with a reason. A
@@ -56,7 +58,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TypeVar, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -77,7 +79,7 @@ from fedtrain.transport.relay import (
 if TYPE_CHECKING:
     import torch
 
-    from fedtrain.compression import Compressed
+    from fedtrain.compression import ClientCopies, Compressed
 
     from fedtrain.training.executor import UpdateSink
     from fedtrain.training.train_task import TrainTask
@@ -431,18 +433,24 @@ class FlowerTransport:
     again once the old node is gone."""
 
     def __init__(
-        self, grid: Grid, hello: Hello, timeout: float, poll_seconds: float, min_records: int = 1
+        self, grid: Grid, hello: Hello, timeout: float, poll_seconds: float, min_records: int = 1,
+        copies: ClientCopies | None = None,
     ) -> None:
         self.grid = grid
         self.hello = hello
         self.timeout = timeout
         self.poll_seconds = poll_seconds
         self.min_records = min_records
+        self.copies = copies
+        """``compression.down``: each client's copy of the model (None sends every client float32)."""
         self.clients: dict[str, ClientInfo] = {}
         self._node_of: dict[str, int] = {}
         self._greeted: set[int] = set()
         self.traffic = WireTraffic()
         """The current (or last) round's :class:`WireTraffic`."""
+        self.model_bytes = 0
+        """What the current (or last) round's models cost, as ``metrics.jsonl``
+        counts it (:class:`fedtrain.compression.ModelSender`)."""
 
     def _exchange(
         self, messages: Sequence[Message], timeout: float, on_reply: Callable[[int, Message], None] | None = None,
@@ -520,6 +528,8 @@ class FlowerTransport:
             )
         self._node_of[info.name] = node
         self.clients[info.name] = info
+        if self.copies is not None:
+            self.copies.forget_(info.name)
         log.info("client %s joined (node %d, %d records, %s)", info.name, node, info.num_records, info.device)
         return None
 
@@ -538,7 +548,7 @@ class FlowerTransport:
             )
         return sorted(self.clients, key=lambda c: (len(c), c))
 
-    def _decode(
+    def decode(
         self, cid: str, reply: Message, kind: UpdateKind, params: torch.Tensor, row: torch.Tensor | None = None
     ) -> ClientUpdate | ClientFailure:
         """Client ``cid``'s update from its training ``reply``, or its failure.
@@ -578,7 +588,7 @@ class FlowerTransport:
             tensor = torch.from_numpy(vector.copy()).to(params.device)
         return ClientUpdate(cid, tensor, num_examples, kind, metrics)
 
-    def _connected(
+    def connected(
         self, clients: Sequence[str], task: TrainTask
     ) -> tuple[dict[str, int], list[ClientFailure]]:
         """The node of each of ``clients`` that is connected and may train
@@ -600,21 +610,53 @@ class FlowerTransport:
                 nodes[cid] = node
         return nodes, failures
 
-    def _train_content(self, rnd: int, task: TrainTask, params: torch.Tensor | ArrayRecord) -> RecordDict:
-        """A training message's content: the model (or an already built
-        record of it, shared by the round's messages) and the task."""
-        weights = params if isinstance(params, ArrayRecord) else self._model_record(params)
+    def train_content(self, rnd: int, task: TrainTask, model: Mapping[str, ArrayRecord | ConfigRecord]) -> RecordDict:
+        """A training message's content: the model's records (:meth:`model_for`) and the task."""
         return RecordDict({
-            "params": weights,
+            **model,
             "task": ConfigRecord({"round": rnd, "task": json.dumps(task.as_json())}),
         })
 
+    def model_for(
+        self, cid: str, rnd: int, params: torch.Tensor, shared: ArrayRecord | None
+    ) -> dict[str, ArrayRecord | ConfigRecord]:
+        """The records that carry the model to client ``cid``: ``params``
+        (float32; ``shared`` is the round's one record of it) or, under
+        ``compression.down``, a delta against the client's copy
+        (:meth:`fedtrain.compression.ClientCopies.message_`): record
+        ``delta`` (the ``uint8`` arrays of :data:`COMPRESSED_BYTES`) and
+        record ``downlink`` (``digest`` of the copy after it, ``base`` of the
+        copy it applies to, and the integer fields), or ``params`` with
+        ``downlink`` holding the digest alone. Adds the cost to :attr:`model_bytes`."""
+        from fedtrain.compression import to_wire, uncompressed_nbytes
+
+        if self.copies is None:
+            self.model_bytes += uncompressed_nbytes(params.numel())
+            return {"params": shared if shared is not None else self.model_record(params)}
+        message = self.copies.message_(cid, rnd, params)
+        self.model_bytes += message.nbytes
+        if message.delta is None:
+            return {"params": self.model_record(params if message.full is None else message.full),
+                    "downlink": ConfigRecord({"digest": message.digest, "base": ""})}
+        fields = to_wire(message.delta)
+        row: dict[str, int | str] = {"digest": message.digest, "base": message.base}
+        row.update({k: int(fields[k]) for k in COMPRESSED_INTS})
+        return {"delta": ArrayRecord({k: bytes_array(cast(bytes, fields[k])) for k in COMPRESSED_BYTES}),
+                "downlink": ConfigRecord(row)}
+
+    def lost_(self, cid: str, node: int) -> None:
+        """Client ``cid`` failed the round: it is greeted again before the
+        next (it may have restarted) and its next model is sent whole."""
+        self._greeted.discard(node)
+        if self.copies is not None:
+            self.copies.forget_(cid)
+
     @staticmethod
-    def _model_record(params: torch.Tensor) -> ArrayRecord:
+    def model_record(params: torch.Tensor) -> ArrayRecord:
         return ArrayRecord({"params": float32_array(params.detach().cpu().numpy())})
 
     @staticmethod
-    def _own_task(task: TrainTask, cid: str) -> TrainTask:
+    def own_task(task: TrainTask, cid: str) -> TrainTask:
         """``task`` as client ``cid`` gets it: its own DP-SGD noise, nothing about the other clients."""
         from dataclasses import replace
 
@@ -635,12 +677,13 @@ class FlowerTransport:
         from fedtrain.types import ClientFailure, RoundOutcome
         from fedtrain.types import ClientUpdate
 
-        nodes, failures = self._connected(clients, task)
+        nodes, failures = self.connected(clients, task)
         self.traffic = WireTraffic()
-        weights = self._model_record(params)
+        self.model_bytes = 0
+        weights = self.model_record(params) if self.copies is None else None
         messages = [
             Message(
-                self._train_content(rnd, self._own_task(task, cid), weights),
+                self.train_content(rnd, self.own_task(task, cid), self.model_for(cid, rnd, params, weights)),
                 dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.timeout, group_id=str(rnd),
             )
             for cid, node in nodes.items()
@@ -654,7 +697,7 @@ class FlowerTransport:
             def fold(node: int, reply: Message) -> None:
                 replied.add(node)
                 cid = cid_of[node]
-                decoded = self._decode(cid, reply, task.kind, params, sink.row())
+                decoded = self.decode(cid, reply, task.kind, params, sink.row())
                 if isinstance(decoded, ClientUpdate):
                     sink.push(decoded)
                 else:
@@ -667,7 +710,7 @@ class FlowerTransport:
                 )
                 if failure is not None:
                     failures.append(failure)
-                    self._greeted.discard(node)
+                    self.lost_(cid, node)
             log.info("%s", self.traffic.describe(rnd))
             return RoundOutcome((), tuple(failures))
         replies = self._exchange(messages, self.timeout)
@@ -675,13 +718,13 @@ class FlowerTransport:
             reply = replies.get(node)
             outcome = (
                 ClientFailure(cid, f"no reply within {self.timeout:g} s")
-                if reply is None else self._decode(cid, reply, task.kind, params)
+                if reply is None else self.decode(cid, reply, task.kind, params)
             )
             if isinstance(outcome, ClientUpdate):
                 updates.append(outcome)
             else:
                 failures.append(outcome)
-                self._greeted.discard(node)
+                self.lost_(cid, node)
         log.info("%s", self.traffic.describe(rnd))
         return RoundOutcome(tuple(updates), tuple(failures))
 
@@ -727,7 +770,7 @@ class _FlowerChannel:
     over Flower messages; client ``i`` is node ``nodes[i]``.
 
     The opening is ``train.secure``: the training task (each client its own,
-    :meth:`FlowerTransport._own_task`), the model and the client's encoded
+    :meth:`FlowerTransport.own_task`), the model and the client's encoded
     :class:`~fedtrain.secure.messages.AdvertiseRequest`; the client trains,
     keeps its update and answers with its key advert. A client lost there
     failed its training, and the reason says so as it is (``no reply within
@@ -803,11 +846,12 @@ class _FlowerChannel:
         from fedtrain.secure.messages import KeyAdvert
 
         transport, rnd = self.transport, self.rnd
-        weights = transport._model_record(self.params)
+        weights = transport.model_record(self.params) if transport.copies is None else None
         opening = {
             i: Message(
                 RecordDict({
-                    **transport._train_content(rnd, transport._own_task(self.task, self.ids[i]), weights),
+                    **transport.train_content(rnd, transport.own_task(self.task, self.ids[i]),
+                                               transport.model_for(self.ids[i], rnd, self.params, weights)),
                     **_secure_records(rnd, None, wire.encode(request)),
                 }),
                 dst_node_id=self.nodes[i], message_type=TRAIN_SECURE, ttl=transport.timeout, group_id=str(rnd),
@@ -855,9 +899,9 @@ class SecureFlowerTransport(FlowerTransport):
 
     def __init__(
         self, grid: Grid, hello: Hello, timeout: float, poll_seconds: float,
-        settings: SecureSettings, weighted: bool, min_records: int = 1,
+        settings: SecureSettings, weighted: bool, min_records: int = 1, copies: ClientCopies | None = None,
     ) -> None:
-        super().__init__(grid, hello, timeout, poll_seconds, min_records)
+        super().__init__(grid, hello, timeout, poll_seconds, min_records, copies)
         self.settings = settings
         self.weighted = weighted
 
@@ -866,8 +910,9 @@ class SecureFlowerTransport(FlowerTransport):
     ) -> RoundOutcome:
         from fedtrain.secure.round import run_secure_round
 
-        connected, failures = self._connected(clients, task)
+        connected, failures = self.connected(clients, task)
         self.traffic = WireTraffic()
+        self.model_bytes = 0
         ids = sorted(connected, key=lambda c: (len(c), c))
         nodes = {i: connected[cid] for i, cid in enumerate(ids)}
         secure = run_secure_round(
@@ -876,7 +921,7 @@ class SecureFlowerTransport(FlowerTransport):
             distributed_noise=task.privacy.distributed_noise, weighted=self.weighted,
         )
         for index in secure.lost:
-            self._greeted.discard(nodes[index])
+            self.lost_(ids[index], nodes[index])
         log.info("%s", self.traffic.describe(rnd))
         return secure.outcome(failures)
 

@@ -13,7 +13,10 @@ Messages (Flower's Message API, ``flwr.app``; what the coordinator sends,
 :mod:`fedtrain.transport.flower`):
 
 - ``query`` (hello) → reply: the client's id, record count and device;
-- ``train`` → reply: the flat float32 update (record ``update``) or, under
+- ``train`` (the float32 model in record ``params`` or, under
+  ``compression.down``, a delta against the client's copy: records ``delta``
+  and ``downlink``, :class:`~fedtrain.transport.relay.DownlinkModel`) → reply:
+  the flat float32 update (record ``update``) or, under
   ``compression.up``, the compressed one (record ``compressed``: its
   ``values``, ``scales`` and ``indices`` bytes as ``uint8`` arrays, and its
   ``method``, ``numel``, ``block`` and ``seed`` in ``result``), the record
@@ -43,6 +46,9 @@ from flwr.clientapp import ClientApp
 
 from fedtrain.transport.relay import (
     COMPRESSED_BYTES,
+    COMPRESSED_INTS,
+    DOWNLINK_KEYS,
+    DownlinkModel,
     NODE_KEY_FILE,
     NODE_WORKER,
     RAW_STYPE,
@@ -72,10 +78,37 @@ def _array(content: RecordDict, name: str, dtype: WireDtype) -> np.ndarray:
     return raw_vector(name, array.stype, array.dtype, tuple(array.shape), array.data, dtype)
 
 
-def _model(content: RecordDict) -> np.ndarray:
+def _model(content: RecordDict) -> np.ndarray | DownlinkModel:
     """The global model of a training message: a read-only view of its
-    checked float32 bytes (the relay's socket hands the worker a copy)."""
-    return _array(content, "params", WireDtype.FLOAT32)
+    checked float32 bytes (the relay's socket hands the worker a copy), or
+    under ``compression.down`` (record ``downlink``) a :class:`DownlinkModel`:
+    the float32 model or the ``uint8`` arrays of a delta (record ``delta``),
+    each checked here; the worker decodes the delta
+    (:func:`fedtrain.compression.from_wire` checks every field)."""
+    if "downlink" not in content:
+        return _array(content, "params", WireDtype.FLOAT32)
+    row = content["downlink"]
+    if not isinstance(row, ConfigRecord):
+        raise ValueError("downlink: expected a config record")
+    digest, base = (row.get(k) for k in DOWNLINK_KEYS)
+    if not isinstance(digest, str) or not isinstance(base, str):
+        raise ValueError(f"downlink: {list(DOWNLINK_KEYS)} must be strings")
+    if "delta" not in content:
+        return DownlinkModel(digest, full=_array(content, "params", WireDtype.FLOAT32))
+    record = content["delta"]
+    if not isinstance(record, ArrayRecord) or sorted(record.keys()) != sorted(COMPRESSED_BYTES):
+        raise ValueError(f"delta: expected an array record of exactly {sorted(COMPRESSED_BYTES)}")
+    fields: dict[str, bytes | int] = {}
+    for key in COMPRESSED_BYTES:
+        array = record[key]
+        raw_vector(f"delta {key}", array.stype, array.dtype, tuple(array.shape), array.data, WireDtype.UINT8)
+        fields[key] = array.data
+    for key in COMPRESSED_INTS:
+        value = row.get(key)
+        if type(value) is not int:
+            raise ValueError(f"downlink {key} = {value!r}: expected an integer")
+        fields[key] = value
+    return DownlinkModel(digest, delta=fields, base=base)
 
 
 def _payload(content: RecordDict) -> bytes:

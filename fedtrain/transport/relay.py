@@ -101,9 +101,9 @@ class RequestKind(enum.Enum):
     HELLO = "hello"
     """Body: the :class:`Hello` as JSON; answer: :class:`ClientInfo`."""
     TRAIN = "train"
-    """Body: ``(round, task JSON, flat global model)``; answer: :class:`TrainReply`."""
+    """Body: ``(round, task JSON, flat global model or DownlinkModel)``; answer: :class:`TrainReply`."""
     TRAIN_SECURE = "train_secure"
-    """Body: ``(round, task JSON, flat global model, encoded AdvertiseRequest)``:
+    """Body: ``(round, task JSON, flat global model or DownlinkModel, encoded AdvertiseRequest)``:
     the worker trains, keeps the update for the round's secure aggregation and
     answers with its encoded ``KeyAdvert`` (bytes)."""
     SECURE = "secure"
@@ -179,6 +179,28 @@ integer fields (``method``, ``numel``, ``block``, ``seed``) are values of its
 
 COMPRESSED_INTS = ("method", "numel", "block", "seed")
 """The integer fields of :func:`fedtrain.compression.to_wire`."""
+
+
+@dataclass(frozen=True)
+class DownlinkModel:
+    """The global model of a training message under ``compression.down``
+    (:class:`fedtrain.compression.ClientCopies`): ``full``, the float32
+    model, when the coordinator holds no copy of this client's it can vouch
+    for; else ``delta``, the fields of :func:`fedtrain.compression.to_wire`
+    (raw little-endian bytes and integers) of the compressed difference
+    against the client's copy named ``base``. ``digest`` names the copy after
+    it (:func:`fedtrain.compression.copy_digest`), which the worker checks it
+    computed bit for bit."""
+
+    digest: str
+    full: np.ndarray | None = None
+    delta: Mapping[str, bytes | int] | None = None
+    base: str = ""
+
+
+DOWNLINK_KEYS = ("digest", "base")
+"""The text fields of a training message's ``downlink`` record; under a
+delta it also holds :data:`COMPRESSED_INTS`."""
 
 
 @dataclass(frozen=True)
