@@ -12,8 +12,9 @@ above it means the mechanism, its accounting or its code is wrong.
 
 What is audited: user-level DP and runs without DP with canary clients,
 sample-level DP with canary records. Distributed DP, secure aggregation,
-uplink compression and asynchronous runs are refused (the canaries would have to pass through the
-clients' masking, noise shares and codecs, which they do not).
+uplink compression and asynchronous runs are refused (the canaries would
+have to pass through the clients' masking, noise shares and codecs, which
+they do not).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from fedtrain.config import Compression, CompressionConfig
-from fedtrain.types import ClientUpdate
+from fedtrain.types import AggregateUpdate, ClientUpdate
 
 RANDK_TAG = 0x52414E44
 """Mixed into the randk seed (``SeedSequence([seed, round, RANDK_TAG])``) so
@@ -164,6 +164,16 @@ def randk_indices(seed: int, numel: int, k: int) -> torch.Tensor:
     chosen = np.random.default_rng(seed).choice(numel, size=k, replace=False)
     chosen.sort()
     return torch.from_numpy(chosen.astype(np.int64))
+
+
+def secure_coordinates(method: Compression, fraction: float, seed: int, rnd: int, numel: int) -> torch.Tensor | None:
+    """The coordinates a secure round sums under ``compression.up = 'randk'``:
+    the round's kept ones (:func:`randk_indices`), which every client keeps,
+    so SecAgg+ runs on their ``k`` values alone; None for any other method
+    (the whole vector is summed)."""
+    if method is not Compression.RANDK:
+        return None
+    return randk_indices(randk_seed(seed, rnd), numel, kept(numel, fraction))
 
 
 def rounding_generator(seed: int, rnd: int, client_id: str) -> torch.Generator:
@@ -500,6 +510,10 @@ class Uplink:
             metrics=update.metrics, contributors=update.contributors, payload=c,
         )
 
+    def secure_coordinates(self, rnd: int, numel: int) -> torch.Tensor | None:
+        """The coordinates this client masks in secure round ``rnd`` (:func:`secure_coordinates`)."""
+        return secure_coordinates(self.method, self.fraction, self.seed, rnd, numel)
+
     def refusal(self, c: Compressed, rnd: int, numel: int) -> str | None:
         """Why the coordinator refuses payload ``c`` in round ``rnd``: not
         the configured method, or randk coordinates not the round's."""
@@ -718,13 +732,27 @@ def decoded_update(
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class CompactSecureAggregate(AggregateUpdate):
+    """A secure round's aggregate when SecAgg+ summed only the round's
+    ``randk`` coordinates (:func:`secure_coordinates`): ``vector`` is the
+    whole model's layout (zero off those coordinates), and
+    ``masked_nbytes`` what each contributor's masked input of ``k`` values
+    and its weight cost on the wire, in ring elements."""
+
+    masked_nbytes: int
+
+
 def wire_nbytes(update: ClientUpdate, numel: int) -> int:
     """The uplink bytes behind ``update``: its payload's, or an uncompressed
     vector per client it stands for (a secure aggregate: each contributor's
     masked vector, counted as float32, the size of the default 32-bit ring;
-    key agreement and share messages are not counted)."""
+    a compact one: its contributors' masked inputs as sent; key agreement
+    and share messages are not counted)."""
     if isinstance(update, CompressedUpdate):
         return update.payload.nbytes
+    if isinstance(update, CompactSecureAggregate):
+        return update.masked_nbytes * update.contributors
     return uncompressed_nbytes(numel) * update.contributors
 
 

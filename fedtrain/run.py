@@ -25,8 +25,7 @@ from torch import nn
 
 from fedtrain import checkpoint
 from fedtrain.config import (
-    AttackKind, ClientEngine, Compression, Config, ConfigError, GradSampleMode, KeyColumn, PrivacyMode, RunMode, from_dict,
-    to_dict,
+    AttackKind, ClientEngine, Config, ConfigError, GradSampleMode, KeyColumn, PrivacyMode, RunMode, from_dict, to_dict,
 )
 from fedtrain.compression import CompressionPlan
 from fedtrain.curves import plot_curves

@@ -364,14 +364,17 @@ def test_a_tampered_delta_is_refused_by_its_digest() -> None:
 def test_secure_aggregation_carries_randk_and_the_compressed_downlink(tmp_path: Path) -> None:
     """The deployed SecAgg+ path (SecureFlowerTransport driving real workers
     through the ClientApp handlers, as in tests/test_secure_flower.py) with
-    compression.up = randk, as in a simulation: each client masks its decoded
-    sparse update, so the sum has values on the round's shared coordinates
-    only, and equals the mean of what the clients sent; the model goes down
-    whole in round 1 and as an int8 delta in round 2."""
+    compression.up = randk, as in a simulation: each client masks the k
+    values it kept, so the sum has values on the round's shared coordinates
+    only, equals the mean of what the clients sent, and what came back over
+    Flower is a fraction of one dense masked vector per client; the model
+    goes down whole in round 1 and as an int8 delta in round 2."""
     import numpy as np
     import torch
 
-    from fedtrain.compression import ClientCopies, decode, from_wire, kept, randk_indices, randk_seed
+    from fedtrain.compression import (
+        ClientCopies, CompactSecureAggregate, decode, from_wire, kept, randk_indices, randk_seed, wire_nbytes,
+    )
     from fedtrain.config import load, to_dict
     from fedtrain.layout import ParamLayout
     from fedtrain.privacy.policy import ClientPrivacy
@@ -419,6 +422,9 @@ def test_secure_aggregation_carries_randk_and_the_compressed_downlink(tmp_path: 
             shared = set(randk_indices(randk_seed(config.run.seed, rnd), numel, kept(numel, fraction)).tolist())
             assert 0 < int((aggregate.vector != 0).sum()) <= len(shared)
             assert set(torch.nonzero(aggregate.vector).flatten().tolist()) <= shared
+            assert isinstance(aggregate, CompactSecureAggregate)
+            assert wire_nbytes(aggregate, numel) == n * (len(shared) + 1) * 4
+            assert backend.traffic.received_bytes < n * 4 * numel / 5, "dense masked inputs would exceed n · 4P"
             params = params + aggregate.vector
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = identity

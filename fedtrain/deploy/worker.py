@@ -266,8 +266,11 @@ class ClientWorker:
         ``compression.up = 'randk'`` (the one codec secure aggregation takes:
         every client keeps the round's coordinates, so the masked sums add up)
         the update is encoded with this client's error feedback and its
-        decoded vector masked, as in a simulation
-        (:class:`~fedtrain.training.compressing.CompressingExecutor` with ``dense``).
+        ``k`` kept values masked in index order, as in a simulation
+        (:class:`~fedtrain.training.compressing.CompressingExecutor` with
+        ``dense`` under :class:`~fedtrain.transport.in_process.InProcessSecureAggregation`):
+        the setup's ``vector_length`` must be the ``k`` of this client's own
+        config (the model's size without randk), whatever the coordinator says.
         """
         from fedtrain.compression import decode, from_wire
         from fedtrain.config import Compression
@@ -284,9 +287,13 @@ class ClientWorker:
         setup = request.setup
         task = TrainTask.from_json(json.loads(task_json))
         params = self.global_model_(params)
-        if setup.vector_length != params.size:
+        coordinates = None if self._uplink is None else self._uplink.secure_coordinates(rnd, params.size)
+        length = params.size if coordinates is None else coordinates.numel()
+        if setup.vector_length != length:
             raise ValueError(
-                f"client {self.name}: setup.vector_length = {setup.vector_length}, the model has {params.size} values"
+                f"client {self.name}: setup.vector_length = {setup.vector_length}, this client masks {length} values "
+                f"(the model has {params.size}"
+                + (f"; compression.up = 'randk' keeps {length})" if coordinates is not None else ")")
             )
         if task.privacy.distributed_noise > 0 and setup.noise_stddev <= 0:
             raise ValueError(
@@ -308,7 +315,8 @@ class ClientWorker:
         reason = rejection_reason(update, vector.numel(), task.kind)
         if reason is not None:
             raise ValueError(f"client refused to mask its update: {reason}")
-        self._held[rnd] = HeldUpdate(reply.update, reply.num_examples, client)
+        masked = reply.update if coordinates is None else vector[coordinates].numpy()
+        self._held[rnd] = HeldUpdate(masked, reply.num_examples, client)
         return wire.encode(client.advertise())
 
     def secure(self, request: SecureRequest) -> bytes:

@@ -42,6 +42,7 @@ from typing import Generic, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 
+from fedtrain.compression import CompactSecureAggregate
 from fedtrain.secure.messages import (
     AdvertiseRequest,
     AggregateSum,
@@ -191,6 +192,7 @@ def run_secure_round(
     kind: UpdateKind,
     distributed_noise: float,
     weighted: bool,
+    coordinates: torch.Tensor | None = None,
 ) -> SecureRound:
     """One SecAgg+ round among ``ids`` (client ``i`` is ``ids[i]`` on ``channel``).
 
@@ -203,6 +205,25 @@ def run_secure_round(
     weighted when ``weighted`` and there is no distributed noise (which needs
     unit weights), else each counts 1. See the module docstring for the
     failures reported.
+
+    ``coordinates`` (``compression.up = 'randk'``: the round's kept
+    coordinates, sorted, :func:`fedtrain.compression.secure_coordinates`)
+    makes the round's secure length ``k``: the setup announces it, each
+    client masks its ``k`` kept values in index order, the coordinator
+    checks every masked input against it (never against what a client
+    says), and the unmasked ``k``-mean is scattered into the model's layout,
+    zero elsewhere, as a :class:`~fedtrain.compression.CompactSecureAggregate`
+    that counts the masked inputs' bytes. The sum is the dense path's: the
+    ring's scale depends on the clients and the range, not the length, and
+    off those coordinates every client's decoded update is zero. Under
+    distributed DP each client's noise share goes on the ``k`` coordinates
+    only; nothing else is released (the other coordinates are zero for every
+    client, whatever the data), and the sensitivity is unchanged, since the
+    ``k``-subvector of an update clipped to ``C`` has norm at most ``C``:
+    the L2 sensitivity of DP-FedAvg's sum (McMahan et al. 2018), which the
+    clients' shares of the Gaussian noise are calibrated to (Kairouz, Liu &
+    Steinke 2021), and zeros that do not depend on the data are
+    post-processing.
     """
     if not ids:
         return SecureRound(None, (), frozenset())
@@ -219,7 +240,7 @@ def run_secure_round(
     graph = settings.graph(len(ids))
     setup = settings.setup(
         graph,
-        vector_length=params.numel(),
+        vector_length=params.numel() if coordinates is None else coordinates.numel(),
         noise_stddev=distributed_noise / math.sqrt(planned) if distributed_noise > 0 else 0.0,
         weighted=weighted and distributed_noise == 0,
     )
@@ -227,6 +248,8 @@ def run_secure_round(
     try:
         result = run.run()
         aggregate = aggregate_update(result, setup, kind, params.device)
+        if coordinates is not None:
+            aggregate = _scattered(aggregate, coordinates, params, setup)
     except SecureAggregationAborted as exc:
         log.warning("round %d: secure aggregation aborted, round skipped: %s", rnd, exc)
         aborted = [
@@ -241,6 +264,20 @@ def run_secure_round(
     ]
     lost = run.unjoined.keys() | {i for i, _ in result.excluded}
     return SecureRound(aggregate, (*_unjoined(run, ids), *excluded), frozenset(lost))
+
+
+def _scattered(
+    aggregate: AggregateUpdate, coordinates: torch.Tensor, params: torch.Tensor, setup: SecureSetup
+) -> CompactSecureAggregate:
+    """The ``k``-mean ``aggregate`` in the model's layout: its values at
+    ``coordinates``, zero elsewhere."""
+    vector = torch.zeros(params.numel(), dtype=torch.float32, device=params.device)
+    vector[coordinates.to(params.device)] = aggregate.vector
+    return CompactSecureAggregate(
+        vector=vector, num_examples=aggregate.num_examples, kind=aggregate.kind,
+        contributors=aggregate.contributors, origin=aggregate.origin, unit_weights=aggregate.unit_weights,
+        masked_nbytes=setup.masked_length * setup.ring.itemsize,
+    )
 
 
 def _unjoined(run: ProtocolRun, ids: Sequence[str]) -> list[ClientFailure]:

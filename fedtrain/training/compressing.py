@@ -7,7 +7,9 @@ secure aggregation. Each update is compressed after training and clipping,
 with the client's error-feedback residual (:class:`fedtrain.compression.Uplink`),
 and reaches the engine as a :class:`~fedtrain.compression.CompressedUpdate`
 that the coordinator decodes at intake. Under secure aggregation (only
-``randk`` is allowed there) the decoded sparse vector goes on to be masked.
+``randk`` is allowed there) the decoded sparse vector goes on to secure
+aggregation, which masks its round's ``k`` kept values only
+(:meth:`CompressingExecutor.secure_coordinates`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ class CompressingExecutor:
         self.inner = inner
         self.uplink = uplink
         self.dense = dense
+
+    def secure_coordinates(self, rnd: int, numel: int) -> torch.Tensor | None:
+        """The coordinates secure aggregation sums in round ``rnd``: the
+        round's ``randk`` ones when this executor hands on decoded vectors,
+        else None (the whole vector)."""
+        return self.uplink.secure_coordinates(rnd, numel) if self.dense else None
 
     def train_round(
         self,

@@ -895,19 +895,30 @@ class SecureFlowerTransport(FlowerTransport):
     restarted). Distributed DP noise is drawn by each client
     (:class:`fedtrain.privacy.noise.SecureGaussian`, whatever
     ``privacy.secure_noise`` says: a deployment is not reproducible anyway).
+    Under ``compression.up = 'randk'`` (read from the hello's config) the
+    round's secure length is ``k``: the setup announces it, each worker
+    checks it against its own config and masks its ``k`` kept values, and
+    the coordinator scatters the unmasked mean back
+    (:func:`~fedtrain.secure.round.run_secure_round`'s ``coordinates``).
     """
 
     def __init__(
         self, grid: Grid, hello: Hello, timeout: float, poll_seconds: float,
         settings: SecureSettings, weighted: bool, min_records: int = 1, copies: ClientCopies | None = None,
     ) -> None:
+        from fedtrain.config import from_dict
+
         super().__init__(grid, hello, timeout, poll_seconds, min_records, copies)
         self.settings = settings
         self.weighted = weighted
+        config = from_dict(hello.config)
+        self.compression = config.compression
+        self.seed = int(config.run.seed)
 
     def train_round(
         self, rnd: int, clients: Sequence[str], task: TrainTask, params: torch.Tensor
     ) -> RoundOutcome:
+        from fedtrain.compression import secure_coordinates
         from fedtrain.secure.round import run_secure_round
 
         connected, failures = self.connected(clients, task)
@@ -919,6 +930,9 @@ class SecureFlowerTransport(FlowerTransport):
             _FlowerChannel(self, rnd, task, params, ids, nodes), self.settings, rnd=rnd, ids=ids,
             planned=len(clients), params=params, kind=task.kind,
             distributed_noise=task.privacy.distributed_noise, weighted=self.weighted,
+            coordinates=secure_coordinates(
+                self.compression.up, self.compression.fraction, self.seed, rnd, params.numel()
+            ),
         )
         for index in secure.lost:
             self.lost_(ids[index], nodes[index])

@@ -59,6 +59,7 @@ from fedtrain.secure.messages import (
 from fedtrain.secure.protocol import ProtocolError, SecureClient, SecureServer
 from fedtrain.secure.round import ProtocolRun, Replies, run_secure_round
 from fedtrain.secure.setting import SecureSettings
+from fedtrain.training.compressing import CompressingExecutor
 from fedtrain.training.executor import Executor
 from fedtrain.training.train_task import TrainTask
 from fedtrain.types import RoundOutcome
@@ -135,7 +136,16 @@ class InProcessChannel:
 
 
 class InProcessSecureAggregation:
-    """Runs ``inner``'s training, then SecAgg+ over the clients' updates."""
+    """Runs ``inner``'s training, then SecAgg+ over the clients' updates.
+
+    When ``inner`` compresses with ``randk`` (a :class:`CompressingExecutor`
+    with ``dense``) and ``compact`` holds, SecAgg+ runs on the round's ``k``
+    kept coordinates alone (``coordinates`` of
+    :func:`~fedtrain.secure.round.run_secure_round`): each client masks its
+    kept values in index order and refuses a setup of any other length.
+    ``compact = False`` masks the whole decoded vector instead, the same sum
+    at ``P / k`` times the bytes (kept as the reference the tests compare
+    with)."""
 
     def __init__(
         self,
@@ -144,12 +154,19 @@ class InProcessSecureAggregation:
         seed: int,
         weighted: bool,
         secure_noise: bool = True,
+        compact: bool = True,
     ) -> None:
         self.inner = inner
         self.settings = settings
         self.seed = seed
         self.weighted = weighted
         self.secure_noise = secure_noise
+        self.compact = compact
+
+    def _coordinates(self, rnd: int, numel: int) -> torch.Tensor | None:
+        if not self.compact or not isinstance(self.inner, CompressingExecutor):
+            return None
+        return self.inner.secure_coordinates(rnd, numel)
 
     def _noise(self, rnd: int, index: int) -> NoiseSource:
         seed = int(np.random.SeedSequence([self.seed, rnd, index, _NOISE_STREAM]).generate_state(1)[0])
@@ -169,19 +186,29 @@ class InProcessSecureAggregation:
         ready, refused = split_valid(outcome.updates, params.numel(), task.kind, "client refused to mask its update: ")
         failures = [*outcome.failures, *refused]
         noise = task.privacy.distributed_noise
+        coordinates = self._coordinates(rnd, params.numel())
+        length = params.numel() if coordinates is None else coordinates.numel()
 
         def open_client(request: AdvertiseRequest) -> SecureClient:
             index = request.recipient
             return SecureClient(index, request.setup, self._noise(rnd, index) if noise > 0 else None)
 
         def contribution(client: SecureClient) -> tuple[np.ndarray, int]:
+            if client.setup.vector_length != length:
+                raise ValueError(
+                    f"setup.vector_length = {client.setup.vector_length}, this client masks {length} values"
+                )
             update = ready[client.index]
-            return update.vector.detach().cpu().numpy(), min(update.num_examples, client.setup.max_weight)
+            vector = update.vector.detach().cpu()
+            if coordinates is not None:
+                vector = vector[coordinates]
+            return vector.numpy(), min(update.num_examples, client.setup.max_weight)
 
         channel = InProcessChannel(open_client, contribution, self._dropouts(rnd, len(ready)))
         secure = run_secure_round(
             channel, self.settings, rnd=rnd, ids=[u.client_id for u in ready], planned=len(clients),
             params=params, kind=task.kind, distributed_noise=noise, weighted=self.weighted,
+            coordinates=coordinates,
         )
         return secure.outcome(failures)
 
