@@ -176,7 +176,7 @@ class BufferedEngine:
             self._send_([c for c in restored if c in set(self.clients)], params)
         busy = self._busy()
         free = self.settings.concurrency - len(self.dispatcher.in_flight())
-        idle = [c for c in self.clients if c not in busy]
+        idle = self.dispatcher.reachable([c for c in self.clients if c not in busy])
         if free <= 0 or not idle:
             return False
         picked = self.rngs.cohort.choose(len(idle), min(free, len(idle)))

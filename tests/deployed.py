@@ -154,6 +154,27 @@ class Started:
                 proc.wait()
 
 
+def restart_client(started: Started, name: str, args: list[str], seconds: float = 90.0) -> subprocess.Popen[bytes]:
+    """Start a client again after it was killed. The SuperLink holds a
+    killed client's key until it misses its heartbeats
+    (:data:`fedtrain.deploy.flower.KEY_HOLD_SECONDS`) and refuses it until
+    then, so a refused start is tried again (``NAME``, ``NAME-1``, …) until
+    one connects or ``seconds`` pass; the last process started."""
+    deadline = time.monotonic() + seconds
+    attempt = 0
+    while True:
+        label = name if attempt == 0 else f"{name}-{attempt}"
+        proc = started.start(label, args)
+        while proc.poll() is None and "connected to" not in started.log(label):
+            if time.monotonic() > deadline:
+                return proc
+            time.sleep(0.25)
+        if proc.poll() is None or time.monotonic() > deadline:
+            return proc
+        attempt += 1
+        time.sleep(1.0)
+
+
 # ------------------------------------------------- deployments in background
 
 BACKGROUND_AT_ONCE = 2

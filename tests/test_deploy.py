@@ -25,7 +25,7 @@ import pytest
 from fedtrain.certs import CertificateSet, add_client_key, create_certificates
 from fedtrain.deploy.addresses import free_port
 
-from deployed import Started, alive, background_result, cli, descendants, in_background, rows
+from deployed import Started, alive, background_result, cli, descendants, in_background, restart_client, rows
 
 
 ROUNDS = 16
@@ -107,7 +107,7 @@ def deploy(root: Path) -> Deployment:
         killed = descendants(clients[2].pid)
         os.killpg(clients[2].pid, signal.SIGKILL)
         _wait_for(lambda: not any(map(alive, killed)), 60, "the killed client's SuperNode to end")
-        started.start("client-2-again", cli(
+        restart_client(started, "client-2-again", cli(
             "client", "--server", server_address, "--certs", str(certs.root),
             "--key", str(certs.root / "client-3"), "--partition", "2",
         ))

@@ -82,6 +82,11 @@ class Dispatcher(Protocol):
         """The jobs submitted and not yet returned by :meth:`next_finished`, in dispatch order."""
         ...
 
+    def reachable(self, clients: Sequence[str]) -> list[str]:
+        """Those of ``clients`` that can be sent work now, in their order
+        (a deployment's connected clients; every client in a simulation)."""
+        ...
+
 
 @dataclass
 class _Pending:
@@ -136,6 +141,9 @@ class VirtualClockDispatcher:
 
     def in_flight(self) -> tuple[Job, ...]:
         return tuple(job for _, _, job in sorted(self._queue, key=lambda item: item[1]))
+
+    def reachable(self, clients: Sequence[str]) -> list[str]:
+        return list(clients)
 
     def discard_(self, job: Job) -> None:
         self._pending.pop(job.seq, None)

@@ -610,6 +610,13 @@ class FlowerTransport:
                 nodes[cid] = node
         return nodes, failures
 
+    def reachable(self, clients: Sequence[str]) -> list[str]:
+        """Those of ``clients`` whose node is connected now, in their order,
+        after greeting the nodes that (re)connected."""
+        self.discover()
+        live = set(self.grid.get_node_ids())
+        return [cid for cid in clients if self._node_of.get(cid) in live]
+
     def train_content(self, rnd: int, task: TrainTask, model: Mapping[str, ArrayRecord | ConfigRecord]) -> RecordDict:
         """A training message's content: the model's records (:meth:`model_for`) and the task."""
         return RecordDict({

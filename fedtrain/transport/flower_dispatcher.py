@@ -9,6 +9,7 @@ buffer and sends new work to the idle client at once. A job without a reply
 within ``client.timeout`` is its client's failure (recorded in the
 aggregation it would have joined); the node is greeted again before it gets
 more work, so a restarted client rejoins, as in a synchronous deployment.
+A client that is not connected is sent nothing (:meth:`FlowerDispatcher.reachable`).
 
 Replies are checked exactly as in a synchronous round
 (:meth:`~fedtrain.transport.flower.FlowerTransport.decode`); the job's ``round`` in the task is the
@@ -92,6 +93,18 @@ class FlowerDispatcher:
 
     def peek_time(self) -> float | None:
         return None
+
+    def reachable(self, clients: Sequence[str]) -> list[str]:
+        """The connected ones (new and restarted nodes greeted first): a
+        client that is gone gets no work until it rejoins, so it fills no
+        slot of a buffer with a failure. With nothing in flight and nobody
+        connected, waits up to ``client.timeout`` for a client to come back."""
+        deadline = time.monotonic() + self.transport.timeout
+        while True:
+            found = self.transport.reachable(clients)
+            if found or self._sent or self._ended or not clients or time.monotonic() >= deadline:
+                return found
+            time.sleep(self.transport.poll_seconds)
 
     def next_finished(self) -> Finished | None:
         while not self._ended:
