@@ -54,7 +54,7 @@ from fedtrain.training.executor import Executor
 from fedtrain.training.sequential import SequentialExecutor
 from fedtrain.training.task import Task, load_task, prediction
 from fedtrain.training.trainer import LocalTrainer
-from fedtrain.types import Params, RoundRecord
+from fedtrain.types import Evaluation, Params, RoundRecord
 
 if TYPE_CHECKING:
     from fedtrain.secure.setting import SecureSettings
@@ -391,6 +391,10 @@ def build_engine(
             config.clients, sizes, config.client.epochs, config.client.batch_size, config.run.seed
         ))
     rngs = RngStreams.from_seed(config.run.seed, secret_cohort=secret_sampling(config.privacy))
+
+    def evaluate(params: torch.Tensor) -> Evaluation:
+        return trainer.evaluate(params, x_test, y_test)
+
     if asynchronous:
         if dispatcher is None:
             if clock is None:
@@ -399,7 +403,7 @@ def build_engine(
         return BufferedEngine(
             strategy=strategy,
             dispatcher=dispatcher,
-            evaluate=lambda p: trainer.evaluate(p, x_test, y_test),
+            evaluate=evaluate,
             clients=clients,
             client=config.client,
             min_clients=config.strategy.min_clients,
@@ -412,7 +416,7 @@ def build_engine(
         strategy=strategy,
         executor=executor,
         sampler=sampler,
-        evaluate=lambda p: trainer.evaluate(p, x_test, y_test),
+        evaluate=evaluate,
         clients=clients,
         client=config.client,
         min_clients=config.strategy.min_clients,

@@ -62,15 +62,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def _hex_address(text: str) -> tuple[str, int]:
     """An address of /proc/net/tcp{,6} (little-endian hex words) → (ip, port)."""
     import ipaddress

@@ -25,7 +25,9 @@ import pytest
 from fedtrain.certs import CertificateSet, add_client_key, create_certificates
 from fedtrain.deploy.addresses import free_port
 
-from deployed import Started, alive, background_result, cli, descendants, in_background, restart_client, rows
+from fedtrain.deploy.processes import alive
+
+from deployed import Started, background_result, cli, descendants, in_background, restart_client, rows
 
 
 ROUNDS = 16

@@ -24,7 +24,9 @@ import pytest
 from fedtrain.certs import create_certificates
 from fedtrain.deploy.addresses import free_port
 
-from deployed import Started, alive, background_result, cli, descendants, in_background, restart_client, rows, wait_for
+from fedtrain.deploy.processes import alive
+
+from deployed import Started, background_result, cli, descendants, in_background, restart_client, rows, wait_for
 
 AGGREGATIONS = 26
 KILL_AFTER = 10

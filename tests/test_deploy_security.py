@@ -48,6 +48,8 @@ from fedtrain.deploy.flower import FLEET_PREFIX, flower_env
 from fedtrain.deploy.server import refusal_reason
 from fedtrain.deploy.worker import plugin_refusal
 
+from fedtrain.deploy.processes import alive
+
 from deployed import (
     Started,
     background_result,
@@ -117,14 +119,6 @@ def main(grid, context):
     answers = [r.error.reason if r.has_error() else "answered" for r in replies]
     Path({result!r}).write_text(json.dumps({{"nodes": len(nodes), "answers": answers}}))
 """
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 @dataclass(frozen=True)
@@ -275,7 +269,7 @@ def deploy(root: Path) -> Deployment:
         duplicate_seconds=duplicate_seconds,
         foreign=foreign,
         foreign_marker=marker.exists(),
-        leftovers=[p for p in descendants(server.pid) if _pid_alive(p)],
+        leftovers=[p for p in descendants(server.pid) if alive(p)],
     )
 
 

@@ -128,7 +128,8 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not), from /proc."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -170,7 +171,7 @@ class Processes:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        while time.monotonic() < deadline and any(_alive(pid) for pid in targets):
+        while time.monotonic() < deadline and any(alive(pid) for pid in targets):
             time.sleep(0.1)
         for pid in targets:
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import time
 
-from deployed import alive
+from fedtrain.deploy.processes import alive
 
 CHILD = textwrap.dedent("""
     import os, time
