@@ -25,7 +25,7 @@ COMPARE_FILE = "compare.png"
 """The plot of ``fedtrain compare`` (in the current folder) and of a sweep (in its parent folder)."""
 
 DEFAULT_POLL = 0.1
-"""``fedtrain.transport.flower.DEFAULT_POLL``, the default of ``--poll``, repeated here so
+"""``fedtrain.transport.relay.DEFAULT_POLL``, the default of ``--poll``, repeated here so
 that building the parser (``--help``, every command) does not import the
 deployment's dependencies; tests/test_cli.py keeps the two equal."""
 

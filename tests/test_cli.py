@@ -129,9 +129,9 @@ def test_privacy_planner_does_not_import_torch_or_opacus(tmp_path: Path) -> None
 def test_poll_and_address_defaults_are_the_deployments() -> None:
     from fedtrain import cli
     from fedtrain.deploy import server as deploy_server
-    from fedtrain.transport import flower
+    from fedtrain.transport import relay
 
-    assert cli.DEFAULT_POLL == flower.DEFAULT_POLL == deploy_server.DEFAULT_POLL
+    assert cli.DEFAULT_POLL == relay.DEFAULT_POLL == deploy_server.DEFAULT_POLL
     server = cli.build_parser().parse_args(["server", "--insecure"])
     assert server.address == deploy_server.DEFAULT_ADDRESS == "127.0.0.1:9092"
 

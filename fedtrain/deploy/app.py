@@ -2,7 +2,7 @@
 a fedtrain client refuse any other.
 
 ``fedtrain server`` writes the app's ``pyproject.toml`` (:data:`APP_PYPROJECT`)
-and submits it with ``flwr run``; the bundle (FAB) Flower builds from it
+and submits it (:mod:`fedtrain.deploy.control`); the bundle (FAB) Flower builds from it
 holds no code, only the names of the components, which are the fedtrain
 installed on each machine: the ``ServerApp`` of :mod:`fedtrain.deploy.server`
 and the light ``ClientApp`` relay of :mod:`fedtrain.transport.flower_client_app`.

@@ -41,7 +41,7 @@ from fedtrain.deploy.flower import (
 )
 from fedtrain.deploy.processes import LogTail, Processes, entry_point, relog
 from fedtrain.errors import MissingFileError, UsageError
-from fedtrain.transport.flower import DEFAULT_POLL
+from fedtrain.transport.relay import DEFAULT_POLL
 from fedtrain.transport.relay import NODE_KEY_FILE, NODE_WORKER
 
 if TYPE_CHECKING:

@@ -31,12 +31,10 @@ Flower's processes, which run in the SuperLink's or SuperNode's own process
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
 import time
@@ -46,7 +44,7 @@ from typing import Any, Callable, Sequence
 
 from fedtrain.deploy.addresses import LOOPBACK
 from fedtrain.deploy.errors import DeployError
-from fedtrain.transport.flower import DEFAULT_POLL
+from fedtrain.transport.relay import DEFAULT_POLL
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +94,10 @@ TASK_FINISHED = re.compile(r"Finished task \d+ of run (?P<run>\d+)")
 or failed (``flwr.superlink.servicer.runtime.runtime_handlers``): the
 coordinator then asks for the run's status at once instead of polling it."""
 
-STATUS_POLL_SECONDS = 30.0
-"""Longest interval between the coordinator's status checks (``flwr ls``,
-a Python start-up each) while the SuperLink has not logged the run's end."""
+STATUS_POLL_SECONDS = 5.0
+"""Longest interval between the coordinator's status checks
+(:meth:`fedtrain.deploy.control.ControlClient.status`) while the SuperLink
+has not logged the run's end."""
 
 UNKNOWN_KEY = "No SuperNode found with the given public key"
 KEY_IN_USE = re.compile(r"SuperNode with node ID (?P<node>\d+) could not be activated")
@@ -116,7 +115,7 @@ HEARTBEAT_PATIENCE = 2
 KEY_HOLD_SECONDS = NODE_HEARTBEAT_SECONDS * HEARTBEAT_PATIENCE
 
 FAB_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
-"""What the app bundle (FAB) that ``flwr run`` builds from fedtrain's app
+"""What the app bundle (FAB) that Flower builds from fedtrain's app
 folder holds: its ``pyproject.toml`` and Flower's manifest. No code: the
 code is the fedtrain installed on each machine."""
 
@@ -191,25 +190,12 @@ def program(name: str) -> str:
     return found
 
 
-def run_flwr(home: Path, args: Sequence[str], timeout: float = 120.0) -> dict[str, Any]:
-    """Run ``flwr ARGS --format json``; its JSON answer, or DeployError."""
-    done = subprocess.run(
-        [program("flwr"), *args, "--format", "json"], env=flower_env(home),
-        capture_output=True, text=True, timeout=timeout,
-    )
-    try:
-        answer = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        answer = {"success": False, "error-message": (done.stdout + done.stderr).strip()[-2000:]}
-    if not answer.get("success", False):
-        raise DeployError(f"flwr {' '.join(args[:2])} failed: {answer.get('error-message', answer)}")
-    return dict(answer)
-
-
 def connection_toml(control: str) -> str:
     """The coordinator's ``flwr`` connection (``FLWR_HOME/config.toml``): its
     SuperLink's Control API on loopback, plain text (that port is reachable
-    from this machine only)."""
+    from this machine only). The coordinator calls that API in process
+    (:mod:`fedtrain.deploy.control`); the connection lets a person look at
+    the run with ``flwr ls`` while it runs."""
     return (f'[superlink]\ndefault = "{CONNECTION}"\n\n'
             f'[superlink.{CONNECTION}]\naddress = "{control}"\ninsecure = true\n')
 

@@ -6,9 +6,10 @@ Fleet API alone on ``--address``, with TLS and SuperNode authentication;
 every other API on loopback), registers every ``client-N.pub`` of the
 certificate folder, opens the Fleet address, writes the one-run Flower app
 (:data:`fedtrain.deploy.app.APP_PYPROJECT`) whose ``ServerApp`` is
-:data:`server_app`, submits it with ``flwr run`` on loopback, shows progress
-from the run folder's ``metrics.jsonl``, and reads the run's real status at
-the end (``flwr run`` exits 0 even when a run fails). The coordinator never
+:data:`server_app`, submits it on loopback (what ``flwr run`` does, called
+in process: :mod:`fedtrain.deploy.control`), shows progress from the run
+folder's ``metrics.jsonl``, and reads the run's real status at the end (a
+submission succeeds whether or not the run will). The coordinator never
 dials its own ``--address``, so its certificate need only carry the names
 clients dial; with ``--insecure`` (no TLS, nobody authenticated) it binds to
 loopback only.
@@ -48,10 +49,10 @@ from fedtrain.certs import CertificateSet
 from fedtrain.config import Config, RunMode, from_dict, to_dict
 from fedtrain.deploy.addresses import LOOPBACK, free_port, is_loopback, local_dial, split_address
 from fedtrain.deploy.app import APP_PYPROJECT
+from fedtrain.deploy.control import ControlClient, RunStatus
 from fedtrain.deploy.errors import DeployError, check_positive
 from fedtrain.deploy.flower import (
     ACTIVATION_LOG,
-    CONNECTION,
     KEY_HOLD_SECONDS,
     KEY_IN_USE,
     STATUS_POLL_SECONDS,
@@ -60,13 +61,12 @@ from fedtrain.deploy.flower import (
     check_flower_version,
     connection_toml,
     flower_env,
-    run_flwr,
 )
 from fedtrain.deploy.processes import LogTail, Processes, entry_point, exit_when_orphaned, tail, wait_listening
 from fedtrain.deploy.superlink import REFUSAL_MARK, superlink_args
 from fedtrain.errors import UsageError
-from fedtrain.transport.flower import DEFAULT_POLL, FlowerTransport, SecureFlowerTransport
-from fedtrain.transport.relay import ClientInfo, Hello
+from fedtrain.transport.flower import FlowerTransport, SecureFlowerTransport
+from fedtrain.transport.relay import DEFAULT_POLL, ClientInfo, Hello
 
 if TYPE_CHECKING:
     from fedtrain.run import SecurePlan
@@ -299,7 +299,7 @@ def _watch_logs(link_log: Path, app_log: Path, key_names: Mapping[str, str], sto
             return
 
 
-def serve(options: ServerOptions) -> dict[str, Any]:
+def serve(options: ServerOptions) -> RunStatus:
     """Run a deployed coordinator to the end; the run's Flower status.
 
     The SuperLink (:func:`fedtrain.deploy.superlink.superlink_main`) first
@@ -353,12 +353,13 @@ def serve(options: ServerOptions) -> dict[str, Any]:
     args = [*entry_point("superlink"), *superlink_args(options.address, control_port, opened, tls)]
     link_log = flower / "superlink.log"
     stop = threading.Event()
-    with Processes() as procs:
+    with Processes() as procs, contextlib.ExitStack() as closing:
         link = procs.start(args, flower_env(home, options.poll_seconds), link_log)
         wait_listening(LOOPBACK, control_port, link, link_log, 30.0)
+        control = closing.enter_context(ControlClient(f"{LOOPBACK}:{control_port}"))
         if certs is not None:
             for key in certs.client_keys():
-                run_flwr(home, ["supernode", "register", str(key), CONNECTION])
+                control.register(key)
         opened.touch()
         wait_listening(local_dial(host), port, link, link_log, 30.0)
         key_names = certs.client_key_pems() if certs is not None else {}
@@ -366,28 +367,28 @@ def serve(options: ServerOptions) -> dict[str, Any]:
             target=_watch_logs, args=(link_log, flower / SERVERAPP_LOG, key_names, stop), daemon=True
         )
         watcher.start()
-        run_id = str(run_flwr(home, ["run", str(app), CONNECTION])["run-id"])
+        run_id = control.start_run(app)
         log.info(
             "run %s submitted; clients dial %s:%d (Fleet API only; Control API on %s:%d); waiting for %d client(s)",
             run_id, host, port, LOOPBACK, control_port, expected,
         )
         try:
-            status = _follow(home, run_id, run_dir / METRICS_FILE, options, link, link_log)
+            status = _follow(control, run_id, run_dir / METRICS_FILE, options, link, link_log)
         finally:
             stop.set()
             watcher.join(5.0)
-    if status.get("status") != "finished:completed":
+    if not status.completed:
         raise DeployError(
-            f"run {run_id} ended {status.get('status')}: {status.get('status-details')}; "
+            f"run {run_id} ended {status.status}: {status.details}; "
             f"SuperLink log: {link_log}; ServerApp log: {flower / SERVERAPP_LOG}"
         )
     return status
 
 
 def _follow(
-    home: Path, run_id: str, metrics: Path, options: ServerOptions,
+    control: ControlClient, run_id: int, metrics: Path, options: ServerOptions,
     link: subprocess.Popen[bytes], link_log: Path,
-) -> dict[str, Any]:
+) -> RunStatus:
     """Show progress from ``metrics.jsonl`` until the run finishes; its status."""
     from fedtrain.progress import RoundProgress
     from fedtrain.training.task import load_task
@@ -413,11 +414,11 @@ def _follow(
                         if bar is not None:
                             bar.on_round(RoundRecord.from_json(json.loads(line), names.names))
             ended = ended or any(
-                (m := TASK_FINISHED.search(line)) is not None and m["run"] == run_id for line in link_lines.lines()
+                (m := TASK_FINISHED.search(line)) is not None and int(m["run"]) == run_id for line in link_lines.lines()
             )
             if time.monotonic() - last_check > (0.5 if ended else STATUS_POLL_SECONDS):
                 last_check = time.monotonic()
-                runs = run_flwr(home, ["ls", CONNECTION, "--run-id", run_id]).get("runs", [])
-                if runs and str(runs[0].get("status", "")).startswith("finished"):
-                    return dict(runs[0])
+                status = control.status(run_id)
+                if status.finished:
+                    return status
             time.sleep(0.25)

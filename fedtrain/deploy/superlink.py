@@ -9,8 +9,8 @@ app whose code every client then runs. So fedtrain serves Flower's
 application on two listeners: ``--fleet`` (the clients' address) carries
 the Fleet API alone (:class:`FleetOnly`), with TLS and SuperNode
 authentication; every other API is on a port of ``127.0.0.1`` that only
-the coordinator's machine reaches, where the coordinator's own ``flwr``
-calls and Flower's SuperExec go.
+the coordinator's machine reaches, where the coordinator's own calls
+(:mod:`fedtrain.deploy.control`) and Flower's SuperExec go.
 
 The Fleet address opens only once the coordinator has registered its
 clients' keys (``--open-when``), so that a refused key is a refusal, never
@@ -33,6 +33,7 @@ from typing import Any, Awaitable, Callable, Collection, Sequence
 from fedtrain.deploy.addresses import LOOPBACK, split_address
 from fedtrain.deploy.errors import DeployError
 from fedtrain.deploy.flower import GRPC_API_SWITCHES, check_flower_version, superlink_app
+from fedtrain.deploy.warm_start import SUPEREXEC, start_warm_programs
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,16 @@ def superlink_main(argv: Sequence[str]) -> None:
     The application is Flower's own (:func:`fedtrain.deploy.flower.superlink_app`); it is served:
 
     - on ``127.0.0.1:--local-port``, plain HTTP, every API: the coordinator's
-      ``flwr`` calls, Flower's SuperExec and the ServerApp reach it there;
+      calls, Flower's SuperExec and the ServerApp reach it there;
     - on ``--fleet`` (the clients' address), with TLS and SuperNode
       authentication unless no certificate is given: the Fleet API only. It
       opens once ``--open-when`` exists, which the coordinator creates after
       registering its clients' keys, so that a refused key is a refusal.
 
     Each TLS handshake that fails on the Fleet address is logged with its
-    reason (:data:`REFUSAL_MARK`)."""
+    reason (:data:`REFUSAL_MARK`). Flower's SuperExec, which starts the
+    run's ServerApp, is forked from a warm process
+    (:func:`~fedtrain.deploy.warm_start.start_warm_programs`)."""
     import asyncio
 
     import uvicorn
@@ -146,6 +149,9 @@ def superlink_main(argv: Sequence[str]) -> None:
     check_flower_version()
     for switch in GRPC_API_SWITCHES:
         os.environ.pop(switch, None)
+    home = os.environ.get("FLWR_HOME")
+    if home:
+        start_warm_programs(Path(home), (SUPEREXEC,))
 
     flower = superlink_app(ns.local_port, (ns.ssl_certfile, ns.ssl_keyfile, ns.ssl_ca_certfile) if all(tls) else None)
     common: dict[str, Any] = dict(

@@ -7,7 +7,8 @@ is the light relay of :mod:`fedtrain.transport.flower_client_app`. Whoever
 submitted a run, this SuperNode runs no other app
 (:func:`fedtrain.deploy.app.fab_refusal`), so what a run may ask of a client
 is decided by the client's own fedtrain. Its ClientApps are forked from a
-warm process rather than started cold (:mod:`fedtrain.deploy.warm_clientapp`).
+warm process rather than started cold, and so is its SuperExec
+(:mod:`fedtrain.deploy.warm_start`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from fedtrain.deploy.flower import (
     announce_heartbeat,
     check_flower_version,
     guard_apps,
-    program,
     run_supernode,
 )
-from fedtrain.deploy.warm_clientapp import CLIENTAPP_PROGRAM, start_warm_clientapps
+from fedtrain.deploy.warm_start import CLIENTAPP, SUPEREXEC, start_warm_programs
 
 
 def supernode_main(argv: Sequence[str]) -> None:
@@ -37,10 +37,10 @@ def supernode_main(argv: Sequence[str]) -> None:
     :func:`~fedtrain.deploy.app.fab_refusal`), announces a heartbeat every
     :data:`~fedtrain.deploy.flower.NODE_HEARTBEAT_SECONDS`, polls for
     messages every ``S`` seconds when idle
-    (:func:`~fedtrain.deploy.flower.run_supernode`), and forks each message's
-    ClientApp from a warm process
-    (:func:`~fedtrain.deploy.warm_clientapp.start_warm_clientapps`, in its
-    ``FLWR_HOME``), which spares each message Flower's start-up."""
+    (:func:`~fedtrain.deploy.flower.run_supernode`), and forks its SuperExec
+    and each message's ClientApp from a warm process
+    (:func:`~fedtrain.deploy.warm_start.start_warm_programs`, in its
+    ``FLWR_HOME``), which spares each of them Flower's start-up."""
     parser = argparse.ArgumentParser(prog="python -m fedtrain.deploy supernode", add_help=False, allow_abbrev=False)
     parser.add_argument("--poll", type=float, required=True)
     known, rest = parser.parse_known_args(argv)
@@ -50,5 +50,5 @@ def supernode_main(argv: Sequence[str]) -> None:
     announce_heartbeat(NODE_HEARTBEAT_SECONDS)
     home = os.environ.get("FLWR_HOME")
     if home:
-        start_warm_clientapps(Path(home), program(CLIENTAPP_PROGRAM))
+        start_warm_programs(Path(home), (CLIENTAPP, SUPEREXEC))
     run_supernode(known.poll, rest)

@@ -48,7 +48,7 @@ Under secure aggregation (:class:`SecureFlowerTransport`) ``train`` becomes:
 
 Flower's own ``Grid.send_and_receive`` polls every 3 s; the transport pushes
 with ``push_messages`` and polls ``pull_messages`` every ``--poll`` seconds
-instead (:data:`DEFAULT_POLL`). torch is imported inside the methods that
+instead (:data:`fedtrain.transport.relay.DEFAULT_POLL`). torch is imported inside the methods that
 need it only.
 """
 
@@ -104,12 +104,6 @@ M = TypeVar("M")
 
 HELLO_SECONDS = 120.0
 """How long a client may take to load its data and build the model."""
-
-DEFAULT_POLL = 0.1
-"""Seconds between a waiting party's requests (coordinator for replies,
-SuperNode for messages, Flower's SuperExec for tasks). Flower's defaults
-(3 s, 3 s, 1 s) cost seconds of latency per round; ``--poll 3`` restores them."""
-
 
 MAX_ID_CHARS = 128
 """Longest client id a hello may carry (ids key ``metrics.jsonl``'s ``failures``)."""

@@ -1,5 +1,5 @@
-"""A SuperNode's ClientApps forked warm (:mod:`fedtrain.deploy.warm_clientapp`):
-the launcher that Flower's SuperExec finds on ``PATH`` runs the entry point
+"""Flower's helper programs forked warm (:mod:`fedtrain.deploy.warm_start`):
+the launcher that Flower finds on ``PATH`` runs its program's entry point
 in a child of the warm starter with the launcher's arguments, streams and
 exit status, and falls back to Flower's own program when the starter is gone.
 
@@ -22,20 +22,24 @@ ROOT = Path(__file__).resolve().parents[1]
 NODE = """
 import json, os, sys, time
 from pathlib import Path
-from fedtrain.deploy import warm_clientapp
+from fedtrain.deploy.warm_start import WarmProgram, start_warm_programs
 
 def fake_clientapp():
     print(json.dumps({"argv": sys.argv[1:], "pid": os.getpid(), "ppid": os.getppid(),
-                      "stdin": sys.stdin.readline().strip()}), flush=True)
+                      "stdin": sys.stdin.readline().strip(), "path": os.environ["PATH"]}), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     if "--sleep" in sys.argv:
         time.sleep(60)
     sys.exit(3)
 
-warm_clientapp.CLIENTAPP_ENTRY = ("__main__", "fake_clientapp")
-warm_clientapp.WARM_IMPORTS = ()
+def fake_superexec():
+    print(json.dumps({"superexec": sys.argv[1:], "ppid": os.getppid()}), flush=True)
+    sys.exit(4)
+
 home, real = Path(sys.argv[1]), sys.argv[2]
-print(json.dumps({"warm": warm_clientapp.start_warm_clientapps(home, real), "pid": os.getpid(),
+programs = (WarmProgram("flwr-clientapp", ("__main__", "fake_clientapp")),
+            WarmProgram("flower-superexec", ("__main__", "fake_superexec"), ("json",)))
+print(json.dumps({"warm": start_warm_programs(home, programs, lambda name: real), "pid": os.getpid(),
                   "path": os.environ["PATH"]}), flush=True)
 time.sleep(120)
 """
@@ -56,10 +60,10 @@ def _start_node(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, object
     return node, json.loads(node.stdout.readline())
 
 
-def _launch(path: str, *args: str, stdin: str = "from stdin\n") -> subprocess.CompletedProcess[str]:
+def _launch(path: str, *args: str, stdin: str = "from stdin\n", name: str = "flwr-clientapp"
+            ) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PATH=path)
-    return subprocess.run(["flwr-clientapp", *args], env=env, input=stdin, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([name, *args], env=env, input=stdin, capture_output=True, text=True, timeout=60)
 
 
 def _starter(node_pid: int) -> int:
@@ -84,6 +88,44 @@ def test_the_launcher_runs_the_entry_point_forked_from_the_warm_starter(tmp_path
         assert ran["stdin"] == "from stdin"
         assert "to stderr" in done.stderr
         assert ran["ppid"] == _starter(int(started["pid"]))  # forked warm, not started by the launcher
+        assert ran["path"].split(os.pathsep)[0] == launcher_dir  # what it starts, it starts warm too
+    finally:
+        node.kill()
+        node.wait()
+
+
+def test_one_starter_serves_each_program_under_its_own_name(tmp_path: Path) -> None:
+    node, started = _start_node(tmp_path)
+    try:
+        done = _launch(str(started["path"]), "--parent-pid", "1", name="flower-superexec")
+
+        assert done.returncode == 4, done.stderr
+        ran = json.loads(done.stdout.strip().splitlines()[-1])
+        assert ran["superexec"] == ["--parent-pid", "1"]
+        assert ran["ppid"] == _starter(int(started["pid"]))
+    finally:
+        node.kill()
+        node.wait()
+
+
+def test_the_starter_runs_no_program_it_was_not_given(tmp_path: Path) -> None:
+    import ast
+    import socket
+    import struct
+
+    node, started = _start_node(tmp_path)
+    try:
+        launcher = (tmp_path / "home" / "fedtrain-bin" / "flwr-clientapp").read_text()
+        name = launcher.split("s.connect(", 1)[1].split(")", 1)[0]
+        address = ast.literal_eval(name)  # the socket's name, a literal in the launcher
+        request = "\0".join(["flwr-serverapp", "--x"]).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(address)
+            socket.send_fds(s, [struct.pack("!I", len(request)) + request], [0, 1, 2])
+            s.settimeout(10)
+            assert s.recv(4) == b""  # refused: closed without an exit status
+        assert _starter(int(started["pid"]))  # and the starter serves on
+        assert _launch(str(started["path"]), "--token", "t").returncode == 3
     finally:
         node.kill()
         node.wait()
