@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--connect-timeout", type=float, default=60.0,
                         help="seconds to keep retrying an unreachable coordinator (default 60)")
     client.add_argument("--poll", type=float, default=DEFAULT_POLL,
-                        help=f"seconds between polls for work (default {DEFAULT_POLL}; 3 = Flower's default)")
+                        help=f"seconds between polls for work while work comes (fewer while idle) "
+                             f"(default {DEFAULT_POLL}; 3 = Flower's default)")
     client.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
                         help="answer every training job SECONDS later: a slow device or link, to try stragglers "
                         "and asynchronous runs (default 0)")

@@ -4,11 +4,12 @@ TLS ``fedtrain client`` processes with registered keys, ``run.mode =
 ``DELAY`` seconds late (``--delay``). The coordinator aggregates the two fast
 clients' updates without waiting for the slow one, takes the slow one's
 stale updates when they come, and weights each by ``1/√(1+s)``. A fast
-client is killed after aggregation ``KILL_AFTER``: its lost job is recorded
-(once Flower misses its heartbeat) and the others go on; restarted with its
-key, it trains again. The slow client's checks look at the aggregations
-before the kill. The run
-starts in the background as the session begins (:func:`deployed.in_background`)."""
+client (``KILLED_DELAY`` seconds a job) is killed after aggregation
+``KILL_AFTER``, while it trains: its lost job is recorded (once Flower
+knows its SuperNode is gone) and the others go on; restarted with its key,
+it trains again. The slow client's checks look at the aggregations before
+the kill. The run starts in the background as the session begins
+(:func:`deployed.in_background`)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ SLOW = "2"
 """The id of the slow client (the partition it trains on)."""
 KILLED = "1"
 """The id of the fast client that is killed and restarted."""
+KILLED_DELAY = 1.0
+"""``--delay`` of the client that is killed: its jobs last long enough that
+the kill, a fraction of a second after an aggregation that released its
+next job, lands while it trains. Without it, a job could be answered before
+the kill and the client, then gone, never get another one (a client that is
+not connected gets no work), which leaves no lost job to record."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,8 @@ def deploy(root: Path) -> Deployment:
             "--quiet", "--wait", "120", *sets,
         ))
         def command(i: int) -> list[str]:
-            slow = ["--delay", str(DELAY)] if str(i) == SLOW else []
+            delay = {SLOW: DELAY, KILLED: KILLED_DELAY}.get(str(i))
+            slow = [] if delay is None else ["--delay", str(delay)]
             return cli(
                 "client", "--server", address, "--certs", str(certs.root), "--key", str(certs.root / f"client-{i + 1}"),
                 "--partition", str(i), "--connect-timeout", "120", *slow,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from fedtrain.deploy.errors import DeployError
+from fedtrain.deploy.flower import check_flower_version
 
 _Answer = TypeVar("_Answer")
 
@@ -49,6 +50,7 @@ class ControlClient:
     :class:`~fedtrain.deploy.errors.DeployError` with Flower's own message."""
 
     def __init__(self, address: str) -> None:
+        check_flower_version()
         from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
         from flwr.supercore.control.control_http_client import ControlHttpClient
         from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor

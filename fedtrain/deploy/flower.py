@@ -26,7 +26,11 @@ What fedtrain changes in Flower's processes, and why:
 
 Flower's internals are imported inside the functions that patch or build
 Flower's processes, which run in the SuperLink's or SuperNode's own process
-(:mod:`fedtrain.deploy.superlink`, :mod:`fedtrain.deploy.supernode`).
+(:mod:`fedtrain.deploy.superlink`, :mod:`fedtrain.deploy.supernode`). The
+one other module that touches Flower internals is
+:mod:`fedtrain.deploy.control`: the coordinator's Control API calls, made
+with Flower's own CLI client, app-bundle builder and error handler; it runs
+:func:`check_flower_version` before it imports any of them.
 """
 
 from __future__ import annotations
@@ -331,35 +335,97 @@ def announce_heartbeat(seconds: int) -> None:
         setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", seconds)
 
 
-class _CappedSleep:
-    """Stands in for the ``time`` module inside Flower's SuperNode loop: the
-    same functions, but no sleep longer than ``cap`` seconds."""
+IDLE_SHARE = 0.25
+"""While no message comes, a SuperNode waits this share of the time since its
+last message before it asks its SuperLink again (never less than ``--poll``,
+never more than :data:`IDLE_POLL_MAX`): a message that comes after a quiet
+spell waits at most a quarter as long again, and an idle federation does not
+keep its SuperLink answering ten empty requests a second per client."""
 
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
+IDLE_POLL_MAX = 1.0
+"""Longest wait between an idle SuperNode's requests (Flower's is
+:data:`FLOWER_IDLE_POLL`), unless ``--poll`` asks for a longer one."""
+
+
+class IdlePoll:
+    """Stands in for the ``time`` module inside Flower's SuperNode loop: the
+    same functions, but its sleeps are fedtrain's.
+
+    Flower's loop sleeps :data:`FLOWER_IDLE_POLL` seconds after each request
+    that found no message, and half a second at a time while it waits for
+    its ClientApp's reply. Here a wait for a reply lasts at most
+    ``fastest`` (``--poll``); an idle wait lasts :data:`IDLE_SHARE` of the
+    seconds since the SuperNode last had work (:meth:`worked`), between
+    ``fastest`` and ``max(slowest, fastest)``.
+    """
+
+    def __init__(
+        self, fastest: float, slowest: float = IDLE_POLL_MAX,
+        clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.fastest, self.slowest = fastest, max(slowest, fastest)
+        self._clock, self._sleep = clock, sleep
+        self._worked_at = clock()
 
     def __getattr__(self, name: str) -> object:
         return getattr(time, name)
 
+    def worked(self) -> None:
+        """The SuperNode just took a message or sent a reply."""
+        self._worked_at = self._clock()
+
+    def idle_wait(self) -> float:
+        """Seconds to wait before the next request for a message."""
+        return min(max(self.fastest, IDLE_SHARE * (self._clock() - self._worked_at)), self.slowest)
+
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
+        self._sleep(self.idle_wait() if seconds >= FLOWER_IDLE_POLL else min(seconds, self.fastest))
+
+
+def _noting_work(step: Callable[..., Any], poll: IdlePoll, found: Callable[[Any], bool]) -> Callable[..., Any]:
+    """``step``, which tells ``poll`` when it did some work (``found`` of its result)."""
+
+    def noted(*args: Any, **kwargs: Any) -> Any:
+        result = step(*args, **kwargs)
+        if found(result):
+            poll.worked()
+        return result
+
+    return noted
+
+
+def pace_supernode_loop(loop: Any, poll_seconds: float) -> IdlePoll | None:
+    """Make the SuperNode loop of module ``loop`` (Flower's
+    ``flwr.supernode.start_client_internal``) wait as an :class:`IdlePoll`
+    of ``poll_seconds`` decides, told of the work its pull and push steps
+    do; None, and the module untouched, where it lacks any of them."""
+    steps = ("_pull_and_store_message", "_push_messages")
+    if not isinstance(getattr(loop, "time", None), type(time)) or not all(callable(getattr(loop, s, None)) for s in steps):
+        return None
+    poll = IdlePoll(poll_seconds)
+    loop.time = poll
+    loop._pull_and_store_message = _noting_work(loop._pull_and_store_message, poll, lambda run: run is not None)
+    loop._push_messages = _noting_work(loop._push_messages, poll, lambda _: True)
+    return poll
 
 
 def run_supernode(poll_seconds: float, argv: Sequence[str]) -> None:
-    """``flower-supernode ARGV``, polling its SuperLink every ``poll_seconds``
-    when idle instead of every :data:`FLOWER_IDLE_POLL` seconds.
+    """``flower-supernode ARGV``, whose loop waits between requests for
+    messages as :class:`IdlePoll` decides instead of
+    :data:`FLOWER_IDLE_POLL` seconds each time: ``poll_seconds`` while
+    messages come, backing off to :data:`IDLE_POLL_MAX` while none do
+    (:func:`pace_supernode_loop`).
 
     Flower offers no setting for this poll, which dominates a round's latency
-    on a small federation; each idle SuperNode costs its SuperLink one request
-    per ``poll_seconds``. Should a Flower release move the loop, the SuperNode
-    runs with Flower's own poll and a warning says so.
+    on a small federation, while every request costs the SuperLink CPU (a
+    signature check where nodes authenticate, a look-up of the node's
+    messages). Should a Flower release move the
+    loop, the SuperNode runs with Flower's own poll and a warning says so.
     """
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    if isinstance(getattr(start_client_internal, "time", None), type(time)):
-        start_client_internal.time = _CappedSleep(poll_seconds)  # type: ignore[assignment]
-    else:
+    if pace_supernode_loop(start_client_internal, poll_seconds) is None:
         log.warning("this Flower release has no SuperNode poll to shorten; polling every %g s", FLOWER_IDLE_POLL)
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()

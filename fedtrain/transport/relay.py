@@ -32,8 +32,10 @@ NODE_KEY_FILE = "fedtrain-key-file"
 
 DEFAULT_POLL = 0.1
 """Seconds between a waiting party's requests (coordinator for replies,
-SuperNode for messages, Flower's SuperExec for tasks). Flower's defaults
-(3 s, 3 s, 1 s) cost seconds of latency per round; ``--poll 3`` restores them."""
+SuperNode for messages, Flower's SuperExec for tasks); a SuperNode with no
+message for a while backs off from it (``fedtrain.deploy.flower.IdlePoll``).
+Flower's defaults (3 s, 3 s, 1 s) cost seconds of latency per round;
+``--poll 3`` restores them."""
 
 AUTHKEY_BYTES = 32
 """256-bit key for the relay's HMAC challenge (``multiprocessing.connection``)."""
