@@ -5,7 +5,10 @@ A deployment mostly waits (on sockets, timeouts and Python start-ups), so
 each test module's deployment is registered with :func:`in_background` and
 started in a thread as the session begins (``conftest.py``); the tests that
 look at it wait for its result (:func:`background_result`) while the
-CPU-bound tests run."""
+CPU-bound tests run. So is any other test's work that runs in processes of
+its own (a killed and resumed simulation, children that measure their
+memory): on two cores, it then runs beside the session's one thread of
+tests instead of after it."""
 
 from __future__ import annotations
 
@@ -34,13 +37,14 @@ def fedtrain_script() -> Path:
     return script
 
 
-def wait_for(predicate: Callable[[], object], seconds: float, what: str) -> None:
-    """Poll ``predicate`` until it is true; TimeoutError naming ``what`` after ``seconds``."""
+def wait_for(predicate: Callable[[], object], seconds: float, what: str, every: float = 0.25) -> None:
+    """Poll ``predicate`` every ``every`` seconds until it is true;
+    TimeoutError naming ``what`` after ``seconds``."""
     deadline = time.monotonic() + seconds
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {seconds:g} s for {what}")
-        time.sleep(0.25)
+        time.sleep(every)
 
 
 def descendants(pid: int) -> list[int]:

@@ -14,6 +14,8 @@ import pytest
 
 from fedtrain.aggregation import FOLD_BUDGET_BYTES, fold_capacity
 
+from deployed import background_result, in_background
+
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN = 106_667
 """``model.hidden`` of an 8.0M-parameter digits MLP (75·hidden + 10)."""
@@ -53,8 +55,20 @@ def _peaks(*per_round: int) -> list[dict[str, int]]:
     return found
 
 
-def test_peak_memory_at_16_clients_per_round_is_within_a_quarter_of_4() -> None:
-    small, large = _peaks(4, 16)
+PEAKS = "test_coordinator_memory::test_peak_memory_at_16_clients_per_round_is_within_a_quarter_of_4"
+
+
+@in_background(PEAKS, 20)
+def peaks_of_4_and_16(root: Path) -> list[dict[str, int]]:
+    """The two children's figures; they are processes of their own, so they
+    run in the background as the session begins (:func:`deployed.in_background`)."""
+    return _peaks(4, 16)
+
+
+def test_peak_memory_at_16_clients_per_round_is_within_a_quarter_of_4(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    small, large = background_result(PEAKS, tmp_path_factory.mktemp)
     assert small["parameters"] == large["parameters"] == 75 * HIDDEN + 10
     assert small["rounds"] == large["rounds"] == 2
     model_kib = small["parameters"] * 4 / 1024

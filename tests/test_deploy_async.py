@@ -5,7 +5,7 @@ TLS ``fedtrain client`` processes with registered keys, ``run.mode =
 clients' updates without waiting for the slow one, takes the slow one's
 stale updates when they come, and weights each by ``1/√(1+s)``. A fast
 client (``KILLED_DELAY`` seconds a job) is killed after aggregation
-``KILL_AFTER``, while it trains: its lost job is recorded (once Flower
+``KILL_AFTER``, while it holds a job: its lost job is recorded (once Flower
 knows its SuperNode is gone) and the others go on; restarted with its key,
 it trains again. The slow client's checks look at the aggregations before
 the kill. The run starts in the background as the session begins
@@ -38,11 +38,13 @@ SLOW = "2"
 KILLED = "1"
 """The id of the fast client that is killed and restarted."""
 KILLED_DELAY = 1.0
-"""``--delay`` of the client that is killed: its jobs last long enough that
-the kill, a fraction of a second after an aggregation that released its
-next job, lands while it trains. Without it, a job could be answered before
-the kill and the client, then gone, never get another one (a client that is
-not connected gets no work), which leaves no lost job to record."""
+"""``--delay`` of the client that is killed: it is killed as soon as its
+log says a job of its arrived, so the kill lands while it holds that job.
+Killed at any other time, it could have answered its last job (and, gone,
+get no other: a client that is not connected gets no work), leaving no lost
+job to record, or be in the middle of uploading its reply."""
+HELD = "a training job, held"
+"""The worker's log line when a ``--delay`` client takes a job."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ def deploy(root: Path) -> Deployment:
 
         clients = [started.start(f"client-{i}", command(i)) for i in range(CLIENTS)]
         wait_for(lambda: len(rows(run_dir)) >= KILL_AFTER or server.poll() is not None, 300, "the first aggregations")
+        jobs = started.log(f"client-{KILLED}").count(HELD)
+        wait_for(lambda: started.log(f"client-{KILLED}").count(HELD) > jobs or server.poll() is not None, 60,
+                 "the client to be killed to take a job", every=0.05)
         killed = descendants(clients[int(KILLED)].pid)
         os.killpg(clients[int(KILLED)].pid, signal.SIGKILL)
         wait_for(lambda: not any(map(alive, killed)), 60, "the killed client's SuperNode to end")

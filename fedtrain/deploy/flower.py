@@ -20,6 +20,9 @@ What fedtrain changes in Flower's processes, and why:
   :func:`fedtrain.deploy.app.fab_refusal`), announces a short heartbeat
   (:func:`announce_heartbeat`) and polls every ``--poll`` seconds when idle
   (:func:`run_supernode`);
+- the ServerApp gives up on a reply whose upload stopped after the
+  deployment's per-client timeout instead of Flower's 180 s and more
+  (:func:`bound_reply_pulls`);
 - every Flower process gets its own ``FLWR_HOME``, no telemetry or update
   check, and none of the switches that would open Flower's legacy gRPC
   servers (:func:`flower_env`).
@@ -35,6 +38,8 @@ with Flower's own CLI client, app-bundle builder and error handler; it runs
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import re
@@ -392,6 +397,29 @@ def _noting_work(step: Callable[..., Any], poll: IdlePoll, found: Callable[[Any]
         return result
 
     return noted
+
+
+def bound_reply_pulls(seconds: float) -> None:
+    """Make this process's ServerApp grid give up on a reply whose objects
+    have not all arrived within ``seconds``.
+
+    Flower 1.42's SuperLink hands the ServerApp a reply as soon as its
+    sender pushed the message, before the message's objects (the model's
+    chunks); the grid then waits for them up to ``PULL_MAX_TIME`` (2 h), in
+    practice until the SuperLink drops the sender's push session
+    (``OBJECT_PUSH_SESSION_TTL_SECONDS``, 180 s). A client that dies, or
+    stops on purpose, in the middle of an upload would hold every other
+    client's reply that long, since one pull fetches them all. Bounded, the
+    reply becomes Flower's ``MESSAGE_UNAVAILABLE`` error, which the transport
+    records as that client's failure: ``seconds`` is the deployment's
+    per-client timeout, which a reply could not beat anyway.
+    """
+    from flwr.superlink.grid import http_grid
+
+    pull = getattr(http_grid, "pull_objects", None)
+    if not callable(pull) or "max_time" not in inspect.signature(pull).parameters:
+        raise _untested("flwr.superlink.grid.http_grid has no pull_objects(max_time=...) to bound")
+    http_grid.pull_objects = functools.partial(pull, max_time=seconds)
 
 
 def pace_supernode_loop(loop: Any, poll_seconds: float) -> IdlePoll | None:

@@ -58,6 +58,7 @@ from fedtrain.deploy.flower import (
     STATUS_POLL_SECONDS,
     TASK_FINISHED,
     UNKNOWN_KEY,
+    bound_reply_pulls,
     check_flower_version,
     connection_toml,
     flower_env,
@@ -182,6 +183,7 @@ server_app = ServerApp()
 def _serve(grid: Grid, context: Context) -> None:
     exit_when_orphaned(os.getppid())
     request = DeployRequest.read(Path(str(context.run_config["run-dir"])))
+    bound_reply_pulls(request.timeout)
 
     def make_transport(hello: Hello, secure: SecurePlan | None) -> FlowerTransport:
         from fedtrain.compression import ClientCopies

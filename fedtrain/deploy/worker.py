@@ -353,7 +353,8 @@ class ClientWorker:
     def handle(self, request: tuple[RequestKind, Any]) -> tuple[str, Any]:
         """One relayed request → ``("ok", result)`` or ``("error", reason)``."""
         kind, body = request
-        if kind in (RequestKind.TRAIN, RequestKind.TRAIN_SECURE):
+        if kind in (RequestKind.TRAIN, RequestKind.TRAIN_SECURE) and self.delay_seconds:
+            log.info("client %s: a training job, held %g s (--delay)", self.name, self.delay_seconds)
             time.sleep(self.delay_seconds)
         try:
             with self.lock:

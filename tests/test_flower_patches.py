@@ -1,5 +1,7 @@
-"""A SuperNode's waits between requests for messages (fedtrain.deploy.flower.IdlePoll):
-fast while messages come, backing off while none do, patched into Flower's own loop."""
+"""What fedtrain changes in Flower's processes (fedtrain.deploy.flower), each
+patched into Flower's own code: a SuperNode's waits between requests for
+messages (IdlePoll: fast while messages come, backing off while none do), and
+the ServerApp's bounded wait for a reply's objects (bound_reply_pulls)."""
 
 from __future__ import annotations
 
@@ -105,3 +107,33 @@ def test_the_tested_flowers_supernode_loop_has_what_is_patched(monkeypatch: pyte
         monkeypatch.setattr(loop, name, getattr(loop, name))
     assert isinstance(pace_supernode_loop(loop, 0.1), IdlePoll)
     assert flower.FLOWER_IDLE_POLL > IDLE_POLL_MAX
+
+
+def test_a_reply_whose_upload_stopped_is_given_up_after_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's own object pull, bounded by ``bound_reply_pulls``: an object
+    that never arrives ends the pull after the bound, not Flower's 2 h."""
+    import time
+
+    from flwr.superlink.grid import http_grid
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
+    flower.bound_reply_pulls(1.5)
+
+    def never(object_id: str) -> bytes:
+        raise ObjectUnavailableError(object_id)
+
+    began = time.monotonic()
+    with pytest.raises(ObjectPullError):
+        http_grid.pull_objects(object_ids=["a" * 64], pull_object_fn=never)
+    assert time.monotonic() - began < 15
+
+
+def test_bounding_a_grid_without_the_pull_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.superlink.grid import http_grid
+
+    from fedtrain.deploy.errors import DeployError
+
+    monkeypatch.delattr(http_grid, "pull_objects")
+    with pytest.raises(DeployError, match="pull_objects"):
+        flower.bound_reply_pulls(5.0)
