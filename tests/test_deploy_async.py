@@ -32,7 +32,7 @@ from deployed import Started, background_result, cli, descendants, in_background
 AGGREGATIONS = 26
 KILL_AFTER = 10
 CLIENTS = 3
-DELAY = 3.0
+DELAY = 4.0
 SLOW = "2"
 """The id of the slow client (the partition it trains on)."""
 KILLED = "1"

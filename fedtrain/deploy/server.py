@@ -56,6 +56,7 @@ from fedtrain.deploy.flower import (
     KEY_HOLD_SECONDS,
     KEY_IN_USE,
     STATUS_POLL_SECONDS,
+    SUPERLINK_TASK_POLL,
     TASK_FINISHED,
     UNKNOWN_KEY,
     bound_reply_pulls,
@@ -356,7 +357,7 @@ def serve(options: ServerOptions) -> RunStatus:
     link_log = flower / "superlink.log"
     stop = threading.Event()
     with Processes() as procs, contextlib.ExitStack() as closing:
-        link = procs.start(args, flower_env(home, options.poll_seconds), link_log)
+        link = procs.start(args, flower_env(home, SUPERLINK_TASK_POLL), link_log)
         wait_listening(LOOPBACK, control_port, link, link_log, 30.0)
         control = closing.enter_context(ControlClient(f"{LOOPBACK}:{control_port}"))
         if certs is not None:
