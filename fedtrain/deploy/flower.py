@@ -18,8 +18,11 @@ What fedtrain changes in Flower's processes, and why:
   clients' address and every other API on loopback;
 - a SuperNode runs fedtrain's own app only (:func:`guard_apps`, judged by
   :func:`fedtrain.deploy.app.fab_refusal`), announces a short heartbeat
-  (:func:`announce_heartbeat`) and polls every ``--poll`` seconds when idle
-  (:func:`run_supernode`);
+  (:func:`announce_heartbeat`) and polls every ``--poll`` seconds while
+  messages come, backing off to a second while none do (:class:`IdlePoll`,
+  :func:`run_supernode`);
+- the SuperLink's SuperExec asks for its one task per run (the ServerApp)
+  every :data:`SUPERLINK_TASK_POLL` seconds, not at ``--poll``;
 - the ServerApp gives up on a reply whose upload stopped after the
   deployment's per-client timeout instead of Flower's 180 s and more
   (:func:`bound_reply_pulls`);

@@ -32,8 +32,10 @@ NODE_KEY_FILE = "fedtrain-key-file"
 
 DEFAULT_POLL = 0.1
 """Seconds between a waiting party's requests (coordinator for replies,
-SuperNode for messages, Flower's SuperExec for tasks); a SuperNode with no
-message for a while backs off from it (``fedtrain.deploy.flower.IdlePoll``).
+SuperNode for messages, a SuperNode's SuperExec for tasks); a SuperNode
+with no message for a while backs off from it
+(``fedtrain.deploy.flower.IdlePoll``), and the SuperLink's SuperExec, with
+one task per run, asks every second.
 Flower's defaults (3 s, 3 s, 1 s) cost seconds of latency per round;
 ``--poll 3`` restores them."""
 
