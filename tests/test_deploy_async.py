@@ -26,6 +26,7 @@ from fedtrain.certs import create_certificates
 from fedtrain.deploy.addresses import free_port
 
 from fedtrain.deploy.processes import alive
+from fedtrain.deploy.worker import HELD_JOB
 
 from deployed import Started, background_result, cli, descendants, in_background, restart_client, rows, wait_for
 
@@ -43,8 +44,6 @@ log says a job of its arrived, so the kill lands while it holds that job.
 Killed at any other time, it could have answered its last job (and, gone,
 get no other: a client that is not connected gets no work), leaving no lost
 job to record, or be in the middle of uploading its reply."""
-HELD = "a training job, held"
-"""The worker's log line when a ``--delay`` client takes a job."""
 
 
 @dataclass(frozen=True)
@@ -72,16 +71,16 @@ def deploy(root: Path) -> Deployment:
         ))
         def command(i: int) -> list[str]:
             delay = {SLOW: DELAY, KILLED: KILLED_DELAY}.get(str(i))
-            slow = [] if delay is None else ["--delay", str(delay)]
+            delayed = [] if delay is None else ["--delay", str(delay)]
             return cli(
                 "client", "--server", address, "--certs", str(certs.root), "--key", str(certs.root / f"client-{i + 1}"),
-                "--partition", str(i), "--connect-timeout", "120", *slow,
+                "--partition", str(i), "--connect-timeout", "120", *delayed,
             )
 
         clients = [started.start(f"client-{i}", command(i)) for i in range(CLIENTS)]
         wait_for(lambda: len(rows(run_dir)) >= KILL_AFTER or server.poll() is not None, 300, "the first aggregations")
-        jobs = started.log(f"client-{KILLED}").count(HELD)
-        wait_for(lambda: started.log(f"client-{KILLED}").count(HELD) > jobs or server.poll() is not None, 60,
+        jobs = started.log(f"client-{KILLED}").count(HELD_JOB)
+        wait_for(lambda: started.log(f"client-{KILLED}").count(HELD_JOB) > jobs or server.poll() is not None, 60,
                  "the client to be killed to take a job", every=0.05)
         killed = descendants(clients[int(KILLED)].pid)
         os.killpg(clients[int(KILLED)].pid, signal.SIGKILL)

@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+HELD_JOB = "a training job, held"
+"""What a ``--delay`` client's log says when it takes a job (and holds it for the delay)."""
+
 
 @dataclass
 class HeldUpdate:
@@ -354,7 +357,7 @@ class ClientWorker:
         """One relayed request → ``("ok", result)`` or ``("error", reason)``."""
         kind, body = request
         if kind in (RequestKind.TRAIN, RequestKind.TRAIN_SECURE) and self.delay_seconds:
-            log.info("client %s: a training job, held %g s (--delay)", self.name, self.delay_seconds)
+            log.info("client %s: %s %g s (--delay)", self.name, HELD_JOB, self.delay_seconds)
             time.sleep(self.delay_seconds)
         try:
             with self.lock:
