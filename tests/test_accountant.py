@@ -31,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedtrain
+from deployed import background_result, in_background
 from fedtrain.config import AccountantKind
 from fedtrain.privacy import Accountant, GaussianEvent, calibrate_noise, epsilon_for
 from fedtrain.privacy import accountant as accountant_module
@@ -201,29 +202,39 @@ def test_rdp_equals_opacus_rdp_accountant() -> None:
     assert ours.epsilon(1e-5) == expected
 
 
-def test_rdp_without_opacus_loaded_is_opacus_exactly() -> None:
-    # RDP runs Opacus' analysis module from its file, without the rest of Opacus
-    # (torch, the privacy engine); ε and the calibrated σ must be what Opacus gives.
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.utils import get_noise_multiplier
+RDP_CASES = [(1.0, 0.01, 1000, 1e-5, 2.0), (0.7, 0.25, 100, 1e-5, 8.0), (3.0, 1.0, 20, 1e-6, 0.3)]
+RDP_WITHOUT_OPACUS = "test_accountant::test_rdp_without_opacus_loaded_is_opacus_exactly"
 
-    cases = [(1.0, 0.01, 1000, 1e-5, 2.0), (0.7, 0.25, 100, 1e-5, 8.0), (3.0, 1.0, 20, 1e-6, 0.3)]
+
+@in_background(RDP_WITHOUT_OPACUS, 5)
+def rdp_without_opacus(root: Path) -> dict[str, list[object]]:
+    """ε, the searched σ and the calibrated σ of :data:`RDP_CASES` from a fresh
+    interpreter, and which of Opacus and torch it loaded meanwhile."""
     code = (
         "import json, sys\n"
         "from fedtrain.config import AccountantKind\n"
         "from fedtrain.privacy.accountant import _search_rdp_noise, calibrate_noise, epsilon_for\n"
-        f"cases = {cases!r}\n"
+        f"cases = {RDP_CASES!r}\n"
         "rdp = AccountantKind.RDP\n"
         "out = [[epsilon_for(s, q, n, d, rdp), _search_rdp_noise(t, d, q, n), calibrate_noise(t, d, q, n, rdp)]\n"
         "       for s, q, n, d, t in cases]\n"
         "print(json.dumps({'values': out, 'loaded': [m for m in ('opacus', 'torch') if m in sys.modules]}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    seen = json.loads(proc.stdout)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    return json.loads(proc.stdout)
+
+
+def test_rdp_without_opacus_loaded_is_opacus_exactly(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # RDP runs Opacus' analysis module from its file, without the rest of Opacus
+    # (torch, the privacy engine); ε and the calibrated σ must be what Opacus gives.
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    seen = background_result(RDP_WITHOUT_OPACUS, tmp_path_factory.mktemp)
 
     assert seen["loaded"] == []
     orders = list(accountant_module.RDP_ORDERS)
-    for (sigma, q, steps, delta, target), (epsilon, searched, calibrated) in zip(cases, seen["values"]):
+    for (sigma, q, steps, delta, target), (epsilon, searched, calibrated) in zip(RDP_CASES, seen["values"]):
         reference = RDPAccountant()
         reference.history = [(sigma, q, steps)]
         assert epsilon == reference.get_epsilon(delta, alphas=orders)

@@ -1,4 +1,7 @@
-"""The command line as a user types it."""
+"""The command line as a user types it. The tests that start a fresh
+interpreter to run a simulation or the planner run it in the background as
+the session begins (:func:`deployed.in_background`), beside the session's
+thread of in-process tests."""
 
 from __future__ import annotations
 
@@ -10,18 +13,28 @@ from pathlib import Path
 
 import pytest
 
+from deployed import background_result, in_background
 from fedtrain.cli import main
 
 
-def test_console_script_runs_a_short_simulation(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    env = {**os.environ, "MPLBACKEND": "Agg"}
+CONSOLE_RUN = "test_cli::test_console_script_runs_a_short_simulation"
 
+
+@in_background(CONSOLE_RUN, 5)
+def console_run(root: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``python -m fedtrain.cli simulate`` for two rounds; the process and its run folder."""
+    out = root / "run"
+    env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run(
         [sys.executable, "-m", "fedtrain.cli", "simulate", "--quiet", "--out", str(out),
          "--set", "run.rounds=2", "--set", "data.partition=iid"],
         capture_output=True, text=True, timeout=300, env=env,
     )
+    return proc, out
+
+
+def test_console_script_runs_a_short_simulation(tmp_path_factory: pytest.TempPathFactory) -> None:
+    proc, out = background_result(CONSOLE_RUN, tmp_path_factory.mktemp)
 
     assert proc.returncode == 0, proc.stderr
     assert "final accuracy" in proc.stdout
@@ -99,11 +112,20 @@ def _modules_after(argv: list[str], tmp_path: Path) -> dict[str, object]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_plain_simulation_loads_only_what_it_uses(tmp_path: Path) -> None:
-    out = tmp_path / "run"
+PLAIN_RUN = "test_cli::test_plain_simulation_loads_only_what_it_uses"
 
+
+@in_background(PLAIN_RUN, 6)
+def plain_run(root: Path) -> tuple[dict[str, object], Path]:
+    """A two-round simulation in a fresh interpreter: what it loaded, and its run folder."""
+    out = root / "run"
     seen = _modules_after(["simulate", "--quiet", "--out", str(out), "--set", "run.rounds=2",
-                           "--set", "data.partition=iid"], tmp_path)
+                           "--set", "data.partition=iid"], root)
+    return seen, out
+
+
+def test_plain_simulation_loads_only_what_it_uses(tmp_path_factory: pytest.TempPathFactory) -> None:
+    seen, out = background_result(PLAIN_RUN, tmp_path_factory.mktemp)
 
     assert seen["code"] == 0
     assert seen["loaded"] == ["torch"]  # the plot is drawn by a child process
@@ -117,11 +139,18 @@ def test_help_does_not_import_torch(argv: list[str], tmp_path: Path) -> None:
     assert seen == {"code": 0, "loaded": []}
 
 
-def test_privacy_planner_does_not_import_torch_or_opacus(tmp_path: Path) -> None:
-    argv = ["privacy", "--sample-rate", "0.01", "--steps", "100", "--delta", "1e-5"]
+PLANNER_RUNS = "test_cli::test_privacy_planner_does_not_import_torch_or_opacus"
 
-    for extra in (["--noise-multiplier", "1.0"], ["--target-epsilon", "2.0"]):
-        seen = _modules_after([*argv, *extra], tmp_path)
+
+@in_background(PLANNER_RUNS, 4)
+def planner_runs(root: Path) -> list[dict[str, object]]:
+    """``fedtrain privacy`` for one ε and for one calibration, each in a fresh interpreter."""
+    argv = ["privacy", "--sample-rate", "0.01", "--steps", "100", "--delta", "1e-5"]
+    return [_modules_after([*argv, *extra], root) for extra in (["--noise-multiplier", "1.0"], ["--target-epsilon", "2.0"])]
+
+
+def test_privacy_planner_does_not_import_torch_or_opacus(tmp_path_factory: pytest.TempPathFactory) -> None:
+    for seen in background_result(PLANNER_RUNS, tmp_path_factory.mktemp):
         assert seen["code"] == 0
         assert seen["loaded"] == ["scipy"]
 
