@@ -146,7 +146,8 @@ PLANNER_RUNS = "test_cli::test_privacy_planner_does_not_import_torch_or_opacus"
 def planner_runs(root: Path) -> list[dict[str, object]]:
     """``fedtrain privacy`` for one ε and for one calibration, each in a fresh interpreter."""
     argv = ["privacy", "--sample-rate", "0.01", "--steps", "100", "--delta", "1e-5"]
-    return [_modules_after([*argv, *extra], root) for extra in (["--noise-multiplier", "1.0"], ["--target-epsilon", "2.0"])]
+    extras = (["--noise-multiplier", "1.0"], ["--target-epsilon", "2.0"])
+    return [_modules_after([*argv, *extra], root) for extra in extras]
 
 
 def test_privacy_planner_does_not_import_torch_or_opacus(tmp_path_factory: pytest.TempPathFactory) -> None:
