@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import logging
+import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Sequence
 
 from fedtrain import __version__
 from fedtrain.errors import UsageError, UserError
@@ -102,8 +107,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedtrain.curves import CurvesProcess
 
     with CurvesProcess(Path(args.config).stem if args.config else "") as curves:
-        from fedtrain.simulation import simulate
-
+        with _startup_imports(args.whole_process):
+            from fedtrain.simulation import simulate
         cfg, out = _config_and_run_dir(args)
         _check_trackers(cfg)
         result = simulate(cfg, out, progress=not args.quiet, resume=bool(args.resume),
@@ -470,14 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``fedtrain`` command. Called as the console script (``argv`` None),
-    every live object is moved to the garbage collector's permanent generation
-    (``gc.freeze``) once the command is done: the process is about to exit, and
-    the collections the interpreter runs at exit would otherwise traverse every
-    object torch created at import, which takes longer than writing a short
-    run's results. Objects are still freed by reference counting; a caller
-    that passes ``argv`` (a test, a script) keeps its collector as it was.
+def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> int:
+    """The ``fedtrain`` command (``argv``, else ``sys.argv``'s), in this
+    process; returns its exit code. ``whole_process``: the process exists for
+    this command (:func:`entry_point`), so a simulation may pause the garbage
+    collector while it imports torch (:func:`_startup_imports`); a caller
+    that runs commands among its own work (a test, a script) keeps its
+    collector as it was.
 
     fedtrain's progress is logged at INFO and shown; other libraries' only
     from WARNING. A :class:`~fedtrain.errors.UserError` is printed as one
@@ -487,14 +491,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("fedtrain").setLevel(logging.INFO)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.whole_process = whole_process
     if args.command is None:
         parser.print_help()
         return 0
     try:
-        code = int(args.func(args))
-        if argv is None:
-            gc.freeze()
-        return code
+        return int(args.func(args))
     except UserError as exc:
         print(f"fedtrain: error: {exc}", file=sys.stderr)
         return 2
@@ -503,5 +505,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry_point() -> NoReturn:
+    """The ``fedtrain`` console script and ``python -m fedtrain.cli``:
+    :func:`main` as the whole process, which the user waits for from the
+    prompt back to the prompt.
+
+    Once the command has returned, the process exits the way the interpreter
+    does (threads it started joined, ``atexit`` handlers run, standard
+    streams flushed, exit status 120 if stdout cannot be) but without the
+    teardown that follows: freeing every module, function and tensor torch
+    created at import one by one, only for the operating system to reclaim
+    the memory anyway. Every file fedtrain writes is closed before the
+    command returns. While a thread the command started is still running,
+    the process exits normally instead, so that it is joined as it would be."""
+    code = main(whole_process=True)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        gc.freeze()
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        code = code or 120
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)
+
+
+@contextmanager
+def _startup_imports(whole_process: bool) -> Iterator[None]:
+    """Import torch and fedtrain's training modules with the cyclic garbage
+    collector paused, then move everything alive into its permanent
+    generation (``gc.freeze``) and resume it: every object an import creates
+    lives until exit, yet each collection triggered meanwhile would traverse
+    all those made so far, and torch makes hundreds of thousands. Objects are
+    still freed by reference counting. Only in a process that exists for the
+    command (``whole_process``); elsewhere the collector is left alone."""
+    if not whole_process or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from fedtrain.curves import lay_out_
 from fedtrain.errors import DataError, MissingFileError, UsageError
 from fedtrain.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, Summary, read_metrics, read_summary, run_name
 
@@ -205,7 +206,7 @@ class Comparison:
                     ax.xaxis.get_major_locator().set_params(integer=True)
         grid[0][0].legend(fontsize="small")
         fig.suptitle(f"{len(self.runs)} runs" + (f" — differ in {', '.join(self.differing)}" if self.differing else ""))
-        fig.tight_layout()
+        lay_out_(fig)
         return fig
 
     @staticmethod

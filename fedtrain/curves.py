@@ -5,8 +5,9 @@ its Agg canvas), which neither imports pyplot nor changes the backend of the
 process that calls it. Importing matplotlib costs about as much as a short
 run's whole training, so ``fedtrain simulate`` draws in a
 :class:`CurvesProcess`: a child started before the parent imports torch, which
-imports matplotlib on another core meanwhile and draws as soon as the rows
-arrive. This module imports neither torch nor matplotlib until it draws.
+imports matplotlib on another core meanwhile (and draws a warm-up figure, so
+that fonts and caches are loaded) and draws as soon as the rows arrive. This
+module imports neither torch nor matplotlib until it draws.
 """
 
 from __future__ import annotations
@@ -82,8 +83,17 @@ def curves_figure(rows: Rows, names: MetricNames = CLASSIFICATION_METRICS, title
         ax_eps.plot(*zip(*private), marker=".", color="tab:purple")
         ax_eps.set(xlabel="round", ylabel="ε", title=f"Privacy spent (δ = {rows[-1]['delta']:g})")
         ax_eps.grid(alpha=0.3)
-    fig.tight_layout()
+    lay_out_(fig)
     return fig
+
+
+def lay_out_(fig: Figure) -> None:
+    """Fit ``fig``'s plots and labels into it (``tight_layout``) once, and
+    leave it with no layout engine: the placeholder that ``tight_layout``
+    leaves behind makes ``savefig`` draw the whole figure once more, without
+    rendering, before the drawing it saves, for the same picture."""
+    fig.tight_layout()
+    fig.set_layout_engine(None)
 
 
 class CurvesProcess:
@@ -164,10 +174,30 @@ class CurvesProcess:
         self.close()
 
 
+WARM_UP_ROWS: Rows = tuple(
+    {"round": r, "accuracy": 0.5, "loss": 1.0, "train_loss": 1.5, "epsilon": 0.25 * r, "delta": 1e-5}
+    for r in (1, 2, 3)
+)
+"""What the child draws, unsaved, while it waits for the run: every kind of
+plot and text ``curves.png`` has, so that the real figure finds the fonts
+loaded and matplotlib's caches filled."""
+
+
 def _serve() -> int:
-    """The child: import matplotlib, then plot the job read from stdin (none: exit)."""
+    """The child: import matplotlib and, unless the job has already arrived,
+    draw :data:`WARM_UP_ROWS` into memory; then plot the job read from stdin
+    (none: exit). The cyclic garbage collector stays off: the process draws
+    one figure and exits, and collections during matplotlib's import would
+    only delay it."""
+    import gc
+    import io
+    import select
+
+    gc.disable()
     import matplotlib.figure  # noqa: F401  (the slow part, done while the parent works)
 
+    if not select.select([sys.stdin], [], [], 0)[0]:
+        curves_figure(WARM_UP_ROWS, title=PlotTitle("warm-up", "FedAvg, 0.500")).savefig(io.BytesIO(), dpi=100)
     request = sys.stdin.buffer.read()
     if not request:
         return 0

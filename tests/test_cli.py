@@ -96,16 +96,19 @@ HEAVY = ("torch._dynamo", "sklearn", "scipy", "matplotlib", "opacus", "flwr", "c
 
 
 def _modules_after(argv: list[str], tmp_path: Path) -> dict[str, object]:
-    """Run ``main(argv)`` in a fresh interpreter; which of HEAVY and torch it loaded."""
+    """Run ``main(argv)`` as a whole process's command in a fresh interpreter:
+    which of HEAVY and torch it loaded, and whether its garbage collector
+    ended enabled and with objects frozen."""
     code = (
-        "import json, sys\n"
+        "import gc, json, sys\n"
         "from fedtrain.cli import main\n"
         "try:\n"
-        f"    code = main({argv!r})\n"
+        f"    code = main({argv!r}, whole_process=True)\n"
         "except SystemExit as exc:\n"
         "    code = exc.code\n"
         f"loaded = [m for m in {HEAVY + ('torch',)!r} if m in sys.modules]\n"
-        "print(json.dumps({'code': code, 'loaded': loaded}))\n"
+        "collector = {'enabled': gc.isenabled(), 'frozen': gc.get_freeze_count() > 0}\n"
+        "print(json.dumps({'code': code, 'loaded': loaded, 'collector': collector}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -129,6 +132,7 @@ def test_plain_simulation_loads_only_what_it_uses(tmp_path_factory: pytest.TempP
 
     assert seen["code"] == 0
     assert seen["loaded"] == ["torch"]  # the plot is drawn by a child process
+    assert seen["collector"] == {"enabled": True, "frozen": True}  # paused for torch's import, then resumed
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -136,7 +140,38 @@ def test_plain_simulation_loads_only_what_it_uses(tmp_path_factory: pytest.TempP
 def test_help_does_not_import_torch(argv: list[str], tmp_path: Path) -> None:
     seen = _modules_after(argv, tmp_path)
 
-    assert seen == {"code": 0, "loaded": []}
+    assert seen == {"code": 0, "loaded": [], "collector": {"enabled": True, "frozen": False}}
+
+
+def _entry_point(argv: list[str], before: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The console script's :func:`~fedtrain.cli.entry_point` in a fresh
+    interpreter, with ``before`` run first; stdout a pipe, buffered as a user's is."""
+    code = f"import sys\n{before}\nfrom fedtrain.cli import entry_point\nsys.argv = {['fedtrain', *argv]!r}\nentry_point()\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+
+
+def test_the_console_script_flushes_runs_atexit_and_keeps_the_exit_code(tmp_path: Path) -> None:
+    ok = _entry_point([], "import atexit\natexit.register(print, 'atexit handler ran')", tmp_path)
+    bad = _entry_point(["privacy", "--sample-rate", "0.1", "--steps", "3", "--delta", "2", "--noise-multiplier", "1"],
+                       "", tmp_path)
+
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("usage: fedtrain")  # the help, printed when no command is given
+    assert ok.stdout.endswith("\natexit handler ran\n")
+    assert bad.returncode == 2
+    assert "delta" in bad.stderr
+
+
+def test_the_console_script_waits_for_a_thread_still_running(tmp_path: Path) -> None:
+    thread = ("import threading, time\n"
+              "threading.Thread(target=lambda: (time.sleep(0.5), print('thread finished'))).start()")
+
+    proc = _entry_point([], thread, tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: fedtrain")
+    assert proc.stdout.endswith("thread finished\n")
 
 
 PLANNER_RUNS = "test_cli::test_privacy_planner_does_not_import_torch_or_opacus"
