@@ -6,7 +6,16 @@ A structural change (the house issue) must not change what a run computes:
 digests anew. Each row is digested without its ``seconds`` column (wall time).
 Runs under DP draw their noise and cohorts from a CSPRNG by design, so they
 are checked with ``privacy.secure_noise = false`` (seeded noise, the same
-code path otherwise). Digests hold for one machine kind: CPU, torch as pinned.
+code path otherwise).
+
+The bits a run computes depend on the machine as well as the code: torch's
+CPU kernels differ by the instruction set they dispatch to, and MKL picks
+its code path by the processor. So digests are recorded per machine kind
+(:func:`machine_kind`), and a run matches if it computes the bits some
+recorded kind computed: a change to the computation would have to hit
+another machine's SHA-256 exactly to pass. ``--record`` (the computation
+changed on purpose) keeps only this machine's kind; ``--add`` records this
+kind beside the others (same code, a machine kind not seen before).
 """
 
 from __future__ import annotations
@@ -37,6 +46,24 @@ def digest(metrics: Path) -> str:
     return h.hexdigest()
 
 
+def machine_kind() -> str:
+    """The machine as the digests depend on it: the instruction set torch's
+    kernels dispatch to and the processor's model name, e.g. ``AVX2 on AMD EPYC``."""
+    import platform
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    models = [line.partition(":")[2].strip() for line in lines if line.startswith("model name")]
+    return f"{torch.backends.cpu.get_cpu_capability()} on {models[0] if models else platform.processor() or platform.machine()}"
+
+
+def kind_computing(recorded: dict[str, dict[str, str]], name: str, got: str) -> str | None:
+    """The recorded machine kind whose run of config ``name`` has digest ``got``, or None."""
+    return next((kind for kind, digests in recorded.items() if digests.get(name) == got), None)
+
+
 def run(path: Path, out: Path) -> str:
     from fedtrain.config import PrivacyMode, load
     from fedtrain.simulation import simulate
@@ -53,29 +80,39 @@ def main() -> int:
 
     logging.basicConfig(level=logging.ERROR)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--record", action="store_true", help="write the digests instead of checking them")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--record", action="store_true",
+                      help="write this machine's digests and drop the other kinds' (the computation changed)")
+    mode.add_argument("--add", action="store_true",
+                      help="write this machine's digests beside the other kinds' (a new machine kind)")
     parser.add_argument("names", nargs="*", help="config stems to run (default: all)")
     args = parser.parse_args()
-    recorded = json.loads(DIGESTS.read_text()) if DIGESTS.exists() else {}
+    recorded: dict[str, dict[str, str]] = json.loads(DIGESTS.read_text()) if DIGESTS.exists() else {}
+    kind = machine_kind()
+    print(f"machine kind: {kind}", flush=True)
     configs = [c for c in sorted((ROOT / "simulations").glob("*.toml")) if c.stem not in EXCLUDED]
     if args.names:
         configs = [c for c in configs if c.stem in args.names]
+    if args.record:
+        recorded = {kind: {}}
+    mine = recorded.setdefault(kind, {})
     bad = 0
     for path in configs:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             got = run(path, Path(tmp) / "run")
         took = time.perf_counter() - started
-        if args.record:
-            recorded[path.stem] = got
+        match = kind_computing(recorded, path.stem, got)
+        if args.record or args.add:
+            mine[path.stem] = got
             print(f"{path.stem}: recorded ({took:.0f} s)", flush=True)
-        elif recorded.get(path.stem) == got:
-            print(f"{path.stem}: identical ({took:.0f} s)", flush=True)
+        elif match is not None:
+            print(f"{path.stem}: identical to {match}'s ({took:.0f} s)", flush=True)
         else:
             bad += 1
-            print(f"{path.stem}: DIFFERS ({took:.0f} s)", flush=True)
-    if args.record:
-        DIGESTS.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
+            print(f"{path.stem}: DIFFERS from every recorded kind's ({took:.0f} s)", flush=True)
+    if args.record or args.add:
+        DIGESTS.write_text(json.dumps(recorded, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     return 1 if bad else 0
 
 
