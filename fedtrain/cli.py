@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
+import io
 import logging
 import os
 import signal
@@ -511,18 +512,19 @@ def entry_point() -> NoReturn:
     prompt back to the prompt.
 
     Once the command has returned, the process exits the way the interpreter
-    does (threads it started joined, ``atexit`` handlers run, standard
-    streams flushed, exit status 120 if stdout cannot be) but without the
-    teardown that follows: freeing every module, function and tensor torch
-    created at import one by one, only for the operating system to reclaim
-    the memory anyway. Every file fedtrain writes is closed before the
-    command returns. While a thread the command started is still running,
-    the process exits normally instead, so that it is joined as it would be."""
+    does (threads it started joined, ``atexit`` handlers run, files still
+    open flushed, standard streams flushed, exit status 120 if stdout cannot
+    be) but without the teardown that follows: freeing every module,
+    function and tensor torch created at import one by one, only for the
+    operating system to reclaim the memory anyway. While a thread the command
+    started is still running, the process exits normally instead, so that
+    it is joined as it would be."""
     code = main(whole_process=True)
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         gc.freeze()
         sys.exit(code)
     atexit._run_exitfuncs()
+    _flush_open_files()
     try:
         sys.stdout.flush()
     except (OSError, ValueError):
@@ -532,6 +534,22 @@ def entry_point() -> NoReturn:
     except (OSError, ValueError):
         pass
     os._exit(code)
+
+
+def _flush_open_files() -> None:
+    """Flush every buffered file object still open, such as a plug-in's log
+    held in a module global: the teardown that ``os._exit`` skips is what
+    would flush it. Objects frozen by :func:`_startup_imports` are not
+    visited; none of them is a file a command writes."""
+    objects = gc.get_objects()
+    files = {kind for kind in set(map(type, objects)) if issubclass(kind, (io.BufferedIOBase, io.TextIOBase))}
+    for obj in objects:
+        if type(obj) in files and obj is not sys.stdout and obj is not sys.stderr:
+            try:
+                if not obj.closed:
+                    obj.flush()
+            except (OSError, ValueError):
+                pass
 
 
 @contextmanager

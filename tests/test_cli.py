@@ -152,13 +152,16 @@ def _entry_point(argv: list[str], before: str, tmp_path: Path) -> subprocess.Com
 
 
 def test_the_console_script_flushes_runs_atexit_and_keeps_the_exit_code(tmp_path: Path) -> None:
-    ok = _entry_point([], "import atexit\natexit.register(print, 'atexit handler ran')", tmp_path)
+    before = ("import atexit\natexit.register(print, 'atexit handler ran')\n"
+              "LOG = open('plugin.log', 'w')\nLOG.write('written, never closed')")  # as a plug-in's module might
+    ok = _entry_point([], before, tmp_path)
     bad = _entry_point(["privacy", "--sample-rate", "0.1", "--steps", "3", "--delta", "2", "--noise-multiplier", "1"],
                        "", tmp_path)
 
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("usage: fedtrain")  # the help, printed when no command is given
     assert ok.stdout.endswith("\natexit handler ran\n")
+    assert (tmp_path / "plugin.log").read_text() == "written, never closed"
     assert bad.returncode == 2
     assert "delta" in bad.stderr
 
