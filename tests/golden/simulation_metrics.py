@@ -94,7 +94,7 @@ def main() -> int:
     if args.names:
         configs = [c for c in configs if c.stem in args.names]
     if args.record:
-        recorded = {kind: {}}
+        recorded = {kind: recorded.get(kind, {})}
     mine = recorded.setdefault(kind, {})
     bad = 0
     for path in configs:
@@ -102,11 +102,10 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             got = run(path, Path(tmp) / "run")
         took = time.perf_counter() - started
-        match = kind_computing(recorded, path.stem, got)
         if args.record or args.add:
             mine[path.stem] = got
             print(f"{path.stem}: recorded ({took:.0f} s)", flush=True)
-        elif match is not None:
+        elif (match := kind_computing(recorded, path.stem, got)) is not None:
             print(f"{path.stem}: identical to {match}'s ({took:.0f} s)", flush=True)
         else:
             bad += 1
