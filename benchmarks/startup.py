@@ -53,7 +53,8 @@ TARGET_SIMULATE = 1.5
 TARGET_HELP = 0.3
 TARGET_PRIVACY = 1.5
 PFL_VERSION = "0.6.0"
-TORCH_FLOOR = 'python -c "import os, torch; os._exit(0)"'
+TORCH_ALONE = "import os, torch; os._exit(0)"
+TORCH_FLOOR = f'python -c "{TORCH_ALONE}"'
 
 
 def _fedtrain(*args: str) -> list[str]:
@@ -219,7 +220,7 @@ def measure(repeats: int, quick: bool) -> None:
     commands = {
         "python -c pass": [sys.executable, "-c", "pass"],
         'python -c "import torch"': [sys.executable, "-c", "import torch"],
-        TORCH_FLOOR: [sys.executable, "-c", "import os, torch; os._exit(0)"],
+        TORCH_FLOOR: [sys.executable, "-c", TORCH_ALONE],
         "fedtrain --help": _fedtrain("--help"),
         "fedtrain simulate --help": _fedtrain("simulate", "--help"),
         "fedtrain privacy --noise-multiplier 1.0 (one ε)": _fedtrain(*privacy, "--noise-multiplier", "1.0"),

@@ -523,7 +523,7 @@ def entry_point() -> NoReturn:
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         gc.freeze()
         sys.exit(code)
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # atexit has no public way to run its handlers before exit
     _flush_open_files()
     try:
         sys.stdout.flush()
